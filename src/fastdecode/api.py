@@ -1,0 +1,53 @@
+"""The library API: `LLM(model).generate(prompt_or_messages, SamplingParams(...), method="ar")`."""
+from __future__ import annotations
+
+from .drafters import make_drafter
+from .engine import Engine, Generation, GenerationResult
+from .errors import FastDecodeError
+from .models.loader import load
+from .models.registry import DEFAULT_MODEL
+from .runtime.sampling import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32"):
+        """model: a registered name (see `fastdecode models`), a .gguf file or a checkpoint folder."""
+        loaded = load(model, dtype)
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.load_time_s = loaded.load_time_s
+        self.engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
+
+    def prompt_ids(self, prompt_or_messages: str | list[dict], raw: bool = False) -> list[int]:
+        """A string is a user message sent through the chat template (plain text when `raw`);
+        a list of {'role', 'content'} messages is a conversation awaiting the assistant's turn."""
+        if isinstance(prompt_or_messages, str):
+            if raw or not self.tokenizer.info.chat_template:
+                return self.tokenizer.encode(prompt_or_messages)
+            prompt_or_messages = [{"role": "user", "content": prompt_or_messages}]
+        elif raw:
+            raise FastDecodeError("raw=True takes a prompt string, not a list of messages")
+        return self.tokenizer.encode_chat(prompt_or_messages)
+
+    def generate(
+        self,
+        prompt_or_messages: str | list[dict],
+        params: SamplingParams | None = None,
+        method: str = "ar",
+        raw: bool = False,
+        **method_options,
+    ) -> GenerationResult:
+        return self.stream(prompt_or_messages, params, method, raw, **method_options).consume()
+
+    def stream(
+        self,
+        prompt_or_messages: str | list[dict],
+        params: SamplingParams | None = None,
+        method: str = "ar",
+        raw: bool = False,
+        **method_options,
+    ) -> Generation:
+        """Iterate over the result for text pieces; `.result` holds the GenerationResult afterwards."""
+        drafter = make_drafter(method, **method_options)
+        ids = self.prompt_ids(prompt_or_messages, raw)
+        return self.engine.stream(ids, params or SamplingParams(), drafter)

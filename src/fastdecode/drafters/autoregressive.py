@@ -1,0 +1,19 @@
+"""`ar`: plain autoregressive decoding, the drafter that proposes nothing (the baseline)."""
+from __future__ import annotations
+
+from ..runtime.tree import DraftTree
+from .base import DecodeState, StepResult
+
+
+class Autoregressive:
+    name = "ar"
+    lossless = True
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        pass
+
+    def propose(self, state: DecodeState, budget: int) -> DraftTree:
+        return DraftTree()
+
+    def observe(self, result: StepResult) -> None:
+        pass

@@ -1,0 +1,43 @@
+"""The Drafter protocol: what a decoding method implements (one file per method).
+
+A drafter sees the text so far and proposes a DraftTree; the engine verifies it in one forward and
+reports back what was accepted. A drafter never touches the verifier, the cache or the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..runtime.sampling import SamplingParams
+from ..runtime.tree import DraftTree
+
+
+@dataclass
+class DecodeState:
+    tokens: list[int]  # prompt + generated so far; the last one is the root of the next draft
+    num_prompt_tokens: int
+    params: SamplingParams
+
+
+@dataclass
+class StepResult:
+    tree: DraftTree
+    accepted: list[int]  # accepted node indices, root to leaf
+    new_tokens: list[int]  # the accepted tokens plus the bonus token
+    logits: torch.Tensor  # [len(tree) + 1, vocab] target logits of the verify rows
+
+
+class Drafter(Protocol):
+    name: str
+    lossless: bool  # False: its output may differ from plain decoding (labelled wherever chosen)
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """A new request starts."""
+
+    def propose(self, state: DecodeState, budget: int) -> DraftTree:
+        """At most `budget` nodes continuing state.tokens."""
+
+    def observe(self, result: StepResult) -> None:
+        """What the verifier made of the last proposal."""

@@ -1,0 +1,1 @@
+"""Model loading, configuration and the native transformer."""

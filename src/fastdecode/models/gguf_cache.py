@@ -1,0 +1,86 @@
+"""Convert a GGUF file once into a cache folder that later loads in a few seconds.
+
+<cache>/models/<file stem>-<key>/
+    config.json                   ModelConfig
+    tokenizer.json, tokenizer_info.json
+    weights-<dtype>.safetensors   dequantized weights, written the first time a dtype is asked for
+
+The key hashes the file's path, size and modification time, so a changed file converts again.
+Every file is written under a temporary name and renamed into place: an interrupted conversion
+leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..tokenizer import TokenizerInfo
+from .cache_dir import cache_root
+from .config import ModelConfig
+from .gguf_file import GGUFFile, llama_state_dict
+
+
+def cache_folder(gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def prepare(gguf_path: Path, dtype: torch.dtype) -> Path:
+    """Make sure the cache folder holds config, tokenizer and weights in `dtype`; return it."""
+    folder = cache_folder(gguf_path)
+    weights = folder / f"weights-{str(dtype).removeprefix('torch.')}.safetensors"
+    needed = [weights, folder / "config.json", folder / "tokenizer.json", folder / "tokenizer_info.json"]
+    if all(p.exists() for p in needed):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    gguf = GGUFFile(gguf_path)
+    config = gguf.llama_config()
+    if not (folder / "config.json").exists():
+        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=1)))
+    if not (folder / "tokenizer.json").exists() or not (folder / "tokenizer_info.json").exists():
+        _convert_tokenizer(gguf, folder)
+    if not weights.exists():
+        tensors = {}
+        bar = tqdm(
+            llama_state_dict(gguf, config), total=len(gguf.tensor_names()), file=sys.stderr,
+            desc=f"Converting {gguf_path.name} to {dtype} (first load only)", unit="tensor",
+        )
+        for name, arr in bar:
+            tensors[name] = torch.from_numpy(arr).to(dtype)
+        _atomic_write(weights, lambda p: save_file(tensors, str(p)))
+    return folder
+
+
+def _convert_tokenizer(gguf: GGUFFile, folder: Path) -> None:
+    print(f"Converting the tokenizer of {gguf.path.name} (first load only)...", file=sys.stderr)
+    from transformers import AutoTokenizer  # heavy import, needed once per file
+
+    hf = AutoTokenizer.from_pretrained(str(gguf.path.parent), gguf_file=gguf.path.name)
+    eos_ids = {gguf.field("tokenizer.ggml.eos_token_id"), gguf.field("tokenizer.ggml.eot_token_id")}
+    info = TokenizerInfo(
+        bos_token=hf.bos_token,
+        eos_token=hf.eos_token,
+        bos_id=gguf.field("tokenizer.ggml.bos_token_id"),
+        eos_ids=sorted(int(i) for i in eos_ids if i is not None),
+        add_bos=bool(gguf.field("tokenizer.ggml.add_bos_token", False)),
+        chat_template=gguf.field("tokenizer.chat_template"),
+    )
+    _atomic_write(folder / "tokenizer_info.json", info.save)
+    _atomic_write(folder / "tokenizer.json", lambda p: hf.backend_tokenizer.save(str(p)))

@@ -1,0 +1,119 @@
+"""The native Llama-family transformer, written for one sequence and a lean decode step.
+
+forward(tokens [n], positions [n], cache, mask [n, n] | None, layers | None, output_hidden)
+    -> logits [n, vocab] float32 (and final hidden states [n, hidden])
+
+The n new tokens attend to every committed cache row and, among themselves, to what `mask`
+allows (ancestor-or-self for a draft tree; causal when mask is None). Positions are explicit, so
+tree nodes at the same depth share a rotary position. `layers` runs only a subset of decoder
+layers (self-speculation); only those layers' cache rows are written.
+
+Per decode step the hot path is about twenty tensor ops per layer: q, k and v come out of one
+fused projection and get their rotary embedding together, gate and up share one projection, and
+grouped-query attention folds each key/value head's query group into the query length instead of
+repeating keys and values.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.kv_cache import KVCache
+from .config import ModelConfig, rope_inverse_frequencies
+from .linear import Linear
+
+
+class _Layer:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str):
+        self.attn_norm = w[f"{prefix}.input_layernorm.weight"]
+        self.mlp_norm = w[f"{prefix}.post_attention_layernorm.weight"]
+        self.qkv = Linear(torch.cat([w.pop(f"{prefix}.self_attn.{p}_proj.weight") for p in "qkv"]))
+        self.o = Linear(w.pop(f"{prefix}.self_attn.o_proj.weight"))
+        self.gate_up = Linear(torch.cat([w.pop(f"{prefix}.mlp.{p}_proj.weight") for p in ("gate", "up")]))
+        self.down = Linear(w.pop(f"{prefix}.mlp.down_proj.weight"))
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype):
+        """weights: Hugging Face names, already in `dtype`; consumed (packed copies replace them)."""
+        self.config = config
+        self.dtype = dtype
+        c = config
+        self.embed = weights["model.embed_tokens.weight"]
+        self.layers = [_Layer(weights, f"model.layers.{i}") for i in range(c.num_layers)]
+        self.norm = weights["model.norm.weight"]
+        head = self.embed if c.tie_word_embeddings else weights.pop("lm_head.weight")
+        self.lm_head = Linear(head)
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self.group = c.num_heads // c.num_kv_heads
+        self.scale = c.head_dim**-0.5
+        # Rotary tables [max_positions, head_dim] in the model dtype, as Hugging Face computes them.
+        angles = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float64), rope_inverse_frequencies(c))
+        angles = torch.cat([angles, angles], dim=-1).float()
+        self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor | None = None,
+        layers: Sequence[int] | None = None,
+        output_hidden: bool = False,
+        last_logits_only: bool = False,
+    ):
+        n = tokens.shape[0]
+        start = cache.length
+        cache.check_room(n)
+        end = start + n
+        c = self.config
+        cos = self.cos[positions].unsqueeze(1)  # [n, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1)
+        attn_mask = self._attention_mask(n, start, mask)
+        x = F.embedding(tokens, self.embed)  # [n, hidden]
+        for i in range(c.num_layers) if layers is None else layers:
+            layer = self.layers[i]
+            h = F.rms_norm(x, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
+            qkv = layer.qkv(h)
+            qk = qkv[:, : self.q_size + self.kv_size].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
+            half = c.head_dim // 2
+            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+            k = qk[:, c.num_heads :]
+            v = qkv[:, self.q_size + self.kv_size :].view(n, c.num_kv_heads, c.head_dim)
+            cache.k[i, :, start:end] = k.transpose(0, 1)
+            cache.v[i, :, start:end] = v.transpose(0, 1)
+            # [n, heads, d] -> [kv_heads, group * n, d]: each kv head attends for its whole group.
+            q = qk[:, : c.num_heads].reshape(n, c.num_kv_heads, self.group, c.head_dim)
+            q = q.permute(1, 2, 0, 3).reshape(1, c.num_kv_heads, self.group * n, c.head_dim)
+            # 4-d inputs take PyTorch's fused CPU attention kernel; 3-d ones a slower generic path.
+            o = F.scaled_dot_product_attention(
+                q, cache.k[i : i + 1, :, :end], cache.v[i : i + 1, :, :end], attn_mask=attn_mask, scale=self.scale
+            )
+            o = o.view(c.num_kv_heads, self.group, n, c.head_dim).permute(2, 0, 1, 3).reshape(n, self.q_size)
+            x = x + layer.o(o)
+            h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
+            gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        if last_logits_only:
+            x = x[-1:]
+        hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
+        logits = self.lm_head(hidden).float()
+        return (logits, hidden) if output_hidden else logits
+
+    def _attention_mask(self, n: int, start: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Boolean [group * n, start + n] (True = attend), or None when one token sees everything."""
+        if mask is None:
+            if n == 1:
+                return None
+            full = torch.ones(n, start + n, dtype=torch.bool).tril(start)
+        else:
+            full = torch.cat([torch.ones(n, start, dtype=torch.bool), mask], dim=1)
+        return full.repeat(self.group, 1)

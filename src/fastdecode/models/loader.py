@@ -1,0 +1,73 @@
+"""Resolve a model name or path and load it: the one entry point the engine and CLI use."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FastDecodeError
+from ..tokenizer import Tokenizer
+from . import gguf_cache
+from .checkpoint import read_config, read_tokenizer, read_weights
+from .llama import LlamaModel
+from .registry import MODELS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: LlamaModel
+    tokenizer: Tokenizer
+    load_time_s: float
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise FastDecodeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
+    """A folder holding config.json, tokenizer files and safetensors weights for this model."""
+    key = str(name_or_path)
+    if key in MODELS:
+        entry = MODELS[key]
+        if not entry.supported:
+            raise FastDecodeError(f"model {key!r} is not supported yet: {entry.unsupported_reason}")
+        return gguf_cache.prepare(entry.gguf_path(), dtype)
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_cache.prepare(path, dtype)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    if path.exists():
+        raise FastDecodeError(f"{path} is neither a .gguf file nor a folder with a config.json")
+    raise FastDecodeError(
+        f"unknown model {key!r}; known models: {', '.join(MODELS)} "
+        "(or give the path of a .gguf file or of a Hugging Face checkpoint folder)"
+    )
+
+
+def weight_files(folder: Path, dtype: torch.dtype) -> list[Path]:
+    cached = folder / f"weights-{str(dtype).removeprefix('torch.')}.safetensors"
+    if cached.exists():
+        return [cached]
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("weights-"))
+    if not files:
+        raise FastDecodeError(f"{folder} has no .safetensors weight files")
+    return files
+
+
+def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    start = time.perf_counter()
+    dtype = parse_dtype(dtype)
+    folder = model_folder(name_or_path, dtype)
+    config = read_config(folder)
+    model = LlamaModel(config, read_weights(weight_files(folder, dtype), dtype), dtype)
+    return LoadedModel(str(name_or_path), model, read_tokenizer(folder), time.perf_counter() - start)

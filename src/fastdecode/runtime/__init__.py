@@ -1,0 +1,1 @@
+"""Building blocks of the decode loop: KV cache, draft trees, sampling."""
