@@ -227,3 +227,9 @@ def test_subprocess_unknown_model_exit_code():
     assert "unknown model 'no-such-model'" in proc.stderr
     assert DEFAULT in proc.stderr
     assert proc.stdout == ""
+
+
+def test_huge_seed_is_not_a_traceback(capsys, reuse_llm):
+    code, out, err = run(capsys, "generate", "hi", "--temperature", "1", "--seed", str(2**64), "--max-new-tokens", "2")
+    assert code == 2
+    assert "seed must be an integer in [0, 2**63)" in err and "Traceback" not in err

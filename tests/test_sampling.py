@@ -71,7 +71,7 @@ def test_error_messages_state_the_valid_range():
 def test_valid_edge_values_are_accepted():
     p = SamplingParams(temperature=0, top_p=1, top_k=0, min_p=0, max_new_tokens=1, seed=0)
     assert p.greedy
-    p = SamplingParams(temperature=1e-3, top_p=1e-6, top_k=1, min_p=1.0, seed=-5, stop="END")
+    p = SamplingParams(temperature=1e-3, top_p=1e-6, top_k=1, min_p=1.0, seed=2**63 - 1, stop="END")
     assert not p.greedy
     assert p.stop == ["END"]  # a single string becomes a list
     assert SamplingParams().greedy and SamplingParams().stop == []

@@ -11,6 +11,7 @@ The root is the last committed token: its KV row is written by the verify forwar
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -102,7 +103,7 @@ class Engine:
         generator = None
         if not params.greedy:
             generator = torch.Generator()
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"))
         stats = RequestStats(num_prompt_tokens=len(prompt))
         out = TextOutput(self.tokenizer, params.stop)
         eos_ids = frozenset() if params.ignore_eos else self.tokenizer.eos_ids

@@ -23,13 +23,14 @@ class TextOutput:
 
     def finish(self) -> str:
         """The end of generation: release what was held back."""
-        if not self.stopped:
-            self.detok.flush()
+        self.detok.flush()
         return self._update(final=True)
 
     def _update(self, final: bool) -> str:
+        if self.stopped:  # the text was cut and fully released when the stop string appeared
+            return ""
         text = self.detok.text
-        if self.stop and not self.stopped:
+        if self.stop:
             # A stop string can only end inside the new text, so search from just before it.
             start = max(0, len(self.text) - max(map(len, self.stop)) + 1)
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]

@@ -34,7 +34,7 @@ class SamplingParams:
             (_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
             (_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
-            (self.seed is None or _is_int(self.seed), "seed must be an integer"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed must be an integer in [0, 2**63)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
         ]
         for ok, message in checks:
