@@ -53,7 +53,10 @@ class LlamaModel:
         # Rotary tables [max_positions, head_dim] in the model dtype, as Hugging Face computes them.
         angles = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float64), rope_inverse_frequencies(c))
         angles = torch.cat([angles, angles], dim=-1).float()
-        self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        # rotate_half(x) * sin == cat(x2, x1) * sin_signed, with the first half of sin negated.
+        sin = angles.sin()
+        sin[:, : c.head_dim // 2] *= -1
+        self.cos, self.sin_signed = angles.cos().to(dtype), sin.to(dtype)
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
@@ -75,8 +78,9 @@ class LlamaModel:
         cache.check_room(n)
         end = start + n
         c = self.config
+        half = c.head_dim // 2
         cos = self.cos[positions].unsqueeze(1)  # [n, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
+        sin = self.sin_signed[positions].unsqueeze(1)
         attn_mask = self._attention_mask(n, start, mask)
         x = F.embedding(tokens, self.embed)  # [n, hidden]
         for i in range(c.num_layers) if layers is None else layers:
@@ -84,8 +88,7 @@ class LlamaModel:
             h = F.rms_norm(x, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
             qkv = layer.qkv(h)
             qk = qkv[:, : self.q_size + self.kv_size].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
-            half = c.head_dim // 2
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
             k = qk[:, c.num_heads :]
             v = qkv[:, self.q_size + self.kv_size :].view(n, c.num_kv_heads, c.head_dim)
             cache.k[i, :, start:end] = k.transpose(0, 1)
@@ -98,10 +101,10 @@ class LlamaModel:
                 q, cache.k[i : i + 1, :, :end], cache.v[i : i + 1, :, :end], attn_mask=attn_mask, scale=self.scale
             )
             o = o.view(c.num_kv_heads, self.group, n, c.head_dim).permute(2, 0, 1, 3).reshape(n, self.q_size)
-            x = x + layer.o(o)
+            x += layer.o(o)
             h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x += layer.down(F.silu(gate).mul_(up))
         if last_logits_only:
             x = x[-1:]
         hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
