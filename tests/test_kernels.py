@@ -1,0 +1,42 @@
+"""The skinny GEMM kernel: right products, and a row's result independent of the other rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdecode.kernels import skinny_gemm, skinny_gemm_lib
+from fastdecode.models.linear import SKINNY_MAX_ROWS, Linear
+
+LIB = skinny_gemm_lib()
+needs_kernel = pytest.mark.skipif(LIB is None, reason="no C compiler: the kernel could not be built")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("out_features, in_features", [(576, 576), (1001, 577), (3, 40)])
+def test_products_match_float64(dtype, tolerance, out_features, in_features):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    x = torch.randn(7, in_features, generator=g).to(dtype)
+    y = skinny_gemm(LIB, w, x)
+    assert y.dtype == dtype and y.shape == (7, out_features)
+    ref = x.double() @ w.double().T
+    assert ((y.double() - ref).abs() / ref.abs().clamp(min=1)).max() < tolerance
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_the_others(dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 576, generator=g).to(dtype)
+    x = torch.randn(SKINNY_MAX_ROWS, 576, generator=g).to(dtype)
+    linear = Linear(w)
+    alone = torch.cat([linear(x[r : r + 1]) for r in range(SKINNY_MAX_ROWS)])
+    for n in (2, 8, SKINNY_MAX_ROWS):
+        assert torch.equal(linear(x[:n]), alone[:n])  # bitwise
+
+
+def test_linear_beyond_skinny_rows_is_still_right():
+    w = torch.randn(64, 48)
+    x = torch.randn(SKINNY_MAX_ROWS + 5, 48)
+    torch.testing.assert_close(Linear(w)(x), x @ w.T, rtol=1e-5, atol=1e-5)
