@@ -40,3 +40,18 @@ def test_linear_beyond_skinny_rows_is_still_right():
     w = torch.randn(64, 48)
     x = torch.randn(SKINNY_MAX_ROWS + 5, 48)
     torch.testing.assert_close(Linear(w)(x), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, capsys):
+    import fastdecode.kernels as kernels
+
+    monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels.skinny_gemm_lib() is None
+    assert "using PyTorch's slower kernels" in capsys.readouterr().err
+    w, x = torch.randn(40, 32), torch.randn(3, 32)
+    linear = Linear(w)
+    assert linear.skinny is None
+    torch.testing.assert_close(linear(x), x @ w.T, rtol=1e-5, atol=1e-5)

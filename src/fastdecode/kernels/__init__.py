@@ -45,10 +45,14 @@ def _build() -> ctypes.CDLL | None:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if done.returncode != 0:
+        try:
+            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+            error = done.stderr.strip()[:200] if done.returncode else None
+        except OSError as exc:
+            error = str(exc)
+        if error is not None:
             tmp.unlink(missing_ok=True)
-            print(f"fastdecode: compiling {_SOURCE.name} failed ({done.stderr.strip()[:200]}); "
+            print(f"fastdecode: compiling {_SOURCE.name} with {compiler} failed ({error}); "
                   "using PyTorch's slower kernels", file=sys.stderr)
             return None
         os.replace(tmp, target)
