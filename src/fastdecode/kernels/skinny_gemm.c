@@ -1,42 +1,31 @@
 /* y[r, o] = sum_i x[r, i] * W[o, i] for a few rows r: the matrix products of a decode step.
  *
- * One pass over W (row-major [out, in]) serves every row of x: a block of 4 weight rows is
- * read from memory once and stays in L1 while each x row is multiplied by it. Each output is
- * summed in the same order whatever the number of rows, so a token's result does not depend on
- * how many other tokens share the call. Float32, and bfloat16 with float32 accumulation;
- * AVX-512 (and its BF16 dot products) when the compiler targets them, plain C otherwise.
+ * One pass over W (row-major [out, in]) serves every row of x: a block of 4 weight rows is read
+ * from memory once and stays in L1 while each x row is multiplied by it. Each output is summed
+ * in the same order whatever the number of rows, so a token's result does not depend on how many
+ * other tokens share the call. Float32, and bfloat16 with float32 accumulation; AVX-512 (and its
+ * BF16 dot products) when the compiler targets them, plain C otherwise.
  */
-#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-static void block(const float *W, const float *x, float *y, long o, long rows, long in, long out, long nrows) {
-    for (long r = 0; r < nrows; r++) {
-        const float *xr = x + r * in;
-        for (long k = 0; k < rows; k++) {
-            const float *w = W + (o + k) * in;
-            long i = 0;
-            float acc = 0.0f;
-#ifdef __AVX512F__
-            __m512 a = _mm512_setzero_ps();
-            for (; i + 16 <= in; i += 16)
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(xr + i), a);
-            acc = _mm512_reduce_add_ps(a);
-#endif
-            for (; i < in; i++)
-                acc += w[i] * xr[i];
-            y[r * out + o + k] = acc;
-        }
-    }
-}
+#define BLOCK 4 /* weight rows per block: 4 x 576 floats stay in L1 across the x rows */
 
-void skinny_gemm_f32(const float *W, const float *x, float *y, long out, long in, long nrows) {
-    #pragma omp parallel for schedule(static)
-    for (long o = 0; o < out; o += 4)
-        block(W, x, y, o, out - o < 4 ? out - o : 4, in, out, nrows);
+static inline float dot_f32(const float *w, const float *x, long in) {
+    long i = 0;
+    float acc = 0.0f;
+#ifdef __AVX512F__
+    __m512 a = _mm512_setzero_ps();
+    for (; i + 16 <= in; i += 16)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a);
+    acc = _mm512_reduce_add_ps(a);
+#endif
+    for (; i < in; i++)
+        acc += w[i] * x[i];
+    return acc;
 }
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -46,35 +35,40 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as PyTorch does */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    if ((u & 0x7fffffff) > 0x7f800000)
+        return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-static void block_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, long o, long rows, long in, long out, long nrows) {
-    for (long r = 0; r < nrows; r++) {
-        const uint16_t *xr = x + r * in;
-        for (long k = 0; k < rows; k++) {
-            const uint16_t *w = W + (o + k) * in;
-            long i = 0;
-            float acc = 0.0f;
+static inline float dot_bf16(const uint16_t *w, const uint16_t *x, long in) {
+    long i = 0;
+    float acc = 0.0f;
 #ifdef __AVX512BF16__
-            __m512 a = _mm512_setzero_ps();
-            for (; i + 32 <= in; i += 32)
-                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xr + i));
-            acc = _mm512_reduce_add_ps(a);
+    __m512 a = _mm512_setzero_ps();
+    for (; i + 32 <= in; i += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+    acc = _mm512_reduce_add_ps(a);
 #endif
-            for (; i < in; i++)
-                acc += bf16_to_f32(w[i]) * bf16_to_f32(xr[i]);
-            y[r * out + o + k] = f32_to_bf16(acc);
-        }
-    }
+    for (; i < in; i++)
+        acc += bf16_to_f32(w[i]) * bf16_to_f32(x[i]);
+    return acc;
 }
 
-void skinny_gemm_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, long out, long in, long nrows) {
-    #pragma omp parallel for schedule(static)
-    for (long o = 0; o < out; o += 4)
-        block_bf16(W, x, y, o, out - o < 4 ? out - o : 4, in, out, nrows);
+void skinny_gemm_f32(const float *W, const float *x, float *y, long out, long in, long rows) {
+#pragma omp parallel for schedule(static)
+    for (long o = 0; o < out; o += BLOCK)
+        for (long r = 0; r < rows; r++)
+            for (long k = o; k < o + BLOCK && k < out; k++)
+                y[r * out + k] = dot_f32(W + k * in, x + r * in, in);
+}
+
+void skinny_gemm_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, long out, long in, long rows) {
+#pragma omp parallel for schedule(static)
+    for (long o = 0; o < out; o += BLOCK)
+        for (long r = 0; r < rows; r++)
+            for (long k = o; k < o + BLOCK && k < out; k++)
+                y[r * out + k] = f32_to_bf16(dot_bf16(W + k * in, x + r * in, in));
 }

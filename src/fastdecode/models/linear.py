@@ -2,10 +2,12 @@
 
 On this CPU (2 cores, AVX-512 with bf16), `torch.nn.functional.linear` with a row-major weight
 streams it at about 10 GB/s for one row. Instead:
-  * up to SKINNY_MAX_ROWS rows: our skinny GEMM (kernels/skinny_gemm.c), one pass over the
-    weights, float32 or bfloat16 (float32 accumulation), at 27-34 GB/s in float32;
-  * otherwise: the weight reordered once into oneDNN's blocked layout, 22-30 GB/s for a few rows;
-  * where neither is available (no C compiler, no oneDNN): `F.linear` on the plain weight.
+  * up to SKINNY_MAX_ROWS rows (decode steps, draft trees): our skinny GEMM
+    (kernels/skinny_gemm.c), one pass over the weights, float32 or bfloat16 with float32
+    accumulation, at 27-34 GB/s;
+  * more rows (prefill chunks): `F.linear`, whose blocked GEMM reuses activations well;
+  * without a C compiler: the weight reordered once into oneDNN's blocked layout for every size
+    (22-30 GB/s for a few rows), or plain `F.linear` where oneDNN is unavailable too.
 """
 from __future__ import annotations
 
