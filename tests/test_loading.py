@@ -25,7 +25,7 @@ def test_q4_1_dequantization_matches_its_definition():
     block = np.asarray(t.data[0, :20])
     d, m = block[:4].view(np.float16).astype(np.float32)
     q = np.concatenate([block[4:] & 0x0F, block[4:] >> 4]).astype(np.float32)
-    ours = dict(gguf.tensors())["blk.0.attn_q.weight"]
+    ours = gguf.tensor("blk.0.attn_q.weight")
     np.testing.assert_allclose(ours[0, :32], d * q + m, rtol=0, atol=1e-6)
 
 

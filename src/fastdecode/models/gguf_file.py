@@ -44,18 +44,24 @@ class GGUFFile:
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (GGUF name, float32 array) for every tensor, dequantizing one at a time."""
         for t in self.reader.tensors:
-            shape = tuple(reversed([int(d) for d in t.shape]))
-            try:
-                if t.tensor_type == GGMLQuantizationType.F32:
-                    arr = np.asarray(t.data, dtype=np.float32)
-                else:
-                    arr = dequantize(t.data, t.tensor_type)
-            except NotImplementedError as exc:
-                raise FastDecodeError(
-                    f"{self.path.name}: tensor {t.name} has type {t.tensor_type.name}, which the "
-                    "gguf package cannot dequantize"
-                ) from exc
-            yield t.name, np.array(arr.reshape(shape), dtype=np.float32)  # writable copy
+            yield t.name, self._dequantize(t)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self._dequantize(next(t for t in self.reader.tensors if t.name == name))
+
+    def _dequantize(self, t) -> np.ndarray:
+        shape = tuple(reversed([int(d) for d in t.shape]))
+        try:
+            if t.tensor_type == GGMLQuantizationType.F32:
+                arr = np.asarray(t.data, dtype=np.float32)
+            else:
+                arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise FastDecodeError(
+                f"{self.path.name}: tensor {t.name} has type {t.tensor_type.name}, which the "
+                "gguf package cannot dequantize"
+            ) from exc
+        return np.array(arr.reshape(shape), dtype=np.float32)  # a writable copy
 
     def llama_config(self) -> ModelConfig:
         arch = self.architecture
@@ -75,8 +81,8 @@ class GGUFFile:
             raise FastDecodeError(f"{self.path.name}: rope scaling {scaling_type!r} is not supported yet")
         names = set(self.tensor_names())
         if "rope_freqs.weight" in names:
-            factors = next(a for n, a in self.tensors() if n == "rope_freqs.weight")
-            rope_scaling = {"rope_type": "frequency_factors", "factors": factors.tolist()}
+            factors = self.tensor("rope_freqs.weight").tolist()
+            rope_scaling = {"rope_type": "frequency_factors", "factors": factors}
         return ModelConfig(
             vocab_size=int(vocab),
             hidden_size=hidden,
