@@ -106,6 +106,10 @@ def test_bad_model_paths(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(FastDecodeError, match="neither a .gguf file nor a folder"):
         LLM(str(tmp_path / "notes.txt"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(FastDecodeError, match="not a usable model config"):
+        LLM(str(tmp_path / "folder"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(FastDecodeError, match="not a readable GGUF file"):

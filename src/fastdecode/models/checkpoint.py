@@ -17,9 +17,12 @@ from .config import ModelConfig
 
 
 def read_config(folder: Path) -> ModelConfig:
-    cfg = json.loads((folder / "config.json").read_text())
-    # Our own cache stores a ModelConfig; a Hugging Face folder stores its own schema.
-    return ModelConfig.from_dict(cfg) if "num_layers" in cfg else ModelConfig.from_hf(cfg)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        # Our own cache stores a ModelConfig; a Hugging Face folder stores its own schema.
+        return ModelConfig.from_dict(cfg) if "num_layers" in cfg else ModelConfig.from_hf(cfg)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise FastDecodeError(f"{folder / 'config.json'} is not a usable model config: {exc!r}") from exc
 
 
 def read_weights(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
