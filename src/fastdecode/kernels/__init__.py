@@ -8,6 +8,7 @@ to PyTorch's own kernels (slower, same results up to rounding) and say so once o
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -22,8 +23,6 @@ from ..models.cache_dir import cache_root
 
 _SOURCE = Path(__file__).with_name("skinny_gemm.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_lib = None
-_tried = False
 
 
 def _cpu_flags() -> bytes:
@@ -63,12 +62,10 @@ def _build() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
 def skinny_gemm_lib() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        _lib = _build()
-    return _lib
+    """The compiled kernels, built once per process (None when they cannot be built)."""
+    return _build()
 
 
 def skinny_gemm(lib: ctypes.CDLL, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ streams it at about 10 GB/s for one row. Instead:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,7 @@ _PACK_ROWS_HINT = 8
 SKINNY_MAX_ROWS = 16
 
 
+@functools.cache
 def _onednn_usable(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
         return False
@@ -33,17 +36,12 @@ def _onednn_usable(dtype: torch.dtype) -> bool:
         return False
 
 
-_USABLE: dict[torch.dtype, bool] = {}
-
-
 class Linear:
     def __init__(self, weight: torch.Tensor):
         """weight: [out_features, in_features]."""
         self.out_features, self.in_features = weight.shape
         self.skinny = skinny_gemm_lib() if weight.dtype in (torch.float32, torch.bfloat16) else None
-        if weight.dtype not in _USABLE:
-            _USABLE[weight.dtype] = _onednn_usable(weight.dtype)
-        self.packed = self.skinny is None and _USABLE[weight.dtype]
+        self.packed = self.skinny is None and _onednn_usable(weight.dtype)
         self.weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS_HINT)
             if self.packed
