@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdecode.kernels import skinny_gemm, skinny_gemm_lib
+from fastdecode.kernels import skinny_gemm, native_lib
 from fastdecode.models.linear import SKINNY_MAX_ROWS, Linear
 
-LIB = skinny_gemm_lib()
+LIB = native_lib()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="no C compiler: the kernel could not be built")
 
 
@@ -47,11 +47,11 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
 
     monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    kernels.skinny_gemm_lib.cache_clear()
+    kernels.native_lib.cache_clear()
     try:
-        assert kernels.skinny_gemm_lib() is None
+        assert kernels.native_lib() is None
     finally:
-        kernels.skinny_gemm_lib.cache_clear()  # later tests build (or find) the real kernel again
+        kernels.native_lib.cache_clear()  # later tests build (or find) the real kernel again
     assert "using PyTorch's slower kernels" in capsys.readouterr().err
     w, x = torch.randn(40, 32), torch.randn(3, 32)
     linear = Linear(w)

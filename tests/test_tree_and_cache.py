@@ -60,7 +60,7 @@ def test_keep_and_rollback_match_fresh_computation(tiny_model):
     kept = PREFIX + [TREE.tokens[i] for i in path]
     fresh = prefill(model, kept)
     assert cache.length == fresh.length == len(kept)
-    torch.testing.assert_close(cache.k[:, :, : cache.length], fresh.k[:, :, : fresh.length], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.k[..., : cache.length], fresh.k[..., : fresh.length], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.v[:, :, : cache.length], fresh.v[:, :, : fresh.length], rtol=1e-5, atol=1e-5)
     # The next token's logits agree too, so decoding can go on from the kept cache.
     nxt = torch.tensor([3])
@@ -82,10 +82,10 @@ def test_layer_subset_and_hidden_output(tiny_model):
     assert hidden.shape == (3, 32)
     partial = tiny_model.forward(tokens, positions, tiny_model.new_cache(16), layers=[0, 2])
     assert not torch.allclose(full, partial)  # skipping a layer changes the result...
-    assert cache.k[1, :, :3].abs().sum() > 0  # ...and the full forward wrote every layer's rows
+    assert cache.k[1, ..., :3].abs().sum() > 0  # ...and the full forward wrote every layer's rows
     skipped = tiny_model.new_cache(16)
     tiny_model.forward(tokens, positions, skipped, layers=[0, 2])
-    assert skipped.k[1, :, :3].abs().sum() == 0  # the skipped layer's rows stay untouched
+    assert skipped.k[1, ..., :3].abs().sum() == 0  # the skipped layer's rows stay untouched
 
 
 def test_cache_capacity_is_enforced(tiny_model):

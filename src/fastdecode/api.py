@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .drafters import make_drafter
+from .drafters.base import Drafter
 from .engine import Engine, Generation, GenerationResult
 from .errors import FastDecodeError
 from .models.loader import load
@@ -17,6 +18,15 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.load_time_s = loaded.load_time_s
         self.engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
+        self._drafters: dict[tuple, Drafter] = {}
+
+    def drafter(self, method: str, **options) -> Drafter:
+        """The drafter for this method and options, kept so that what it learns (history, successor
+        tables) carries over from one request to the next."""
+        key = (method, repr(sorted(options.items())))
+        if key not in self._drafters:
+            self._drafters[key] = make_drafter(method, **options)
+        return self._drafters[key]
 
     def prompt_ids(self, prompt_or_messages: str | list[dict], raw: bool = False) -> list[int]:
         """A string is a user message sent through the chat template (plain text when `raw`);
@@ -48,6 +58,6 @@ class LLM:
         **method_options,
     ) -> Generation:
         """Iterate over the result for text pieces; `.result` holds the GenerationResult afterwards."""
-        drafter = make_drafter(method, **method_options)
+        drafter = self.drafter(method, **method_options)
         ids = self.prompt_ids(prompt_or_messages, raw)
         return self.engine.stream(ids, params or SamplingParams(), drafter)

@@ -3,8 +3,9 @@
     prompt ids -> prefill (chunks of PREFILL_CHUNK tokens fill the KV cache) -> first token
     loop until EOS / stop string / max_new_tokens / context window:
         tree   = drafter.propose(state, budget)              (empty for plain decoding)
+        tree   = best_subtree(tree, cost curve)              (the size that pays on this machine)
         logits = model.forward([root] + tree nodes, depth-based positions, tree mask)
-        path, bonus = verify(tree, logits)                   (greedy, or a sample when the tree is empty)
+        path, bonus = verify(tree, logits)                   (greedy, or exact rejection sampling)
         cache.keep(root + accepted rows); emit accepted tokens + bonus; drafter.observe(...)
 
 The root is the last committed token: its KV row is written by the verify forward that follows it.
@@ -22,9 +23,11 @@ from .drafters.base import DecodeState, Drafter, StepResult
 from .errors import FastDecodeError
 from .metrics import RequestStats
 from .models.llama import LlamaModel
+from .runtime.cost_curve import CostCurve, load_or_measure
+from .runtime.draft_size import best_subtree
 from .runtime.sampling import SamplingParams, next_tokens
 from .runtime.tree import DraftTree
-from .runtime.verify import verify_greedy
+from .runtime.verify import verify_greedy, verify_sampling
 from .stop_strings import TextOutput
 from .tokenizer import Tokenizer
 
@@ -78,6 +81,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_window = model.config.max_position_embeddings
+        self._cost_curve: CostCurve | None = None
+
+    @property
+    def cost_curve(self) -> CostCurve:
+        """This machine's forward-latency curve for the model (stored, or measured on first use)."""
+        if self._cost_curve is None:
+            self._cost_curve = load_or_measure(self.model, self.model_name)
+        return self._cost_curve
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -114,20 +125,22 @@ class Engine:
         stats.prefill_time_s = time.perf_counter() - start
         finish = self._finish_reason(generated, eos_ids, max_new)
         yield out.add(generated)
-        state = DecodeState(tokens=prompt + generated, num_prompt_tokens=len(prompt), params=params)
+        state = DecodeState(prompt + generated, len(prompt), params, model, cache)
         while finish is None and not out.stopped:
             room = min(max_new - len(generated), MAX_DRAFT + 1) - 1
             tree = drafter.propose(state, room) if room > 0 else DraftTree()
+            if len(tree) > room:
+                raise FastDecodeError(f"method {drafter.name!r} proposed {len(tree)} nodes, over its budget of {room}")
+            if tree.scores is not None:
+                tree = best_subtree(tree, self.cost_curve)
             rows = [state.tokens[-1]] + tree.tokens
             positions = cache.length + torch.tensor([0] + tree.depths())
             mask = tree.attention_mask() if len(tree) else None
             logits = model.forward(torch.tensor(rows), positions, cache, mask)
             if params.greedy:
                 path, bonus = verify_greedy(tree, logits, eos_ids)
-            elif len(tree) == 0:
-                path, bonus = [], int(next_tokens(logits, params, generator)[0])
             else:
-                raise FastDecodeError("sampling verification of draft trees is not available yet; use temperature 0")
+                path, bonus = verify_sampling(tree, logits, params, generator, eos_ids)
             cache.keep([0] + [node + 1 for node in path])
             new = [tree.tokens[node] for node in path] + [bonus]
             stats.record_step(len(tree), len(path))

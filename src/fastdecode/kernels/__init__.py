@@ -2,8 +2,11 @@
 
 `skinny_gemm` multiplies a few rows by a float32 or bfloat16 weight matrix in one pass over the weights
 (see skinny_gemm.c). On this machine it streams the 576-wide matrices of the default model at
-30-34 GB/s where oneDNN reaches 22-26 GB/s. When no compiler is available the callers fall back
-to PyTorch's own kernels (slower, same results up to rounding) and say so once on stderr.
+30-34 GB/s where oneDNN reaches 22-26 GB/s. `attention` attends new query rows over the KV cache
+(see attention.c). Both give each row a result independent of the other rows in the call, which
+is what keeps speculative decoding token-for-token equal to plain decoding. When no compiler is
+available the callers fall back to PyTorch's own kernels (slower, results that may differ in the
+last bits between a row alone and a row among others) and say so once on stderr.
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ import torch
 
 from ..models.cache_dir import cache_root
 
-_SOURCE = Path(__file__).with_name("skinny_gemm.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("skinny_gemm.c", "attention.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-def _cpu_flags() -> bytes:
+def cpu_flags() -> bytes:
     try:
         with open("/proc/cpuinfo") as f:
             return next(line for line in f if line.startswith("flags")).encode()
@@ -39,19 +42,20 @@ def _build() -> ctypes.CDLL | None:
         print("fastdecode: no C compiler found; using PyTorch's slower kernels", file=sys.stderr)
         return None
     # -march=native ties the binary to this CPU: its feature flags are part of the cache key.
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags()).hexdigest()[:12]
-    target = cache_root() / "kernels" / f"skinny_gemm-{key}.so"
+    sources = b"".join(source.read_bytes() for source in _SOURCES)
+    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + cpu_flags()).hexdigest()[:12]
+    target = cache_root() / "kernels" / f"fastdecode-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+            done = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True)
             error = done.stderr.strip()[:200] if done.returncode else None
         except OSError as exc:
             error = str(exc)
         if error is not None:
             tmp.unlink(missing_ok=True)
-            print(f"fastdecode: compiling {_SOURCE.name} with {compiler} failed ({error}); "
+            print(f"fastdecode: compiling the kernels with {compiler} failed ({error}); "
                   "using PyTorch's slower kernels", file=sys.stderr)
             return None
         os.replace(tmp, target)
@@ -59,11 +63,13 @@ def _build() -> ctypes.CDLL | None:
     for fn in (lib.skinny_gemm_f32, lib.skinny_gemm_bf16):
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
         fn.restype = None
+    lib.attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6 + [ctypes.c_float]
+    lib.attention.restype = None
     return lib
 
 
 @functools.cache
-def skinny_gemm_lib() -> ctypes.CDLL | None:
+def native_lib() -> ctypes.CDLL | None:
     """The compiled kernels, built once per process (None when they cannot be built)."""
     return _build()
 
@@ -74,4 +80,23 @@ def skinny_gemm(lib: ctypes.CDLL, weight: torch.Tensor, x: torch.Tensor) -> torc
     out = torch.empty(n, weight.shape[0], dtype=weight.dtype)
     fn = lib.skinny_gemm_f32 if weight.dtype == torch.float32 else lib.skinny_gemm_bf16
     fn(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1], n)
+    return out
+
+
+def attention(
+    lib: ctypes.CDLL, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
+    start: int, mask: torch.Tensor | None, scale: float,
+) -> torch.Tensor:
+    """q [n, heads, D] float32; keys_t [kv_heads, D, capacity] and values [kv_heads, capacity, D]
+    (contiguous, float32 or bfloat16) holding the committed rows [0, start) and the n new ones;
+    mask [n, n] bool (new rows each row may see) or None for causal -> [n, heads, D] float32."""
+    n, heads, d = q.shape
+    kv_heads, _, capacity = keys_t.shape
+    out = torch.empty_like(q)
+    mask_bytes = None if mask is None else mask.to(torch.uint8).contiguous()
+    lib.attention(
+        q.data_ptr(), keys_t.data_ptr(), values.data_ptr(), int(keys_t.dtype == torch.bfloat16),
+        None if mask_bytes is None else mask_bytes.data_ptr(), out.data_ptr(),
+        n, heads, kv_heads, d, capacity, start, scale,
+    )
     return out

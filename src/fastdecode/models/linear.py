@@ -16,12 +16,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..kernels import skinny_gemm, skinny_gemm_lib
+from ..kernels import skinny_gemm, native_lib
 
 # oneDNN picks its blocked layout for an expected number of rows; 8 serves 1 to ~16 rows best.
 _PACK_ROWS_HINT = 8
 # Beyond this many rows (long prefills) a blocked GEMM that reuses activations wins.
-SKINNY_MAX_ROWS = 16
+SKINNY_MAX_ROWS = 80
 
 
 @functools.cache
@@ -40,7 +40,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor):
         """weight: [out_features, in_features]."""
         self.out_features, self.in_features = weight.shape
-        self.skinny = skinny_gemm_lib() if weight.dtype in (torch.float32, torch.bfloat16) else None
+        self.skinny = native_lib() if weight.dtype in (torch.float32, torch.bfloat16) else None
         self.packed = self.skinny is None and _onednn_usable(weight.dtype)
         self.weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS_HINT)

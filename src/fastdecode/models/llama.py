@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kernels import attention, native_lib
 from ..runtime.kv_cache import KVCache
 from .config import ModelConfig, rope_inverse_frequencies
 from .linear import Linear
@@ -57,6 +58,7 @@ class LlamaModel:
         sin = angles.sin()
         sin[:, : c.head_dim // 2] *= -1
         self.cos, self.sin_signed = angles.cos().to(dtype), sin.to(dtype)
+        self.native = native_lib() if c.head_dim % 16 == 0 else None
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
@@ -81,7 +83,7 @@ class LlamaModel:
         half = c.head_dim // 2
         cos = self.cos[positions].unsqueeze(1)  # [n, 1, head_dim]
         sin = self.sin_signed[positions].unsqueeze(1)
-        attn_mask = self._attention_mask(n, start, mask)
+        attn_mask = self._attention_mask(n, start, mask) if self.native is None else None
         x = F.embedding(tokens, self.embed)  # [n, hidden]
         for i in range(c.num_layers) if layers is None else layers:
             layer = self.layers[i]
@@ -91,16 +93,14 @@ class LlamaModel:
             qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
             k = qk[:, c.num_heads :]
             v = qkv[:, self.q_size + self.kv_size :].view(n, c.num_kv_heads, c.head_dim)
-            cache.k[i, :, start:end] = k.transpose(0, 1)
+            cache.k[i, :, :, start:end] = k.permute(1, 2, 0)
             cache.v[i, :, start:end] = v.transpose(0, 1)
-            # [n, heads, d] -> [kv_heads, group * n, d]: each kv head attends for its whole group.
-            q = qk[:, : c.num_heads].reshape(n, c.num_kv_heads, self.group, c.head_dim)
-            q = q.permute(1, 2, 0, 3).reshape(1, c.num_kv_heads, self.group * n, c.head_dim)
-            # 4-d inputs take PyTorch's fused CPU attention kernel; 3-d ones a slower generic path.
-            o = F.scaled_dot_product_attention(
-                q, cache.k[i : i + 1, :, :end], cache.v[i : i + 1, :, :end], attn_mask=attn_mask, scale=self.scale
-            )
-            o = o.view(c.num_kv_heads, self.group, n, c.head_dim).permute(2, 0, 1, 3).reshape(n, self.q_size)
+            if self.native is not None:
+                q = qk[:, : c.num_heads].to(torch.float32).contiguous()
+                o = attention(self.native, q, cache.k[i], cache.v[i], start, mask, self.scale)
+                o = o.to(self.dtype).view(n, self.q_size)
+            else:
+                o = self._torch_attention(qk[:, : c.num_heads], cache, i, end, attn_mask)
             x += layer.o(o)
             h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
@@ -110,6 +110,17 @@ class LlamaModel:
         hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
         logits = self.lm_head(hidden).float()
         return (logits, hidden) if output_hidden else logits
+
+    def _torch_attention(self, q: torch.Tensor, cache: KVCache, layer: int, end: int, attn_mask) -> torch.Tensor:
+        """PyTorch's fused attention (without a compiler): fast, but not batch-invariant."""
+        c, n = self.config, q.shape[0]
+        # [n, heads, d] -> [kv_heads, group * n, d]: each kv head attends for its whole group.
+        q = q.reshape(n, c.num_kv_heads, self.group, c.head_dim)
+        q = q.permute(1, 2, 0, 3).reshape(1, c.num_kv_heads, self.group * n, c.head_dim)
+        keys = cache.k[layer : layer + 1, :, :, :end].transpose(-1, -2)
+        # 4-d inputs take PyTorch's fused CPU attention kernel; 3-d ones a slower generic path.
+        o = F.scaled_dot_product_attention(q, keys, cache.v[layer : layer + 1, :, :end], attn_mask=attn_mask, scale=self.scale)
+        return o.view(c.num_kv_heads, self.group, n, c.head_dim).permute(2, 0, 1, 3).reshape(n, self.q_size)
 
     def _attention_mask(self, n: int, start: int, mask: torch.Tensor | None) -> torch.Tensor | None:
         """Boolean [group * n, start + n] (True = attend), or None when one token sees everything."""

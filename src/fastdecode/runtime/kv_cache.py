@@ -1,6 +1,8 @@
 """Static KV cache of one sequence, preallocated once for its prompt plus its new tokens.
 
-Layout: keys and values [num_layers, num_kv_heads, capacity, head_dim]. Rows [0, length) are
+Layout: values [num_layers, num_kv_heads, capacity, head_dim] and keys transposed,
+[num_layers, num_kv_heads, head_dim, capacity], so that the attention kernel reads 16 consecutive
+keys per vector load (kernels/attention.c). Rows [0, length) are
 committed. A forward writes its n new rows at [length, length + n) and attends over
 [0, length + n) without committing them; the decode loop then keeps the rows it accepted. So
 appending, rolling back and keeping the accepted path of a draft tree are index operations on
@@ -15,9 +17,8 @@ from ..errors import FastDecodeError
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype):
-        shape = (num_layers, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(num_layers, num_kv_heads, head_dim, capacity, dtype=dtype)
+        self.v = torch.zeros(num_layers, num_kv_heads, capacity, head_dim, dtype=dtype)
         self.capacity = capacity
         self.length = 0
 
@@ -40,7 +41,7 @@ class KVCache:
         src = torch.tensor(rows, dtype=torch.long) + self.length
         dst = slice(self.length, self.length + n)
         # Advanced indexing copies first, so overlapping source and destination are safe.
-        self.k[:, :, dst] = self.k[:, :, src]
+        self.k[:, :, :, dst] = self.k[:, :, :, src]
         self.v[:, :, dst] = self.v[:, :, src]
         self.length += n
 

@@ -15,12 +15,20 @@ import torch
 class DraftTree:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
-    # Optional [n, vocab] draft probabilities q(. | ancestors) that proposed each node (sampling).
+    # Optional [n, vocab]: the distribution q(. | ancestors) each node's token was sampled from
+    # (exact speculative sampling). Without it a node counts as a point mass on its token, which is
+    # exact for tokens chosen by any rule that does not look at the target's random draws.
     draft_probs: torch.Tensor | None = None
+    # Optional: the drafter's estimate of the probability that each node is accepted (its whole
+    # path from the root). Non-increasing along a path. The engine uses it to cut the tree to the
+    # size that maximises expected tokens per second on this machine (runtime/draft_size.py).
+    scores: list[float] | None = None
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents):
             raise ValueError("tokens and parents must have the same length")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError("scores must have one entry per node")
         if any(not -1 <= p < i for i, p in enumerate(self.parents)):
             raise ValueError("every parent must be -1 or an earlier node")
 
@@ -51,6 +59,16 @@ class DraftTree:
             mask[i + 1] = mask[p + 1]
             mask[i + 1, i + 1] = True
         return mask
+
+    def subtree(self, nodes: list[int]) -> "DraftTree":
+        """The tree restricted to `nodes` (increasing, closed under taking parents), renumbered."""
+        index = {old: new for new, old in enumerate(nodes)}
+        return DraftTree(
+            [self.tokens[i] for i in nodes],
+            [index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in nodes],
+            None if self.draft_probs is None else self.draft_probs[nodes],
+            None if self.scores is None else [self.scores[i] for i in nodes],
+        )
 
     def paths(self) -> list[list[int]]:
         """Every root-to-leaf path as a list of node indices."""

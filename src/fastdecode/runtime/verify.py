@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import SamplingParams, sample, target_probabilities
 from .tree import DraftTree
 
 
@@ -26,3 +27,49 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor, eos_ids: frozenset[int]
         path.append(match)
         row = match + 1
     return path, best[row]
+
+
+def verify_sampling(
+    tree: DraftTree,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    eos_ids: frozenset[int] = frozenset(),
+) -> tuple[list[int], int]:
+    """Accepted nodes and a bonus token, distributed exactly as sampling from the target token by token.
+
+    Recursive rejection sampling (SpecInfer; Chen et al. and Leviathan et al. for one child).
+    At a node with target distribution p (after temperature / top-k / top-p / min-p), its children
+    are tried in order. A child with token t drawn from the draft distribution q is accepted with
+    probability min(1, p(t) / q(t)); on rejection p becomes the residual max(p - q, 0), renormalised,
+    and the next sibling is tried against it. A child without draft probabilities is a point mass
+    (q = 1 at t): accepted with probability p(t), else t is removed from p. When no child is
+    accepted the bonus token is sampled from what is left of p, so every emitted token is an exact
+    sample of the target given the tokens before it. Siblings with draft probabilities must be
+    independent draws from the same q.
+    """
+    path: list[int] = []
+    node, row = -1, 0
+    while True:
+        p = target_probabilities(logits[row : row + 1], params)[0]
+        accepted = None
+        for child in tree.children(node):
+            token = tree.tokens[child]
+            q = None if tree.draft_probs is None else tree.draft_probs[child]
+            ratio = p[token] if q is None else p[token] / q[token]
+            if torch.rand((), generator=generator) < ratio:
+                accepted = child
+                break
+            residual = p.clone() if q is None else (p - q).clamp_(min=0.0)
+            if q is None:
+                residual[token] = 0.0
+            # A rejection implies the residual has mass; only float rounding (q equal to p up to the
+            # last bits) can empty it, and then p itself is the right distribution to go on with.
+            if residual.sum() > 0:
+                p = residual / residual.sum()
+        if accepted is None:
+            return path, int(sample(p[None], generator)[0])
+        path.append(accepted)
+        if tree.tokens[accepted] in eos_ids:  # nothing after the end is accepted; the bonus is never used
+            return path, tree.tokens[accepted]
+        node, row = accepted, accepted + 1

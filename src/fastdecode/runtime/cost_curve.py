@@ -1,0 +1,92 @@
+"""This machine's forward-latency curve: seconds for one forward of k new tokens over a cache.
+
+Draft sizes come from it, not from GPU papers: on a 2-core CPU a forward of 8 tokens costs about
+as much as one, while 64 cost several times more. `fastdecode calibrate` measures the full curve
+(1 to 64 tokens against a realistic cache) and stores it per model, dtype and CPU; without a
+stored curve the first speculative request measures a short one (about a second).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from bisect import bisect_left
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.cache_dir import cache_root
+
+FULL_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+QUICK_SIZES = (1, 4, 8, 16, 32, 64)
+CONTEXT = 512  # cache rows behind the measured forwards: a typical prompt plus answer
+
+
+@dataclass
+class CostCurve:
+    sizes: list[int]  # new tokens per forward, increasing
+    seconds: list[float]  # median latency of each, non-decreasing
+
+    def cost(self, n: int) -> float:
+        """Seconds for a forward of n new tokens, linear between measured sizes (and beyond the last)."""
+        i = min(max(bisect_left(self.sizes, n), 1), len(self.sizes) - 1)
+        (a, b), (ta, tb) = self.sizes[i - 1 : i + 1], self.seconds[i - 1 : i + 1]
+        return max(ta + (tb - ta) * (n - a) / (b - a), self.seconds[0])
+
+    def to_dict(self) -> dict:
+        return {"sizes": self.sizes, "seconds": self.seconds}
+
+
+def measure(model, sizes=FULL_SIZES, repeats: int = 5, context: int = CONTEXT, progress=None) -> CostCurve:
+    """Median latency of forwards of each size after `context` cached tokens."""
+    g = torch.Generator().manual_seed(0)
+    cache = model.new_cache(context + max(sizes))
+    vocab = model.config.vocab_size
+    model.forward(torch.randint(0, vocab, (context,), generator=g), torch.arange(context), cache, last_logits_only=True)
+    cache.commit(context)
+    seconds = []
+    for n in sizes:
+        tokens = torch.randint(0, vocab, (n,), generator=g)
+        positions = torch.arange(context, context + n)
+        model.forward(tokens, positions, cache)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.forward(tokens, positions, cache)
+            runs.append(time.perf_counter() - start)
+        seconds.append(sorted(runs)[len(runs) // 2])
+        if progress:
+            progress(n)
+    for i in range(1, len(seconds)):  # noise must not make a bigger forward look cheaper
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return CostCurve(list(sizes), seconds)
+
+
+def curve_path(model_name: str, dtype: torch.dtype) -> Path:
+    from ..kernels import cpu_flags
+
+    cpu = hashlib.sha256(cpu_flags() + str(os.cpu_count()).encode()).hexdigest()[:8]
+    safe = model_name.replace("/", "_")
+    return cache_root() / "calibration" / f"{safe}-{str(dtype).removeprefix('torch.')}-{cpu}.json"
+
+
+def save(curve: CostCurve, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(curve.to_dict()))
+    os.replace(tmp, path)
+
+
+def load_or_measure(model, model_name: str) -> CostCurve:
+    """The stored curve for this model, dtype and CPU, or a quick measurement (stored too)."""
+    path = curve_path(model_name, model.dtype)
+    try:
+        data = json.loads(path.read_text())
+        return CostCurve(list(data["sizes"]), list(data["seconds"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    curve = measure(model, QUICK_SIZES, repeats=3)
+    save(curve, path)
+    return curve

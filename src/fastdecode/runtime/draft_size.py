@@ -1,0 +1,33 @@
+"""Adaptive draft size: how much of a proposed tree to verify, for every drafter.
+
+A drafter scores each node with its estimate of the probability that the node is accepted (its
+whole path). Verifying a tree of m nodes then yields on average 1 + (sum of their scores) tokens
+(the bonus token always comes) for the cost of one forward of m + 1 rows. The kept nodes are the
+m best-scored ones, with m chosen to maximise
+
+    expected tokens per second = (1 + sum of the m best scores) / cost(m + 1)
+
+on this machine's measured cost curve (runtime/cost_curve.py). Scores never rise along a path,
+so the m best nodes always include their ancestors.
+"""
+from __future__ import annotations
+
+from .cost_curve import CostCurve
+from .tree import DraftTree
+
+
+def best_subtree(tree: DraftTree, curve: CostCurve) -> DraftTree:
+    """The most profitable part of `tree` to verify (all of it when it has no scores)."""
+    if tree.scores is None or len(tree) == 0:
+        return tree
+    scores: list[float] = []
+    for parent, score in zip(tree.parents, tree.scores):  # enforce: a node is no likelier than its parent
+        scores.append(min(max(score, 0.0), 1.0, scores[parent] if parent >= 0 else 1.0))
+    order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))  # a parent precedes its children
+    best_size, best_rate, expected = 0, 1.0 / curve.cost(1), 1.0
+    for size, node in enumerate(order, start=1):
+        expected += scores[node]
+        rate = expected / curve.cost(size + 1)
+        if rate > best_rate:
+            best_size, best_rate = size, rate
+    return tree.subtree(sorted(order[:best_size]))

@@ -1,0 +1,74 @@
+"""A token's logits must not depend on how many other tokens share its forward (bitwise): that is
+what makes speculative decoding give exactly the plain decoding output, not only in theory."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdecode.kernels import attention, native_lib
+from fastdecode.runtime.tree import DraftTree
+
+needs_kernel = pytest.mark.skipif(native_lib() is None, reason="no C compiler: the kernels could not be built")
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def model(request):
+    from fastdecode.models.loader import load
+
+    return load("smollm2-135m-instruct", request.param).model
+
+
+def _prefilled(model, length: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(length + 80)
+    model.forward(torch.randint(0, 49152, (length,), generator=g), torch.arange(length), cache)
+    cache.commit(length)
+    return cache
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [2, 8, 32])
+def test_a_token_alone_equals_the_same_token_among_others(model, n):
+    cache = _prefilled(model, 200)
+    tokens = torch.randint(0, 49152, (n,), generator=torch.Generator().manual_seed(n))
+    start = cache.length
+    alone = [model.forward(tokens[:1], torch.tensor([start]), cache)[0]]
+    # Decoded one at a time, as plain decoding does.
+    for i in range(1, n):
+        cache.commit(1)
+        alone.append(model.forward(tokens[i : i + 1], torch.tensor([start + i]), cache)[0])
+    cache.rollback(start)
+    chain = model.forward(tokens, torch.arange(start, start + n), cache)
+    assert torch.equal(chain, torch.stack(alone))
+
+    # The same chain hidden inside a tree: a second branch of n - 1 other tokens under the root.
+    other = torch.randint(0, 49152, (n - 1,), generator=torch.Generator().manual_seed(99))
+    tree = DraftTree(
+        other.tolist() + tokens[1:].tolist(),
+        list(range(-1, n - 2)) + [-1] + list(range(n - 1, 2 * n - 3)),
+    )
+    rows = torch.cat([tokens[:1], torch.tensor(tree.tokens)])
+    positions = start + torch.tensor([0] + tree.depths())
+    logits = model.forward(rows, positions, cache, tree.attention_mask())
+    branch = [0] + list(range(n, 2 * n - 1))  # the root row, then the second branch's rows
+    assert torch.equal(logits[branch], chain)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_kernel_matches_pytorch(dtype):
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, start, n = 6, 2, 64, 37, 5
+    keys = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
+    values = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
+    q = torch.randn(n, heads, d, generator=g)
+    tree = DraftTree([1, 2, 3, 4], [-1, 0, -1, 2])
+    mask = tree.attention_mask()
+    out = attention(native_lib(), q, keys.transpose(1, 2).contiguous(), values, start, mask, d**-0.5)
+    full = torch.cat([torch.ones(n, start, dtype=torch.bool), mask], dim=1)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.float().repeat_interleave(3, 0), values.float().repeat_interleave(3, 0),
+        attn_mask=full, scale=d**-0.5,
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

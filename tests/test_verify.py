@@ -1,0 +1,145 @@
+"""Verification as pure functions: greedy acceptance, and sampling that keeps the target's
+distribution exactly (checked with chi-square tests over many trials on toy distributions)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdecode.runtime.cost_curve import CostCurve
+from fastdecode.runtime.draft_size import best_subtree
+from fastdecode.runtime.sampling import SamplingParams, target_probabilities
+from fastdecode.runtime.tree import DraftTree
+from fastdecode.runtime.verify import verify_greedy, verify_sampling
+
+from stats import chi_square_p_value
+
+VOCAB = 6
+# Target logits of the verify rows of TREE: root, node 0 (token 1), node 1 (token 2), node 2 (token 3).
+LOGITS = torch.tensor([
+    [2.0, 1.5, 1.0, 0.5, 0.0, -1.0],
+    [0.0, 0.3, 2.0, 1.0, -0.5, 0.2],
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    [0.5, 2.5, 0.0, 0.0, 1.0, 0.0],
+])
+TREE = DraftTree([1, 2, 3], [-1, -1, 0])  # root -> {1 -> 3, 2}
+TRIALS = 12000
+
+
+def _first_two_tokens(tree, logits, params, trials, seed=0, q_sampler=None):
+    g = torch.Generator().manual_seed(seed)
+    first = torch.zeros(VOCAB)
+    second_after_1 = torch.zeros(VOCAB)
+    for _ in range(trials):
+        t = tree if q_sampler is None else q_sampler(g)
+        path, bonus = verify_sampling(t, logits, params, g)
+        emitted = [t.tokens[i] for i in path] + [bonus]
+        first[emitted[0]] += 1
+        if emitted[0] == 1 and len(emitted) > 1:
+            second_after_1[emitted[1]] += 1
+    return first, second_after_1
+
+
+def test_greedy_takes_the_longest_matching_path_and_the_bonus():
+    logits = torch.full((4, VOCAB), -5.0)
+    logits[0, 1] = logits[1, 3] = logits[3, 4] = 5.0  # argmax: root -> 1 -> 3 -> 4
+    logits[2, 0] = 5.0
+    assert verify_greedy(TREE, logits) == ([0, 2], 4)
+    assert verify_greedy(TREE, logits, eos_ids=frozenset({1})) == ([0], 3)  # nothing after EOS
+    logits[0, 1], logits[0, 5] = 0.0, 5.0
+    assert verify_greedy(TREE, logits) == ([], 5)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=4),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.2),
+])
+def test_point_mass_tree_keeps_the_target_distribution(params):
+    """Drafters without probabilities (n-gram, suffix, ...) propose point masses; siblings are
+    tried in turn against the residual."""
+    first, second = _first_two_tokens(TREE, LOGITS, params, TRIALS)
+    probs = target_probabilities(LOGITS, params)
+    assert chi_square_p_value(first, probs[0]) > 1e-3
+    # After accepting node 0 (token 1) the next token follows the target at node 0's row.
+    assert second.sum() > 500
+    assert chi_square_p_value(second, probs[1]) > 1e-3
+
+
+def test_draft_probabilities_keep_the_target_distribution():
+    """A chain drawn from a draft distribution q: accept with min(1, p/q), else sample the residual."""
+    params = SamplingParams(temperature=1.0)
+    q_root = torch.softmax(torch.tensor([0.0, 2.0, 0.0, 1.0, 0.0, 0.5]), -1)  # favours token 1 too much
+    q_next = torch.softmax(torch.tensor([0.0, 0.0, 0.0, 2.0, 0.0, 0.0]), -1)
+
+    def sampler(g):
+        a = int(torch.multinomial(q_root, 1, generator=g))
+        b = int(torch.multinomial(q_next, 1, generator=g))
+        return DraftTree([a, b], [-1, 0], draft_probs=torch.stack([q_root, q_next]))
+
+    # The verify rows are root, then node 0 whatever its token; the test only conditions on token 1.
+    logits = LOGITS[[0, 1, 2]]
+    first, second = _first_two_tokens(None, logits, params, TRIALS, q_sampler=sampler)
+    probs = target_probabilities(logits, params)
+    assert chi_square_p_value(first, probs[0]) > 1e-3
+    assert chi_square_p_value(second, probs[1]) > 1e-3
+
+
+def test_iid_siblings_from_q_keep_the_target_distribution():
+    params = SamplingParams(temperature=1.0)
+    q = torch.softmax(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 0.0]), -1)
+
+    def sampler(g):
+        a, b = torch.multinomial(q, 2, replacement=True, generator=g).tolist()
+        return DraftTree([a, b], [-1, -1], draft_probs=torch.stack([q, q]))
+
+    first, _ = _first_two_tokens(None, LOGITS[:3], params, TRIALS, q_sampler=sampler)
+    assert chi_square_p_value(first, target_probabilities(LOGITS[:1], params)[0]) > 1e-3
+
+
+def test_the_test_can_fail():
+    """A biased verifier (always accepting the first child) is caught by the same check."""
+    params = SamplingParams(temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(VOCAB)
+    for _ in range(2000):
+        counts[1 if torch.rand((), generator=g) < 0.6 else int(torch.multinomial(target_probabilities(LOGITS[:1], params)[0], 1, generator=g))] += 1
+    assert chi_square_p_value(counts, target_probabilities(LOGITS[:1], params)[0]) < 1e-6
+
+
+def test_nothing_after_eos_is_accepted_when_sampling():
+    logits = torch.full((4, VOCAB), -20.0)
+    logits[:, 1] = logits[:, 3] = 20.0  # token 1 then token 3 are near certain
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        path, _ = verify_sampling(TREE, logits, SamplingParams(temperature=1.0), g, eos_ids=frozenset({1}))
+        assert path in ([0], [])
+
+
+CURVE = CostCurve([1, 8, 16, 32, 64], [0.010, 0.011, 0.014, 0.020, 0.040])
+
+
+def test_best_subtree_keeps_likely_nodes_and_their_ancestors():
+    chain = DraftTree.chain(list(range(10)))
+    chain.scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.05, 0.04, 0.03, 0.02, 0.01]
+    kept = best_subtree(chain, CURVE)
+    assert kept.tokens == [0, 1, 2, 3, 4]  # the tail adds almost nothing but costs rows
+    tree = DraftTree([5, 6, 7, 8], [-1, 0, -1, 2], scores=[0.2, 0.9, 0.8, 0.1])  # 6 scored above its parent
+    assert best_subtree(tree, CURVE).tokens == [5, 6, 7, 8]  # cheap rows: keep everything
+    steep = CostCurve([1, 2, 3], [0.010, 0.0101, 0.030])  # room for one node only
+    kept = best_subtree(tree, steep)
+    assert (kept.tokens, kept.parents) == ([7], [-1])  # node 6 cannot come without its parent
+
+
+def test_best_subtree_drops_a_hopeless_draft_and_keeps_a_tree_without_scores():
+    hopeless = DraftTree.chain([1, 2, 3])
+    hopeless.scores = [0.001, 0.0005, 0.0001]
+    assert len(best_subtree(hopeless, CostCurve([1, 2, 4], [0.01, 0.012, 0.014]))) == 0
+    plain = DraftTree.chain([1, 2, 3])
+    assert best_subtree(plain, CURVE) is plain
+
+
+def test_cost_curve_interpolates():
+    assert CURVE.cost(1) == pytest.approx(0.010)
+    assert CURVE.cost(12) == pytest.approx(0.0125)
+    assert CURVE.cost(128) == pytest.approx(0.080)
