@@ -10,6 +10,8 @@ from typing import Protocol
 
 import torch
 
+from ..models.llama import LlamaModel
+from ..runtime.kv_cache import KVCache
 from ..runtime.sampling import SamplingParams
 from ..runtime.tree import DraftTree
 
@@ -19,6 +21,11 @@ class DecodeState:
     tokens: list[int]  # prompt + generated so far; the last one is the root of the next draft
     num_prompt_tokens: int
     params: SamplingParams
+    # The target model and its KV cache, for self-speculation (layerskip). A drafter may run
+    # target layers into rows at and beyond cache.length (commit them while drafting, then
+    # rollback(length) before returning); the verify forward overwrites those rows.
+    model: LlamaModel | None = None
+    cache: KVCache | None = None
 
 
 @dataclass
