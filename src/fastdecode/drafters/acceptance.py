@@ -1,0 +1,60 @@
+"""Running acceptance statistics for drafters that choose tokens by rule (ngram, suffix).
+
+A drafter labels each proposed node with a feature key (say, match length and depth). The table
+estimates P(node accepted | its parent accepted) per key, a Beta-Bernoulli mean pulled towards a
+prior guess; the score of a node is the product of these rates along its path, so scores never
+increase from parent to child. The engine may verify a cut-down subtree of the proposal, with
+renumbered nodes, so the verified tree is mapped back to the proposal by (parent, token) pairs.
+"""
+from __future__ import annotations
+
+from ..runtime.tree import DraftTree
+
+
+class AcceptanceTable:
+    def __init__(self, prior_weight: float = 2.0, max_trials: float = 2000.0):
+        self.prior_weight = prior_weight
+        self.max_trials = max_trials  # beyond this a key's counts are halved, so the rate can drift
+        self._table: dict[object, list[float]] = {}  # key -> [accepted, trials]
+
+    def rate(self, key: object, prior: float) -> float:
+        hits, trials = self._table.get(key, (0.0, 0.0))
+        return (hits + self.prior_weight * prior) / (trials + self.prior_weight)
+
+    def record(self, key: object, accepted: bool) -> None:
+        entry = self._table.setdefault(key, [0.0, 0.0])
+        entry[0] += accepted
+        entry[1] += 1
+        if entry[1] > self.max_trials:
+            entry[0] /= 2
+            entry[1] /= 2
+
+    def trials(self, key: object) -> float:
+        return self._table.get(key, (0.0, 0.0))[1]
+
+    def observe(self, verified: DraftTree, accepted: list[int], child_of: dict, keys: list) -> None:
+        """Record every verified node whose parent was accepted (a node under a rejected parent was
+        never really tried). child_of maps (proposed parent index, token) -> proposed node index and
+        keys[i] is the feature key of proposed node i."""
+        taken = set(accepted)
+        mine: list[int | None] = []
+        for i, (token, parent) in enumerate(zip(verified.tokens, verified.parents)):
+            my_parent = -1 if parent < 0 else mine[parent]
+            node = None if my_parent is None else child_of.get((my_parent, token))
+            mine.append(node)
+            if node is not None and (parent < 0 or parent in taken):
+                self.record(keys[node], i in taken)
+
+
+def ordered_tree(tokens: list[int], parents: list[int], scores: list[float], budget: int):
+    """The `budget` best nodes by score as a DraftTree (parents first on ties, so the kept set is
+    closed under parents), plus the (parent, token) -> new index map and old -> new index list."""
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    order = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth[i], i))[:budget]
+    new_index = {old: new for new, old in enumerate(order)}
+    new_parents = [new_index[parents[i]] if parents[i] >= 0 else -1 for i in order]
+    tree = DraftTree([tokens[i] for i in order], new_parents, scores=[scores[i] for i in order])
+    child_of = {(p, t): i for i, (p, t) in enumerate(zip(new_parents, tree.tokens))}
+    return tree, child_of, order
