@@ -17,6 +17,14 @@ def llm():
 
 
 @pytest.fixture(scope="session")
+def llm_default():
+    """The default model in the default dtype, as a user meets it."""
+    from fastdecode import LLM
+
+    return LLM()
+
+
+@pytest.fixture(scope="session")
 def tokenizer(llm):
     return llm.tokenizer
 

@@ -31,7 +31,7 @@ def run(capsys, *argv):
 
 def test_generate_json(capsys):
     """The real loading path: one JSON object on stdout, everything else on stderr."""
-    code, out, err = run(capsys, "generate", "Say hi.", "--json", "--max-new-tokens", "8")
+    code, out, err = run(capsys, "generate", "Say hi.", "--json", "--max-new-tokens", "8", "--method", "ar")
     assert code == 0
     assert out.endswith("\n") and out.count("\n") == 1  # exactly one line
     data = json.loads(out)
@@ -140,6 +140,9 @@ def test_unsupported_model(capsys):
         (["--min-p", "2"], "min_p must be in [0, 1]"),
         (["--max-new-tokens", "0"], "max_new_tokens must be"),
         (["--method", "nope"], "unknown method 'nope'; available methods: ar"),
+        (["--method", "ngram", "--draft-model", "x"], "method 'ngram' has no option 'draft_model'; it belongs to method draft"),
+        (["--option", "max_ngram"], "--option takes KEY=VALUE"),
+        (["--method", "ngram", "--option", "depth=3"], "method 'ngram' has no option 'depth'"),
     ],
 )
 def test_bad_options_exit_2_before_loading(capsys, args, message):
@@ -149,6 +152,52 @@ def test_bad_options_exit_2_before_loading(capsys, args, message):
     assert err.startswith("error: ") and message in err
     assert "Loading" not in err  # validated before the slow part
     assert err.count("\n") == 1  # one line
+
+
+def test_default_method_is_auto_and_equals_ar(capsys, reuse_llm):
+    code, out, err = run(capsys, "generate", "Repeat twice: one two three four.", "--json", "--max-new-tokens", "24")
+    assert code == 0
+    data = json.loads(out)
+    assert data["method"] == "auto"
+    code, out, _ = run(capsys, "generate", "Repeat twice: one two three four.", "--json", "--max-new-tokens", "24", "--method", "ar")
+    assert json.loads(out)["token_ids"] == data["token_ids"]
+
+
+def test_method_options_reach_the_drafter(capsys, reuse_llm):
+    code, out, _ = run(capsys, "generate", "Say hi.", "--json", "--max-new-tokens", "8", "--method", "ngram",
+                       "--option", "max_ngram=5", "--option", "min_ngram=2")
+    assert code == 0 and json.loads(out)["method"] == "ngram"
+    assert reuse_llm.drafter("ngram", max_ngram=5, min_ngram=2).max_ngram == 5
+    code, _, err = run(capsys, "generate", "hi", "--method", "ngram", "--option", "max_ngram=0")
+    assert code == 2 and err.startswith("error: ") and "max_ngram" in err
+
+
+def test_methods_lists_every_method_with_its_label(capsys):
+    from fastdecode.drafters import METHODS
+
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    for name in METHODS:
+        assert any(line.startswith(name + " ") and "lossless" in line for line in out.splitlines())
+    assert "draft_model" in out
+
+
+def test_calibrate_stores_the_curve_the_engine_reads(capsys, tmp_path, monkeypatch, reuse_llm):
+    from fastdecode.runtime import cost_curve
+
+    monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost_curve, "FULL_SIZES", (1, 4, 16))
+    monkeypatch.setattr("fastdecode.models.loader.load", lambda name, dtype: type("L", (), {
+        "model": reuse_llm.engine.model, "name": reuse_llm.model_name})())
+    code, out, err = run(capsys, "calibrate", "--repeats", "2")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [1, 4, 16]
+    assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
+    stored = json.loads(cost_curve.curve_path(reuse_llm.model_name, reuse_llm.engine.model.dtype).read_text())
+    assert stored["sizes"] == [1, 4, 16]
+    loaded = cost_curve.load_or_measure(reuse_llm.engine.model, reuse_llm.model_name)
+    assert loaded.seconds == stored["seconds"]  # read back, not measured again
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -177,7 +226,7 @@ def _chat(capsys, monkeypatch, llm, stdin_text, *argv):
     calls = []
     original = llm.stream
 
-    def spy(messages, params=None, method="ar", raw=False, **options):
+    def spy(messages, params=None, method="auto", raw=False, **options):
         calls.append([dict(m) for m in messages])
         return original(messages, params, method, raw, **options)
 

@@ -52,8 +52,21 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
         assert kernels.native_lib() is None
     finally:
         kernels.native_lib.cache_clear()  # later tests build (or find) the real kernel again
-    assert "using PyTorch's slower kernels" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "using PyTorch's kernels" in err and "not batch-invariant" in err and "near-lossless" in err
     w, x = torch.randn(40, 32), torch.randn(3, 32)
     linear = Linear(w)
     assert linear.skinny is None
     torch.testing.assert_close(linear(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    # The whole forward (PyTorch attention instead of ours) still computes the same logits.
+    from conftest import TINY, tiny_weights
+    from fastdecode.models.llama import LlamaModel
+
+    fallback = LlamaModel(TINY, tiny_weights(), torch.float32)
+    kernels.native_lib.cache_clear()
+    monkeypatch.delenv("CC")
+    native = LlamaModel(TINY, tiny_weights(), torch.float32)
+    assert fallback.native is None and native.native is not None
+    tokens = torch.tensor([5, 9, 11, 2])
+    outputs = [m.forward(tokens, torch.arange(4), m.new_cache(8)) for m in (fallback, native)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)

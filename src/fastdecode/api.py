@@ -1,23 +1,24 @@
-"""The library API: `LLM(model).generate(prompt_or_messages, SamplingParams(...), method="ar")`."""
+"""The library API: `LLM(model).generate(prompt_or_messages, SamplingParams(...), method="auto")`."""
 from __future__ import annotations
 
 from .drafters import make_drafter
-from .drafters.base import Drafter
+from .drafters.base import Drafter, Target
 from .engine import Engine, Generation, GenerationResult
 from .errors import FastDecodeError
-from .models.loader import load
+from .models.loader import DEFAULT_DTYPE, load
 from .models.registry import DEFAULT_MODEL
 from .runtime.sampling import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32"):
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE):
         """model: a registered name (see `fastdecode models`), a .gguf file or a checkpoint folder."""
         loaded = load(model, dtype)
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.load_time_s = loaded.load_time_s
         self.engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
+        self.target = Target(loaded.model, loaded.tokenizer, loaded.name)
         self._drafters: dict[tuple, Drafter] = {}
 
     def drafter(self, method: str, **options) -> Drafter:
@@ -25,7 +26,7 @@ class LLM:
         tables) carries over from one request to the next."""
         key = (method, repr(sorted(options.items())))
         if key not in self._drafters:
-            self._drafters[key] = make_drafter(method, **options)
+            self._drafters[key] = make_drafter(method, self.target, **options)
         return self._drafters[key]
 
     def prompt_ids(self, prompt_or_messages: str | list[dict], raw: bool = False) -> list[int]:
@@ -43,7 +44,7 @@ class LLM:
         self,
         prompt_or_messages: str | list[dict],
         params: SamplingParams | None = None,
-        method: str = "ar",
+        method: str = "auto",
         raw: bool = False,
         **method_options,
     ) -> GenerationResult:
@@ -53,7 +54,7 @@ class LLM:
         self,
         prompt_or_messages: str | list[dict],
         params: SamplingParams | None = None,
-        method: str = "ar",
+        method: str = "auto",
         raw: bool = False,
         **method_options,
     ) -> Generation:

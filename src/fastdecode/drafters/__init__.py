@@ -1,17 +1,47 @@
 """Decoding methods by name. Each is a Drafter (see base.py) in a file of its own."""
 from __future__ import annotations
 
+import inspect
+
 from ..errors import FastDecodeError
+from .auto import Auto
 from .autoregressive import Autoregressive
-from .base import Drafter
+from .base import Drafter, Target
+from .draft_model import DraftModel
+from .layerskip import LayerSkip
+from .lookahead import Lookahead
+from .ngram import NGram
+from .recycling import TokenRecycling
+from .suffix import SuffixDecoding
 
-METHODS = {"ar": Autoregressive}
+METHODS = {"ar": Autoregressive, "ngram": NGram, "suffix": SuffixDecoding, "recycling": TokenRecycling, "lookahead": Lookahead, "layerskip": LayerSkip, "draft": DraftModel, "auto": Auto}
 
 
-def make_drafter(method: str, **options) -> Drafter:
+def method_options(method: str) -> list[str]:
+    """The keyword options a method takes."""
+    params = inspect.signature(METHODS[method].__init__).parameters.values()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in named and p.name not in ("self", "target")]
+
+
+def check_method(method: str, options: dict) -> None:
+    """Raise a clear error for an unknown method or an option it does not take."""
     if method not in METHODS:
         raise FastDecodeError(f"unknown method {method!r}; available methods: {', '.join(METHODS)}")
-    try:
-        return METHODS[method](**options)
-    except TypeError as exc:
-        raise FastDecodeError(f"method {method!r} does not take the options {sorted(options)}") from exc
+    accepted = method_options(method)
+    for name in options:
+        if name not in accepted:
+            owners = [m for m in METHODS if name in method_options(m)]
+            belongs = f"; it belongs to method {' / '.join(owners)}" if owners else ""
+            takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
+            raise FastDecodeError(f"method {method!r} has no option {name!r}{belongs} ({takes})")
+
+
+def make_drafter(method: str, target: Target | None = None, **options) -> Drafter:
+    check_method(method, options)
+    cls = METHODS[method]
+    if getattr(cls, "needs_target", False):
+        if target is None:
+            raise FastDecodeError(f"method {method!r} needs the target model (create it through LLM)")
+        options["target"] = target
+    return cls(**options)

@@ -14,6 +14,7 @@ from ..models.llama import LlamaModel
 from ..runtime.kv_cache import KVCache
 from ..runtime.sampling import SamplingParams
 from ..runtime.tree import DraftTree
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -26,6 +27,15 @@ class DecodeState:
     # rollback(length) before returning); the verify forward overwrites those rows.
     model: LlamaModel | None = None
     cache: KVCache | None = None
+
+
+@dataclass
+class Target:
+    """The model a drafter drafts for, given to drafters that declare `needs_target = True`."""
+
+    model: LlamaModel
+    tokenizer: Tokenizer
+    name: str
 
 
 @dataclass

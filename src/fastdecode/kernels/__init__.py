@@ -25,6 +25,8 @@ import torch
 from ..models.cache_dir import cache_root
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("skinny_gemm.c", "attention.c")]
+_FALLBACK = ("using PyTorch's kernels: slower, and not batch-invariant, so speculative methods become "
+             "near-lossless (their greedy output may differ from plain decoding in rare tokens)")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -39,7 +41,7 @@ def cpu_flags() -> bytes:
 def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        print("fastdecode: no C compiler found; using PyTorch's slower kernels", file=sys.stderr)
+        print(f"fastdecode: no C compiler found; {_FALLBACK}", file=sys.stderr)
         return None
     # -march=native ties the binary to this CPU: its feature flags are part of the cache key.
     sources = b"".join(source.read_bytes() for source in _SOURCES)
@@ -56,7 +58,7 @@ def _build() -> ctypes.CDLL | None:
         if error is not None:
             tmp.unlink(missing_ok=True)
             print(f"fastdecode: compiling the kernels with {compiler} failed ({error}); "
-                  "using PyTorch's slower kernels", file=sys.stderr)
+                  f"{_FALLBACK}", file=sys.stderr)
             return None
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))

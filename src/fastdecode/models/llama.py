@@ -6,12 +6,14 @@ forward(tokens [n], positions [n], cache, mask [n, n] | None, layers | None, out
 The n new tokens attend to every committed cache row and, among themselves, to what `mask`
 allows (ancestor-or-self for a draft tree; causal when mask is None). Positions are explicit, so
 tree nodes at the same depth share a rotary position. `layers` runs only a subset of decoder
-layers (self-speculation); only those layers' cache rows are written.
+layers (self-speculation); only those layers' cache rows are written. `head` replaces the output
+head (a partial_head over part of the vocabulary, for drafting).
 
 Per decode step the hot path is about twenty tensor ops per layer: q, k and v come out of one
-fused projection and get their rotary embedding together, gate and up share one projection, and
-grouped-query attention folds each key/value head's query group into the query length instead of
-repeating keys and values.
+fused projection and get their rotary embedding together, and gate and up share one projection.
+The matrix products and attention run on kernels (kernels/) whose result for a token does not
+depend on the other tokens in the forward: a token's logits are bitwise the same alone, in a
+chain or in a draft tree, which keeps speculative decoding exactly equal to plain decoding.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ class LlamaModel:
         self.embed = weights["model.embed_tokens.weight"]
         self.layers = [_Layer(weights, f"model.layers.{i}") for i in range(c.num_layers)]
         self.norm = weights["model.norm.weight"]
-        head = self.embed if c.tie_word_embeddings else weights.pop("lm_head.weight")
-        self.lm_head = Linear(head)
+        self.head_weight = self.embed if c.tie_word_embeddings else weights.pop("lm_head.weight")
+        self.lm_head = Linear(self.head_weight)
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self.group = c.num_heads // c.num_kv_heads
@@ -59,6 +61,10 @@ class LlamaModel:
         sin[:, : c.head_dim // 2] *= -1
         self.cos, self.sin_signed = angles.cos().to(dtype), sin.to(dtype)
         self.native = native_lib() if c.head_dim % 16 == 0 else None
+
+    def partial_head(self, token_ids: torch.Tensor) -> Linear:
+        """An output head over only these tokens (logit j is token_ids[j]): a cheaper head for drafting."""
+        return Linear(self.head_weight[token_ids])
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
@@ -74,6 +80,7 @@ class LlamaModel:
         layers: Sequence[int] | None = None,
         output_hidden: bool = False,
         last_logits_only: bool = False,
+        head: Linear | None = None,
     ):
         n = tokens.shape[0]
         start = cache.length
@@ -108,7 +115,7 @@ class LlamaModel:
         if last_logits_only:
             x = x[-1:]
         hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
-        logits = self.lm_head(hidden).float()
+        logits = (head or self.lm_head)(hidden).float()
         return (logits, hidden) if output_hidden else logits
 
     def _torch_attention(self, q: torch.Tensor, cache: KVCache, layer: int, end: int, attn_mask) -> torch.Tensor:

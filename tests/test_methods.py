@@ -1,0 +1,113 @@
+"""Every method against plain decoding, on the real default model in the default dtype:
+greedy output token for token, and sampled tokens from the same distribution."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from fastdecode import SamplingParams
+from fastdecode.drafters import METHODS
+from fastdecode.errors import FastDecodeError
+from fastdecode.models.truncate import make_truncated_checkpoint
+from fastdecode.runtime.sampling import target_probabilities
+
+from stats import chi_square_p_value
+
+SPECULATIVE = [m for m in METHODS if m != "ar"]
+PROMPTS = [
+    "Rewrite this sentence three times: The quick brown fox jumps over the lazy dog.",
+    "What are the three primary colors? Answer briefly.",
+    "Write a Python function that returns the factorial of n.",
+]
+
+
+@pytest.fixture(scope="module")
+def draft_folder(tmp_path_factory):
+    return str(make_truncated_checkpoint("smollm2-135m-instruct", 24, tmp_path_factory.mktemp("draft24")))
+
+
+def _options(method: str, draft_folder: str) -> dict:
+    return {"draft_model": draft_folder} if method == "draft" else {}
+
+
+@pytest.fixture(scope="module")
+def plain(llm_default):
+    return [llm_default.generate(p, SamplingParams(max_new_tokens=64), method="ar").token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("method", SPECULATIVE)
+def test_greedy_output_equals_plain_decoding(llm_default, plain, method, draft_folder):
+    drafted = accepted = 0
+    for prompt, expected in zip(PROMPTS, plain):
+        result = llm_default.generate(prompt, SamplingParams(max_new_tokens=64), method=method, **_options(method, draft_folder))
+        assert result.token_ids == expected, f"{method} differs from ar on {prompt!r}"
+        assert result.method == method
+        drafted += result.stats.draft_tokens
+        accepted += result.stats.accepted_tokens
+    assert drafted > 0 and accepted > 0, f"{method} never drafted or never had a token accepted"
+
+
+# A prompt that invites drafting from the first steps (its text repeats), sampled at a temperature
+# with top-k so that the first three tokens fall into at most 27 categories.
+SAMPLING_PROMPT = "red green blue red green blue red green blue red green"
+SAMPLING = dict(temperature=1.0, top_k=3, max_new_tokens=3)
+RUNS = 150
+
+
+@pytest.fixture(scope="module")
+def exact_triples(llm_default):
+    """The exact joint distribution of the first three generated tokens (the 2nd and 3rd come
+    out of verification), from the target model's own filtered probabilities."""
+    llm = llm_default
+    ids = llm.prompt_ids(SAMPLING_PROMPT, raw=True)
+    params = SamplingParams(**SAMPLING)
+    model = llm.engine.model
+
+    def next_probs(context):
+        cache = model.new_cache(len(context))
+        logits = model.forward(torch.tensor(context), torch.arange(len(context)), cache, last_logits_only=True)
+        return target_probabilities(logits, params)[0]
+
+    def support(p):
+        return [(t, float(p[t])) for t in p.nonzero().flatten().tolist()]
+
+    def extend(prefix, prob):  # a sequence ends at EOS or at three tokens
+        if len(prefix) == 3 or (prefix and prefix[-1] in llm.tokenizer.eos_ids):
+            triples[tuple(prefix)] = prob
+            return
+        for token, p in support(next_probs(ids + prefix)):
+            extend(prefix + [token], prob * p)
+
+    triples = {}
+    extend([], 1.0)
+    return ids, triples
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampled_tokens_follow_the_target_distribution(llm_default, exact_triples, method, draft_folder):
+    ids, triples = exact_triples
+    engine = llm_default.engine
+    drafter = llm_default.drafter(method, **_options(method, draft_folder))
+    counts, drafted = Counter(), 0
+    for seed in range(RUNS):
+        result = engine.generate(ids, SamplingParams(seed=seed, **SAMPLING), drafter)
+        drafted += result.stats.draft_tokens
+        counts[tuple(result.token_ids)] += 1
+    keys = sorted(triples)
+    observed = torch.tensor([counts.pop(k, 0) for k in keys], dtype=torch.float64)
+    assert not counts, f"{method} produced token sequences the target cannot: {counts}"
+    assert chi_square_p_value(observed, torch.tensor([triples[k] for k in keys])) > 1e-3
+    if method != "ar":
+        assert drafted > 0, f"{method} never drafted, so this test did not exercise its verification"
+
+
+def test_unknown_method_lists_the_methods(llm_default):
+    with pytest.raises(FastDecodeError, match="available methods: ar, ngram"):
+        llm_default.generate("hi", method="telepathy")
+
+
+def test_an_option_of_another_method_is_refused(llm_default):
+    with pytest.raises(FastDecodeError, match="has no option 'draft_model'; it belongs to method draft"):
+        llm_default.generate("hi", method="ngram", draft_model="x")
