@@ -1,11 +1,11 @@
-"""The skinny GEMM kernel: right products, and a row's result independent of the other rows."""
+"""The packed GEMM kernel: right products, and a row's result independent of the other rows."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastdecode.kernels import skinny_gemm, native_lib
-from fastdecode.models.linear import SKINNY_MAX_ROWS, Linear
+from fastdecode.kernels import native_lib, pack_weight, skinny_gemm
+from fastdecode.models.linear import Linear
 
 LIB = native_lib()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="no C compiler: the kernel could not be built")
@@ -18,7 +18,7 @@ def test_products_match_float64(dtype, tolerance, out_features, in_features):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, in_features, generator=g).to(dtype)
     x = torch.randn(7, in_features, generator=g).to(dtype)
-    y = skinny_gemm(LIB, w, x)
+    y = skinny_gemm(LIB, pack_weight(w), out_features, x)
     assert y.dtype == dtype and y.shape == (7, out_features)
     ref = x.double() @ w.double().T
     assert ((y.double() - ref).abs() / ref.abs().clamp(min=1)).max() < tolerance
@@ -29,17 +29,11 @@ def test_products_match_float64(dtype, tolerance, out_features, in_features):
 def test_a_row_does_not_depend_on_the_others(dtype):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(300, 576, generator=g).to(dtype)
-    x = torch.randn(SKINNY_MAX_ROWS, 576, generator=g).to(dtype)
+    x = torch.randn(100, 576, generator=g).to(dtype)
     linear = Linear(w)
-    alone = torch.cat([linear(x[r : r + 1]) for r in range(SKINNY_MAX_ROWS)])
-    for n in (2, 8, SKINNY_MAX_ROWS):
+    alone = torch.cat([linear(x[r : r + 1]) for r in range(100)])
+    for n in (2, 7, 8, 13, 65, 100):  # whole tiles of rows and partial ones
         assert torch.equal(linear(x[:n]), alone[:n])  # bitwise
-
-
-def test_linear_beyond_skinny_rows_is_still_right():
-    w = torch.randn(64, 48)
-    x = torch.randn(SKINNY_MAX_ROWS + 5, 48)
-    torch.testing.assert_close(Linear(w)(x), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, capsys):
@@ -56,7 +50,7 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
     assert "using PyTorch's kernels" in err and "not batch-invariant" in err and "near-lossless" in err
     w, x = torch.randn(40, 32), torch.randn(3, 32)
     linear = Linear(w)
-    assert linear.skinny is None
+    assert linear.native is None
     torch.testing.assert_close(linear(x), x @ w.T, rtol=1e-5, atol=1e-5)
     # The whole forward (PyTorch attention instead of ours) still computes the same logits.
     from conftest import TINY, tiny_weights

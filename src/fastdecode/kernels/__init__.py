@@ -76,12 +76,28 @@ def native_lib() -> ctypes.CDLL | None:
     return _build()
 
 
-def skinny_gemm(lib: ctypes.CDLL, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] and x [n, in], contiguous, both float32 or both bfloat16 -> [n, out]."""
-    n = x.shape[0]
-    out = torch.empty(n, weight.shape[0], dtype=weight.dtype)
-    fn = lib.skinny_gemm_f32 if weight.dtype == torch.float32 else lib.skinny_gemm_bf16
-    fn(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1], n)
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 or bfloat16 -> the kernel's layout: 16 output features per vector
+    (float32 [out/16, in, 16]; bfloat16 [out/16, in/2, 16, 2]), zero-padded to whole vectors."""
+    out, inp = weight.shape
+    padded = torch.zeros((out + 15) // 16 * 16, inp + inp % 2 * (weight.dtype == torch.bfloat16), dtype=weight.dtype)
+    padded[:out, :inp] = weight
+    blocks, width = padded.shape[0] // 16, padded.shape[1]
+    if weight.dtype == torch.bfloat16:
+        return padded.view(blocks, 16, width // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(blocks, 16, width).permute(0, 2, 1).contiguous()
+
+
+def skinny_gemm(lib: ctypes.CDLL, packed: torch.Tensor, out_features: int, x: torch.Tensor) -> torch.Tensor:
+    """packed: pack_weight(W) of a [out_features, in] W; x [n, in] in W's dtype -> x @ W.T [n, out_features]."""
+    n, inp = x.shape
+    width = packed.shape[1] * (2 if packed.dtype == torch.bfloat16 else 1)
+    if width != inp:  # bfloat16 pairs: an odd input width was padded with a zero column
+        x = torch.nn.functional.pad(x, (0, width - inp))
+    x = x.contiguous()
+    out = torch.empty(n, out_features, dtype=packed.dtype)
+    fn = lib.skinny_gemm_f32 if packed.dtype == torch.float32 else lib.skinny_gemm_bf16
+    fn(packed.data_ptr(), x.data_ptr(), out.data_ptr(), out_features, width, n)
     return out
 
 

@@ -64,28 +64,39 @@ static inline float score_one(const float *q, const void *kt, long cap, long D, 
     return acc;
 }
 
-static void attend_row(const float *q, const void *kt, const void *v, int bf16, long D, long cap, long start,
-                       const long *slots, long count, float scale, float *score, float *out) {
-    /* scores by rank; ranks < start are slots < start */
+#define QB 6 /* queries (rows x heads of one key/value head) sharing each key and value load */
+
+/* Scores of nq queries over the committed keys [0, start): one key vector load serves them all. */
+static void prefix_scores(const float *const *qs, long nq, const void *kt, int bf16, long D, long cap, long start,
+                          float *const *score) {
 #ifdef __AVX512F__
     for (long j = 0; j < start; j += 16) {
         __mmask16 m = start - j >= 16 ? 0xffff : (__mmask16)((1u << (start - j)) - 1);
-        __m512 acc = _mm512_setzero_ps();
-        for (long d = 0; d < D; d++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), load16(kt, d * cap + j, bf16, m), acc);
-        _mm512_mask_storeu_ps(score + j, m, acc);
+        __m512 acc[QB];
+        for (long i = 0; i < QB; i++)
+            acc[i] = _mm512_setzero_ps();
+        for (long d = 0; d < D; d++) {
+            __m512 k = load16(kt, d * cap + j, bf16, m);
+            for (long i = 0; i < QB; i++)
+                if (i < nq)
+                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qs[i][d]), k, acc[i]);
+        }
+        for (long i = 0; i < QB; i++)
+            if (i < nq)
+                _mm512_mask_storeu_ps(score[i] + j, m, acc[i]);
     }
 #else
-    for (long j = 0; j < start; j++)
-        score[j] = score_one(q, kt, cap, D, j, bf16);
+    for (long i = 0; i < nq; i++)
+        for (long j = 0; j < start; j++)
+            score[i][j] = score_one(qs[i], kt, cap, D, j, bf16);
 #endif
-    for (long k = start; k < count; k++)
-        score[k] = score_one(q, kt, cap, D, slots[k - start], bf16);
+}
 
+/* score[k] <- exp(score[k] * scale - max) over the ranks; returns their sum. */
+static float softmax_numerators(float *score, long count, float scale) {
     float max = -INFINITY;
     for (long k = 0; k < count; k++)
         max = score[k] * scale > max ? score[k] * scale : max;
-    float sum;
 #ifdef __AVX512F__
     __m512 vsum = _mm512_setzero_ps();
     for (long k = 0; k < count; k += 16) {
@@ -96,55 +107,112 @@ static void attend_row(const float *q, const void *kt, const void *v, int bf16, 
         _mm512_mask_storeu_ps(score + k, m, p);
         vsum = _mm512_add_ps(vsum, p);
     }
-    sum = _mm512_reduce_add_ps(vsum);
+    return _mm512_reduce_add_ps(vsum);
 #else
-    sum = 0.0f;
+    float sum = 0.0f;
     for (long k = 0; k < count; k++) {
         score[k] = expf(score[k] * scale - max);
         sum += score[k];
     }
+    return sum;
 #endif
-    for (long d = 0; d < D; d++)
-        out[d] = 0.0f;
-    for (long k = 0; k < count; k++) {
-        long slot = k < start ? k : slots[k - start];
-        float p = score[k];
+}
+
+/* out[i] = sum over ranks of p[i][rank] * value[slot(rank)], in rank order: the committed rows
+ * (shared by the nq queries, one value load for all), then each query's own new rows. */
+static void weighted_values(long nq, const void *v, int bf16, long D, long start, float *const *p,
+                            const long *const *slots, const long *counts, float *const *out) {
 #ifdef __AVX512F__
-        for (long d = 0; d < D; d += 16) {
-            __m512 o = _mm512_loadu_ps(out + d);
-            o = _mm512_fmadd_ps(_mm512_set1_ps(p), load16(v, slot * D + d, bf16, 0xffff), o);
-            _mm512_storeu_ps(out + d, o);
+    for (long d0 = 0; d0 < D; d0 += 64) { /* 4 vectors of 16 dims per query stay in registers */
+        __mmask16 m[4];
+        for (long c = 0; c < 4; c++) {
+            long left = D - d0 - 16 * c;
+            m[c] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
         }
-#else
-        for (long d = 0; d < D; d++)
-            out[d] = fmaf(p, load_scalar(v, slot * D + d, bf16), out[d]);
-#endif
+        __m512 acc[QB][4];
+        for (long i = 0; i < QB; i++)
+            for (long c = 0; c < 4; c++)
+                acc[i][c] = _mm512_setzero_ps();
+        for (long k = 0; k < start; k++) {
+            __m512 val[4];
+            for (long c = 0; c < 4; c++)
+                val[c] = load16(v, k * D + d0 + 16 * c, bf16, m[c]);
+            for (long i = 0; i < QB; i++)
+                if (i < nq) {
+                    __m512 w = _mm512_set1_ps(p[i][k]);
+                    for (long c = 0; c < 4; c++)
+                        acc[i][c] = _mm512_fmadd_ps(w, val[c], acc[i][c]);
+                }
+        }
+        for (long i = 0; i < QB; i++)
+            if (i < nq) {
+                for (long k = start; k < counts[i]; k++) {
+                    __m512 w = _mm512_set1_ps(p[i][k]);
+                    for (long c = 0; c < 4; c++)
+                        acc[i][c] = _mm512_fmadd_ps(w, load16(v, slots[i][k - start] * D + d0 + 16 * c, bf16, m[c]), acc[i][c]);
+                }
+                for (long c = 0; c < 4; c++)
+                    _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], acc[i][c]);
+            }
     }
-    float inv = 1.0f / sum;
-    for (long d = 0; d < D; d++)
-        out[d] *= inv;
+#else
+    for (long i = 0; i < nq; i++) {
+        for (long d = 0; d < D; d++)
+            out[i][d] = 0.0f;
+        for (long k = 0; k < counts[i]; k++) {
+            long slot = k < start ? k : slots[i][k - start];
+            for (long d = 0; d < D; d++)
+                out[i][d] = fmaf(p[i][k], load_scalar(v, slot * D + d, bf16), out[i][d]);
+        }
+    }
+#endif
 }
 
 /* q, out: [n, heads, D] float32; kt: [kv_heads, D, cap]; v: [kv_heads, cap, D] (bf16 when bf16 != 0);
- * mask: [n, n] bytes (row r may see new row c) or NULL for causal. D must be a multiple of 16. */
+ * mask: [n, n] bytes (row r may see new row c) or NULL for causal. */
 void attention(const float *q, const void *kt, const void *v, int bf16, const uint8_t *mask, float *out, long n,
                long heads, long kv_heads, long D, long cap, long start, float scale) {
     long group = heads / kv_heads, elem = bf16 ? 2 : 4;
+    /* Queries of one kv head in blocks of qb; a single query each when there are few, so that
+     * both cores get work. The block size changes the speed only, never a result. */
+    long per_head = n * group, qb = n * heads >= 4 * QB ? QB : 1, blocks = (per_head + qb - 1) / qb;
 #pragma omp parallel
     {
-        float *score = malloc(sizeof(float) * (start + n + 16));
-        long *slots = malloc(sizeof(long) * (n + 1));
+        float *score_mem = malloc(sizeof(float) * QB * (start + n + 16));
+        long *slot_mem = malloc(sizeof(long) * QB * (n + 1));
 #pragma omp for schedule(static)
-        for (long item = 0; item < n * heads; item++) {
-            long r = item / heads, h = item % heads, g = h / group, count = start;
-            for (long c = 0; c <= (mask ? n - 1 : r); c++)
-                if (!mask || mask[r * n + c])
-                    slots[count++ - start] = start + c;
+        for (long item = 0; item < kv_heads * blocks; item++) {
+            long g = item / blocks, first = (item % blocks) * qb;
+            long nq = per_head - first < qb ? per_head - first : qb;
+            const float *qs[QB];
+            float *score[QB], *outs[QB];
+            long *slots[QB], counts[QB];
             const char *kt_g = (const char *)kt + g * D * cap * elem;
             const char *v_g = (const char *)v + g * cap * D * elem;
-            attend_row(q + item * D, kt_g, v_g, bf16, D, cap, start, slots, count, scale, score, out + item * D);
+            for (long i = 0; i < nq; i++) {
+                long r = (first + i) / group, h = g * group + (first + i) % group;
+                qs[i] = q + (r * heads + h) * D;
+                outs[i] = out + (r * heads + h) * D;
+                score[i] = score_mem + i * (start + n + 16);
+                slots[i] = slot_mem + i * (n + 1);
+                counts[i] = start;
+                for (long c = 0; c <= (mask ? n - 1 : r); c++)
+                    if (!mask || mask[r * n + c])
+                        slots[i][counts[i]++ - start] = start + c;
+            }
+            prefix_scores(qs, nq, kt_g, bf16, D, cap, start, score);
+            float inv[QB];
+            for (long i = 0; i < nq; i++) {
+                for (long k = start; k < counts[i]; k++)
+                    score[i][k] = score_one(qs[i], kt_g, cap, D, slots[i][k - start], bf16);
+                inv[i] = 1.0f / softmax_numerators(score[i], counts[i], scale);
+            }
+            weighted_values(nq, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
+            for (long i = 0; i < nq; i++)
+                for (long d = 0; d < D; d++)
+                    outs[i][d] *= inv[i];
         }
-        free(score);
-        free(slots);
+        free(score_mem);
+        free(slot_mem);
     }
 }

@@ -1,13 +1,11 @@
-"""A weight matrix and the fastest kernel for y = x @ W.T at decode-step sizes.
+"""A weight matrix and the kernel for y = x @ W.T.
 
-On this CPU (2 cores, AVX-512 with bf16), `torch.nn.functional.linear` with a row-major weight
-streams it at about 10 GB/s for one row. Instead:
-  * up to SKINNY_MAX_ROWS rows (decode steps, draft trees): our skinny GEMM
-    (kernels/skinny_gemm.c), one pass over the weights, float32 or bfloat16 with float32
-    accumulation, at 27-34 GB/s;
-  * more rows (prefill chunks): `F.linear`, whose blocked GEMM reuses activations well;
-  * without a C compiler: the weight reordered once into oneDNN's blocked layout for every size
-    (22-30 GB/s for a few rows), or plain `F.linear` where oneDNN is unavailable too.
+With a C compiler (the normal case) every product runs on our packed GEMM (kernels/skinny_gemm.c):
+one pass over the weights per call, float32 or bfloat16 with float32 accumulation, and a result
+for each row that does not depend on the other rows (bitwise), for decode steps, draft trees and
+prefills alike. The weight is repacked once at load into 16-output vectors; no plain copy is kept.
+Without a compiler: the weight reordered once into oneDNN's blocked layout (22-30 GB/s for a few
+rows here), or plain `F.linear` where oneDNN is unavailable too; neither is batch-invariant.
 """
 from __future__ import annotations
 
@@ -16,12 +14,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..kernels import skinny_gemm, native_lib
+from ..kernels import native_lib, pack_weight, skinny_gemm
 
 # oneDNN picks its blocked layout for an expected number of rows; 8 serves 1 to ~16 rows best.
 _PACK_ROWS_HINT = 8
-# Beyond this many rows (long prefills) a blocked GEMM that reuses activations wins.
-SKINNY_MAX_ROWS = 80
 
 
 @functools.cache
@@ -40,18 +36,19 @@ class Linear:
     def __init__(self, weight: torch.Tensor):
         """weight: [out_features, in_features]."""
         self.out_features, self.in_features = weight.shape
-        self.skinny = native_lib() if weight.dtype in (torch.float32, torch.bfloat16) else None
-        self.packed = self.skinny is None and _onednn_usable(weight.dtype)
-        self.weight = (
-            torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS_HINT)
-            if self.packed
-            else weight.contiguous()
-        )
+        self.native = native_lib() if weight.dtype in (torch.float32, torch.bfloat16) else None
+        self.onednn = self.native is None and _onednn_usable(weight.dtype)
+        if self.native is not None:
+            self.weight = pack_weight(weight)
+        elif self.onednn:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS_HINT)
+        else:
+            self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [n, in_features] -> [n, out_features]."""
-        if self.skinny is not None and x.shape[0] <= SKINNY_MAX_ROWS:
-            return skinny_gemm(self.skinny, self.weight, x.contiguous())
-        if self.packed:
+        if self.native is not None:
+            return skinny_gemm(self.native, self.weight, self.out_features, x)
+        if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         return F.linear(x, self.weight)

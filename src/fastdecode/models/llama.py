@@ -60,7 +60,7 @@ class LlamaModel:
         sin = angles.sin()
         sin[:, : c.head_dim // 2] *= -1
         self.cos, self.sin_signed = angles.cos().to(dtype), sin.to(dtype)
-        self.native = native_lib() if c.head_dim % 16 == 0 else None
+        self.native = native_lib()
 
     def partial_head(self, token_ids: torch.Tensor) -> Linear:
         """An output head over only these tokens (logit j is token_ids[j]): a cheaper head for drafting."""
