@@ -1,4 +1,5 @@
-"""End-to-end behaviour of the decode loop on the real default model (plain `ar` decoding)."""
+"""End-to-end behaviour of the decode loop on the real default model (plain `ar` decoding;
+tests/test_methods.py runs every method)."""
 from __future__ import annotations
 
 import pytest
@@ -14,11 +15,11 @@ EOS_PROMPT = "Reply with one word: yes or no. Is the sky blue?"  # greedy: "No" 
 @pytest.fixture(scope="module")
 def greedy(llm):
     """One greedy run reused by several tests (24 tokens, or fewer if EOS comes first)."""
-    return llm.generate(PROMPT, SamplingParams(max_new_tokens=24))
+    return llm.generate(PROMPT, SamplingParams(max_new_tokens=24), method="ar")
 
 
 def test_greedy_is_deterministic(llm, greedy):
-    again = llm.generate(PROMPT, SamplingParams(max_new_tokens=24))
+    again = llm.generate(PROMPT, SamplingParams(max_new_tokens=24), method="ar")
     assert again.token_ids == greedy.token_ids
     assert again.text == greedy.text
     assert greedy.text.strip()
@@ -36,21 +37,21 @@ def test_result_fields_are_consistent(llm, greedy):
 
 
 def test_length_finish(llm, greedy):
-    result = llm.generate(PROMPT, SamplingParams(max_new_tokens=5))
+    result = llm.generate(PROMPT, SamplingParams(max_new_tokens=5), method="ar")
     assert result.finish_reason == "length"
     assert result.num_generated_tokens == 5
     assert result.token_ids == greedy.token_ids[:5]  # a shorter budget is a prefix of the longer run
 
 
 def test_single_token(llm, greedy):
-    result = llm.generate(PROMPT, SamplingParams(max_new_tokens=1))
+    result = llm.generate(PROMPT, SamplingParams(max_new_tokens=1), method="ar")
     assert result.finish_reason == "length"
     assert result.token_ids == greedy.token_ids[:1]
     assert result.stats.forward_passes == 1  # the prefill produces the first token
 
 
 def test_eos_finish(llm):
-    result = llm.generate(EOS_PROMPT, SamplingParams(max_new_tokens=16))
+    result = llm.generate(EOS_PROMPT, SamplingParams(max_new_tokens=16), method="ar")
     assert result.finish_reason == "stop"
     assert result.token_ids[-1] in llm.tokenizer.eos_ids
     assert result.num_generated_tokens < 16
@@ -61,7 +62,7 @@ def test_eos_finish(llm):
 
 
 def test_ignore_eos_runs_to_length(llm):
-    result = llm.generate(EOS_PROMPT, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    result = llm.generate(EOS_PROMPT, SamplingParams(max_new_tokens=6, ignore_eos=True), method="ar")
     assert result.finish_reason == "length"
     assert result.num_generated_tokens == 6
     assert "<|im_end|>" not in result.text
@@ -80,7 +81,7 @@ def _stop_spanning_tokens(llm, result):
 
 def test_stop_string_finishes_generation(llm, greedy):
     stop, cut = _stop_spanning_tokens(llm, greedy)
-    result = llm.generate(PROMPT, SamplingParams(max_new_tokens=24, stop=[stop]))
+    result = llm.generate(PROMPT, SamplingParams(max_new_tokens=24, stop=[stop]), method="ar")
     assert result.finish_reason == "stop"
     # Generation ended at the token completing the stop string, not at max_new_tokens.
     assert result.num_generated_tokens < greedy.num_generated_tokens
@@ -90,7 +91,7 @@ def test_stop_string_finishes_generation(llm, greedy):
 
 def test_stop_string_is_cut_from_text_and_stream(llm, greedy):
     stop, cut = _stop_spanning_tokens(llm, greedy)
-    gen = llm.stream(PROMPT, SamplingParams(max_new_tokens=24, stop=[stop]))
+    gen = llm.stream(PROMPT, SamplingParams(max_new_tokens=24, stop=[stop]), method="ar")
     streamed = "".join(gen)
     result = gen.result
     assert result.text == greedy.text[:cut]
@@ -99,7 +100,7 @@ def test_stop_string_is_cut_from_text_and_stream(llm, greedy):
 
 
 def test_streaming_concatenates_to_final_text(llm, greedy):
-    gen = llm.stream(PROMPT, SamplingParams(max_new_tokens=24))
+    gen = llm.stream(PROMPT, SamplingParams(max_new_tokens=24), method="ar")
     assert gen.result is None
     pieces = list(gen)
     assert "".join(pieces) == gen.result.text == greedy.text
@@ -108,28 +109,28 @@ def test_streaming_concatenates_to_final_text(llm, greedy):
 
 def test_stream_is_incremental(llm):
     """Every piece extends what was shown before; text arrives token by token, not at the end."""
-    gen = llm.stream(PROMPT, SamplingParams(max_new_tokens=8))
+    gen = llm.stream(PROMPT, SamplingParams(max_new_tokens=8), method="ar")
     shown = ""
     for piece in gen:
         shown += piece
         assert gen.result is None  # the result exists only once iteration ends
     text = gen.result.text
     assert shown == text
-    pieces = list(llm.stream(PROMPT, SamplingParams(max_new_tokens=8)))
+    pieces = list(llm.stream(PROMPT, SamplingParams(max_new_tokens=8), method="ar"))
     assert len([p for p in pieces if p]) >= gen.result.num_generated_tokens // 2
 
 
 def test_sampling_seeded(llm):
     params = lambda seed: SamplingParams(temperature=1.0, seed=seed, max_new_tokens=12)  # noqa: E731
-    a = llm.generate("Tell me a story.", params(1))
-    b = llm.generate("Tell me a story.", params(1))
-    c = llm.generate("Tell me a story.", params(2))
+    a = llm.generate("Tell me a story.", params(1), method="ar")
+    b = llm.generate("Tell me a story.", params(1), method="ar")
+    c = llm.generate("Tell me a story.", params(2), method="ar")
     assert a.token_ids == b.token_ids and a.text == b.text
     assert a.token_ids != c.token_ids
 
 
 def test_sampling_with_top_k_one_equals_greedy(llm, greedy):
-    result = llm.generate(PROMPT, SamplingParams(temperature=0.8, top_k=1, seed=3, max_new_tokens=10))
+    result = llm.generate(PROMPT, SamplingParams(temperature=0.8, top_k=1, seed=3, max_new_tokens=10), method="ar")
     assert result.token_ids == greedy.token_ids[:10]
 
 
@@ -176,13 +177,13 @@ def test_empty_prompt_raises(llm):
 def test_unknown_method(llm):
     with pytest.raises(FastDecodeError, match="unknown method 'nope'.*ar"):
         llm.generate("hi", SamplingParams(max_new_tokens=2), method="nope")
-    with pytest.raises(FastDecodeError, match="does not take"):
+    with pytest.raises(FastDecodeError, match="has no option 'depth'"):
         llm.generate("hi", SamplingParams(max_new_tokens=2), method="ar", depth=3)
 
 
 def test_raw_and_chat_prompts(llm):
-    raw = llm.generate("hi", SamplingParams(max_new_tokens=2), raw=True)
-    chat = llm.generate("hi", SamplingParams(max_new_tokens=2))
+    raw = llm.generate("hi", SamplingParams(max_new_tokens=2), raw=True, method="ar")
+    chat = llm.generate("hi", SamplingParams(max_new_tokens=2), method="ar")
     assert raw.num_prompt_tokens == len(llm.tokenizer.encode("hi"))
     assert chat.num_prompt_tokens == len(llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}]))
     assert raw.num_prompt_tokens < chat.num_prompt_tokens
@@ -191,7 +192,7 @@ def test_raw_and_chat_prompts(llm):
     with pytest.raises(FastDecodeError, match="raw"):
         llm.prompt_ids(messages, raw=True)
     with pytest.raises(FastDecodeError):
-        llm.generate([], SamplingParams(max_new_tokens=2))
+        llm.generate([], SamplingParams(max_new_tokens=2), method="ar")
 
 
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])

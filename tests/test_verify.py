@@ -131,6 +131,16 @@ def test_best_subtree_keeps_likely_nodes_and_their_ancestors():
     assert (kept.tokens, kept.parents) == ([7], [-1])  # node 6 cannot come without its parent
 
 
+def test_best_subtree_keeps_what_the_drafter_needs():
+    tree = DraftTree([1, 2, 3, 4], [-1, 0, -1, 2], scores=[0.9, 0.8, 0.001, 0.001], keep=[False, False, False, True])
+    steep = CostCurve([1, 2, 3, 4], [0.010, 0.0101, 0.030, 0.300])
+    kept = best_subtree(tree, steep)
+    assert kept.tokens == [3, 4] and kept.parents == [-1, 0]  # the kept leaf and its parent only
+    assert kept.keep == [False, True]
+    relaxed = best_subtree(tree, CURVE)
+    assert relaxed.tokens == [1, 2, 3, 4]
+
+
 def test_best_subtree_drops_a_hopeless_draft_and_keeps_a_tree_without_scores():
     hopeless = DraftTree.chain([1, 2, 3])
     hopeless.scores = [0.001, 0.0005, 0.0001]

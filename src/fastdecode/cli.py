@@ -114,11 +114,13 @@ def _parse_value(text: str):
 
 def _load(args):
     from .api import LLM
-    from .drafters import check_method
+    from .drafters import METHODS, check_method, make_drafter
 
     params = _sampling_params(args)  # validate everything before the slow part
     args.options = _method_options(args)
     check_method(args.method, args.options)
+    if not getattr(METHODS[args.method], "needs_target", False):
+        make_drafter(args.method, **args.options)  # option values too
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype)
     llm.drafter(args.method, **args.options)  # a draft model loads (and is checked) now
@@ -218,7 +220,7 @@ def _calibrate(args) -> int:
         raise FastDecodeError("--repeats must be at least 1")
     loaded = load(args.model, args.dtype)
     with tqdm(total=len(cost_curve.FULL_SIZES), desc="forward sizes", unit="size", file=sys.stderr) as bar:
-        curve = cost_curve.measure(loaded.model, repeats=args.repeats, progress=lambda n: bar.update())
+        curve = cost_curve.measure(loaded.model, cost_curve.FULL_SIZES, args.repeats, progress=lambda n: bar.update())
     path = cost_curve.curve_path(loaded.name, loaded.model.dtype)
     cost_curve.save(curve, path)
     print(f"{'new tokens':>10}  {'ms':>7}  {'x one token':>11}")

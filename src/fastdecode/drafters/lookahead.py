@@ -135,7 +135,7 @@ class Lookahead:
             scores.append(rate * (1.0 if parent < 0 else scores[parent]))
         scores = [max(score, floor) if i in window_nodes else score for i, score in enumerate(scores)]
         self._proposal = (child, keys, pool_nodes, ends)
-        return DraftTree(tokens, parents, scores=scores)
+        return DraftTree(tokens, parents, scores=scores, keep=[i in window_nodes for i in range(len(tokens))])
 
     def _window_floor(self, n_nodes: int) -> float:
         """The least score of a window node: its share of what the pool wins per step."""

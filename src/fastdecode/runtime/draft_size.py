@@ -8,7 +8,8 @@ m best-scored ones, with m chosen to maximise
     expected tokens per second = (1 + sum of the m best scores) / cost(m + 1)
 
 on this machine's measured cost curve (runtime/cost_curve.py). Scores never rise along a path,
-so the m best nodes always include their ancestors.
+so the m best nodes always include their ancestors. Nodes the drafter marks `keep` (and their
+ancestors) are verified in any case; the others are added to them by the same rule.
 """
 from __future__ import annotations
 
@@ -23,11 +24,18 @@ def best_subtree(tree: DraftTree, curve: CostCurve) -> DraftTree:
     scores: list[float] = []
     for parent, score in zip(tree.parents, tree.scores):  # enforce: a node is no likelier than its parent
         scores.append(min(max(score, 0.0), 1.0, scores[parent] if parent >= 0 else 1.0))
-    order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))  # a parent precedes its children
-    best_size, best_rate, expected = 0, 1.0 / curve.cost(1), 1.0
+    forced: set[int] = set()
+    for node, keep in enumerate(tree.keep or []):
+        while keep and node >= 0 and node not in forced:
+            forced.add(node)
+            node = tree.parents[node]
+    expected = 1.0 + sum(scores[i] for i in forced)
+    # A parent precedes its children in this order.
+    order = [i for i in sorted(range(len(tree)), key=lambda i: (-scores[i], i)) if i not in forced]
+    best_size, best_rate = 0, expected / curve.cost(len(forced) + 1)
     for size, node in enumerate(order, start=1):
         expected += scores[node]
-        rate = expected / curve.cost(size + 1)
+        rate = expected / curve.cost(len(forced) + size + 1)
         if rate > best_rate:
             best_size, best_rate = size, rate
-    return tree.subtree(sorted(order[:best_size]))
+    return tree.subtree(sorted(forced | set(order[:best_size])))

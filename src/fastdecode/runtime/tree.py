@@ -23,6 +23,9 @@ class DraftTree:
     # path from the root). Non-increasing along a path. The engine uses it to cut the tree to the
     # size that maximises expected tokens per second on this machine (runtime/draft_size.py).
     scores: list[float] | None = None
+    # Optional: nodes the drafter needs verified whatever their score (with their ancestors), such
+    # as lookahead's Jacobi window, whose value is the n-grams it yields for later steps.
+    keep: list[bool] | None = None
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents):
@@ -68,6 +71,7 @@ class DraftTree:
             [index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in nodes],
             None if self.draft_probs is None else self.draft_probs[nodes],
             None if self.scores is None else [self.scores[i] for i in nodes],
+            None if self.keep is None else [self.keep[i] for i in nodes],
         )
 
     def paths(self) -> list[list[int]]:
