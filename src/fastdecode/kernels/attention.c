@@ -66,12 +66,13 @@ static inline float score_one(const float *q, const void *kt, long cap, long D, 
 
 #define QB 6 /* queries (rows x heads of one key/value head) sharing each key and value load */
 
-/* Scores of nq queries over the committed keys [0, start): one key vector load serves them all. */
-static void prefix_scores(const float *const *qs, long nq, const void *kt, int bf16, long D, long cap, long start,
-                          float *const *score) {
+/* Scores of nq queries against key slots [0, span): one key vector load serves them all. A lane
+ * computes exactly what score_one computes for its slot. */
+static inline __attribute__((always_inline)) void slot_scores(const float *const *qs, long nq, const void *kt, int bf16,
+                                                              long D, long cap, long span, float *const *score) {
 #ifdef __AVX512F__
-    for (long j = 0; j < start; j += 16) {
-        __mmask16 m = start - j >= 16 ? 0xffff : (__mmask16)((1u << (start - j)) - 1);
+    for (long j = 0; j < span; j += 16) {
+        __mmask16 m = span - j >= 16 ? 0xffff : (__mmask16)((1u << (span - j)) - 1);
         __m512 acc[QB];
         for (long i = 0; i < QB; i++)
             acc[i] = _mm512_setzero_ps();
@@ -87,7 +88,7 @@ static void prefix_scores(const float *const *qs, long nq, const void *kt, int b
     }
 #else
     for (long i = 0; i < nq; i++)
-        for (long j = 0; j < start; j++)
+        for (long j = 0; j < span; j++)
             score[i][j] = score_one(qs[i], kt, cap, D, j, bf16);
 #endif
 }
@@ -120,7 +121,7 @@ static float softmax_numerators(float *score, long count, float scale) {
 
 /* out[i] = sum over ranks of p[i][rank] * value[slot(rank)], in rank order: the committed rows
  * (shared by the nq queries, one value load for all), then each query's own new rows. */
-static void weighted_values(long nq, const void *v, int bf16, long D, long start, float *const *p,
+static inline __attribute__((always_inline)) void weighted_values(long nq, const void *v, int bf16, long D, long start, float *const *p,
                             const long *const *slots, const long *counts, float *const *out) {
 #ifdef __AVX512F__
     for (long d0 = 0; d0 < D; d0 += 64) { /* 4 vectors of 16 dims per query stay in registers */
@@ -200,14 +201,28 @@ void attention(const float *q, const void *kt, const void *v, int bf16, const ui
                     if (!mask || mask[r * n + c])
                         slots[i][counts[i]++ - start] = start + c;
             }
-            prefix_scores(qs, nq, kt_g, bf16, D, cap, start, score);
+            /* constant block sizes let the compiler keep the accumulators in registers */
+            /* Scores against every slot the block may see (vectorised, shared loads), then each
+             * query's visible new rows moved into rank order (slots only grow, so in place). */
+            long span = start + (mask ? n : (first + nq - 1) / group + 1);
+            if (nq == QB)
+                slot_scores(qs, QB, kt_g, bf16, D, cap, span, score);
+            else if (nq == 1)
+                slot_scores(qs, 1, kt_g, bf16, D, cap, span, score);
+            else
+                slot_scores(qs, nq, kt_g, bf16, D, cap, span, score);
             float inv[QB];
             for (long i = 0; i < nq; i++) {
                 for (long k = start; k < counts[i]; k++)
-                    score[i][k] = score_one(qs[i], kt_g, cap, D, slots[i][k - start], bf16);
+                    score[i][k] = score[i][slots[i][k - start]];
                 inv[i] = 1.0f / softmax_numerators(score[i], counts[i], scale);
             }
-            weighted_values(nq, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
+            if (nq == QB)
+                weighted_values(QB, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
+            else if (nq == 1)
+                weighted_values(1, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
+            else
+                weighted_values(nq, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
             for (long i = 0; i < nq; i++)
                 for (long d = 0; d < D; d++)
                     outs[i][d] *= inv[i];
