@@ -49,6 +49,20 @@ def test_greedy_output_equals_plain_decoding(llm_default, plain, method, draft_f
     assert drafted > 0 and accepted > 0, f"{method} never drafted or never had a token accepted"
 
 
+@pytest.mark.parametrize("method", SPECULATIVE)
+def test_tiny_budgets_and_eos(llm_default, method, draft_folder):
+    """1 to 3 new tokens leave little or no room to draft; an early EOS ends every method alike."""
+    options = _options(method, draft_folder)
+    for n in (1, 2, 3):
+        expected = llm_default.generate(PROMPTS[0], SamplingParams(max_new_tokens=n), method="ar")
+        result = llm_default.generate(PROMPTS[0], SamplingParams(max_new_tokens=n), method=method, **options)
+        assert result.token_ids == expected.token_ids and result.finish_reason == "length"
+    eos_prompt = "Reply with one word: yes or no. Is the sky blue?"
+    expected = llm_default.generate(eos_prompt, SamplingParams(max_new_tokens=16), method="ar")
+    result = llm_default.generate(eos_prompt, SamplingParams(max_new_tokens=16), method=method, **options)
+    assert result.token_ids == expected.token_ids and result.finish_reason == expected.finish_reason == "stop"
+
+
 # A prompt that invites drafting from the first steps (its text repeats), sampled at a temperature
 # with top-k so that the first three tokens fall into at most 27 categories.
 SAMPLING_PROMPT = "red green blue red green blue red green blue red green"

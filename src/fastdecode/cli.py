@@ -202,8 +202,7 @@ def _methods(args) -> int:
 
     for name, cls in METHODS.items():
         label = "lossless" if cls.lossless else "LOSSY: output may differ from plain decoding"
-        summary = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<11}{label:<10}{summary}")
+        print(f"{name:<11}{label:<10}{cls.summary}")
         options = method_options(name)
         if options:
             print(f"{'':<21}options: {', '.join(options)}")

@@ -16,11 +16,12 @@ from ..errors import FastDecodeError
 from ..runtime.tree import DraftTree
 from .base import DecodeState, StepResult
 
-DEFAULT_MEMBERS = ("ngram", "suffix", "recycling")
+DEFAULT_MEMBERS = ("ngram", "suffix")
 
 
 class Auto:
     name = "auto"
+    summary = "the default: ngram, suffix and recycling trees merged into one verified tree"
     lossless = True
 
     def __init__(self, members: str | list[str] = DEFAULT_MEMBERS):

@@ -7,6 +7,7 @@ from .base import DecodeState, StepResult
 
 class Autoregressive:
     name = "ar"
+    summary = "plain autoregressive decoding: drafts nothing (the baseline)"
     lossless = True
 
     def begin(self, prompt_ids: list[int]) -> None:

@@ -6,10 +6,11 @@ reports back what was accepted. A drafter never touches the verifier, the cache 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
+from ..errors import FastDecodeError
 from ..models.llama import LlamaModel
 from ..runtime.kv_cache import KVCache
 from ..runtime.sampling import SamplingParams
@@ -46,8 +47,24 @@ class StepResult:
     logits: torch.Tensor  # [len(tree) + 1, vocab] target logits of the verify rows
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_options(method: str, checks: list[tuple[Callable[[], bool], str]]) -> None:
+    """Raise a clear error for the first failed check (checks run in order, lazily)."""
+    for ok, message in checks:
+        if not ok():
+            raise FastDecodeError(f"{method}: {message}")
+
+
 class Drafter(Protocol):
     name: str
+    summary: str  # one line for `fastdecode methods`
     lossless: bool  # False: its output may differ from plain decoding (labelled wherever chosen)
 
     def begin(self, prompt_ids: list[int]) -> None:

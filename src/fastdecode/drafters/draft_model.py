@@ -96,6 +96,7 @@ class Calibration:
 
 class DraftModel:
     name = "draft"
+    summary = "a separate draft model with the same tokenizer (--draft-model)"
     lossless = True
     needs_target = True
 

@@ -21,28 +21,27 @@ import time
 
 import torch
 
-from ..errors import FastDecodeError
 from ..runtime.sampling import target_probabilities
 from ..runtime.tree import DraftTree
-from .base import DecodeState, StepResult
+from .base import DecodeState, StepResult, check_options, is_int, is_number
 
 KEEP_EDGE = 2  # the first and last layers are never skipped: drafts without them are useless
 
 
 class LayerSkip:
     name = "layerskip"
+    summary = "self-speculation with a subset of the model's own layers (no extra weights)"
     lossless = True
 
     def __init__(self, max_depth: int = 6, min_confidence: float = 0.5, skip: float = 0.4,
                  draft_vocab: int = 8192, trial_steps: int = 12, adapt: bool = True):
-        if not (isinstance(max_depth, int) and max_depth >= 1):
-            raise FastDecodeError("layerskip: max_depth must be an integer >= 1")
-        if not 0 <= min_confidence < 1:
-            raise FastDecodeError("layerskip: min_confidence must be in [0, 1)")
-        if not 0 < skip < 1:
-            raise FastDecodeError("layerskip: skip (the fraction of middle layers skipped at first) must be in (0, 1)")
-        if not (isinstance(draft_vocab, int) and draft_vocab >= 1):
-            raise FastDecodeError("layerskip: draft_vocab must be an integer >= 1")
+        check_options("layerskip", [
+            (lambda: is_int(max_depth) and max_depth >= 1, "max_depth must be an integer >= 1"),
+            (lambda: is_number(min_confidence) and 0 <= min_confidence < 1, "min_confidence must be in [0, 1)"),
+            (lambda: is_number(skip) and 0 < skip < 1, "skip (the fraction of middle layers skipped at first) must be in (0, 1)"),
+            (lambda: is_int(draft_vocab) and draft_vocab >= 1, "draft_vocab must be an integer >= 1"),
+            (lambda: is_int(trial_steps) and trial_steps >= 1, "trial_steps must be an integer >= 1"),
+        ])
         self.max_depth, self.min_confidence, self.skip = max_depth, min_confidence, skip
         self.draft_vocab, self.trial_steps, self.adapt = draft_vocab, trial_steps, adapt
         self.best: frozenset[int] | None = None  # skipped layers, kept across requests
@@ -55,6 +54,7 @@ class LayerSkip:
         self.prompt_ids = prompt_ids
         self.head = None  # built at the first step, when the model is known
         self.generator = None
+        self.step_start = None
 
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         self.step_start = time.perf_counter()
@@ -97,11 +97,12 @@ class LayerSkip:
         return tree
 
     def observe(self, result: StepResult) -> None:
-        if not self.adapt:
+        if not self.adapt or self.step_start is None:  # no proposal this step (no room left)
             return
         self._tokens += len(result.new_tokens)
         self._seconds += time.perf_counter() - self.step_start
         self._steps += 1
+        self.step_start = None
         if self._steps < self.trial_steps:
             return
         rate = self._tokens / self._seconds

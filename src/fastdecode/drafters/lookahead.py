@@ -55,6 +55,7 @@ def _is_int(value) -> bool:
 
 class Lookahead:
     name = "lookahead"
+    summary = "Jacobi lookahead: a window of guesses refined each step, harvested n-grams proposed"
     lossless = True
 
     def __init__(self, window: int = 4, ngram: int = 4, max_candidates: int = 4,

@@ -15,10 +15,9 @@ less supported alternative (see acceptance.py); the statistics persist across re
 """
 from __future__ import annotations
 
-from ..errors import FastDecodeError
 from ..runtime.tree import DraftTree
 from .acceptance import AcceptanceTable, ordered_tree
-from .base import DecodeState, StepResult
+from .base import DecodeState, StepResult, check_options, is_int, is_number
 
 UNANIMOUS, LEADING, ALTERNATIVE = 0, 1, 2
 PRIOR = {UNANIMOUS: 0.7, LEADING: 0.5, ALTERNATIVE: 0.2}  # guesses until statistics come in
@@ -57,23 +56,18 @@ class NGramIndex:
 
 class NGram:
     name = "ngram"
+    summary = "prompt lookup generalised: continuations of the longest earlier n-gram match, as a tree"
     lossless = True
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, max_matches: int = 8, max_depth: int = 16,
                  min_score: float = 0.02):
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not (is_int(min_ngram) and min_ngram >= 1):
-            raise FastDecodeError("ngram: min_ngram must be an integer >= 1")
-        if not (is_int(max_ngram) and max_ngram >= min_ngram):
-            raise FastDecodeError("ngram: max_ngram must be an integer >= min_ngram")
-        if not (is_int(max_matches) and max_matches >= 1):
-            raise FastDecodeError("ngram: max_matches must be an integer >= 1")
-        if not (is_int(max_depth) and max_depth >= 1):
-            raise FastDecodeError("ngram: max_depth must be an integer >= 1")
-        if not (isinstance(min_score, (int, float)) and 0 <= min_score < 1):
-            raise FastDecodeError("ngram: min_score must be in [0, 1)")
+        check_options("ngram", [
+            (lambda: is_int(min_ngram) and min_ngram >= 1, "min_ngram must be an integer >= 1"),
+            (lambda: is_int(max_ngram) and max_ngram >= min_ngram, "max_ngram must be an integer >= min_ngram"),
+            (lambda: is_int(max_matches) and max_matches >= 1, "max_matches must be an integer >= 1"),
+            (lambda: is_int(max_depth) and max_depth >= 1, "max_depth must be an integer >= 1"),
+            (lambda: is_number(min_score) and 0 <= min_score < 1, "min_score must be in [0, 1)"),
+        ])
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_matches, self.max_depth, self.min_score = max_matches, max_depth, min_score
         self.stats = AcceptanceTable()  # kept across requests

@@ -68,6 +68,7 @@ TEMPLATE = build_template(MAX_TREE_SIZE)  # static shape; a tree_size option tak
 
 class TokenRecycling:
     name = "recycling"
+    summary = "Token Recycling: each token's top successors from earlier logits, along a tree template"
     lossless = True
 
     def __init__(self, tree_size: int = DEFAULT_TREE_SIZE):

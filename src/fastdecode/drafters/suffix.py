@@ -22,10 +22,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from ..errors import FastDecodeError
 from ..runtime.tree import DraftTree
 from .acceptance import AcceptanceTable, ordered_tree
-from .base import DecodeState, StepResult
+from .base import DecodeState, StepResult, check_options, is_int, is_number
 
 
 class SuffixTrie:
@@ -142,23 +141,18 @@ def _prior(prob: float, support: int, context: int) -> float:
 
 class SuffixDecoding:
     name = "suffix"
+    summary = "frequency-weighted continuations from a suffix trie over this and earlier requests"
     lossless = True
 
     def __init__(self, max_depth: int = 24, max_match: int = 8, max_children: int = 4,
                  max_history_tokens: int = 16384, min_score: float = 0.02):
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not (is_int(max_depth) and max_depth >= 2):
-            raise FastDecodeError("suffix: max_depth must be an integer >= 2")
-        if not (is_int(max_match) and 1 <= max_match < max_depth):
-            raise FastDecodeError("suffix: max_match must be an integer in [1, max_depth)")
-        if not (is_int(max_children) and max_children >= 1):
-            raise FastDecodeError("suffix: max_children must be an integer >= 1")
-        if not (is_int(max_history_tokens) and max_history_tokens >= 0):
-            raise FastDecodeError("suffix: max_history_tokens must be an integer >= 0")
-        if not (isinstance(min_score, (int, float)) and 0 <= min_score < 1):
-            raise FastDecodeError("suffix: min_score must be in [0, 1)")
+        check_options("suffix", [
+            (lambda: is_int(max_depth) and max_depth >= 2, "max_depth must be an integer >= 2"),
+            (lambda: is_int(max_match) and 1 <= max_match < max_depth, "max_match must be an integer in [1, max_depth)"),
+            (lambda: is_int(max_children) and max_children >= 1, "max_children must be an integer >= 1"),
+            (lambda: is_int(max_history_tokens) and max_history_tokens >= 0, "max_history_tokens must be an integer >= 0"),
+            (lambda: is_number(min_score) and 0 <= min_score < 1, "min_score must be in [0, 1)"),
+        ])
         self.max_depth, self.max_match, self.max_children = max_depth, max_match, max_children
         self.max_history_tokens, self.min_score = max_history_tokens, min_score
         self.trie = SuffixTrie(max_depth)
