@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench spec-bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: install
 
 bench: install
 	$(PY) benchmarks/ar_vs_transformers.py
+
+# Every method on Spec-Bench (10 questions per task group, 256 new tokens): about 25 minutes here.
+spec-bench: install
+	$(PY) benchmarks/spec_bench.py --markdown
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,7 +1,10 @@
 """The Drafter protocol: what a decoding method implements (one file per method).
 
 A drafter sees the text so far and proposes a DraftTree; the engine verifies it in one forward and
-reports back what was accepted. A drafter never touches the verifier, the cache or the engine.
+reports back what was accepted. A drafter never touches the verifier or the engine; only
+self-speculation (layerskip) runs the target model, into cache rows the verify forward overwrites.
+Nodes carry optional scores (estimated acceptance, used to size the tree on this machine's cost
+curve), draft probabilities (exact sampling) and keep marks (see runtime/tree.py).
 """
 from __future__ import annotations
 
