@@ -14,7 +14,17 @@ from .ngram import NGram
 from .recycling import TokenRecycling
 from .suffix import SuffixDecoding
 
-METHODS = {"ar": Autoregressive, "ngram": NGram, "suffix": SuffixDecoding, "recycling": TokenRecycling, "lookahead": Lookahead, "layerskip": LayerSkip, "draft": DraftModel, "auto": Auto}
+# Every method is lossless (class attribute `lossless`); `auto` is the default of the CLI and API.
+METHODS = {
+    "ar": Autoregressive,
+    "ngram": NGram,
+    "suffix": SuffixDecoding,
+    "recycling": TokenRecycling,
+    "lookahead": Lookahead,
+    "layerskip": LayerSkip,
+    "draft": DraftModel,
+    "auto": Auto,
+}
 
 
 def method_options(method: str) -> list[str]:
