@@ -11,6 +11,8 @@ from fastdecode.drafters.lookahead import MIN_WINDOW_SCORE, POOL_PER_TOKEN, Look
 from fastdecode.errors import FastDecodeError
 from fastdecode.runtime.tree import DraftTree
 
+from prompts import FOX, SEASONS
+
 VOCAB = 40
 A, B, C, D, E, F, G, H, I = range(10, 19)  # noqa: E741  window tokens
 ROOT = 1
@@ -158,12 +160,7 @@ def test_invalid_options(options, match):
 
 # ---- the real model ------------------------------------------------------------------------------
 
-PARAGRAPH = (
-    "The quick brown fox jumps over the lazy dog. The dog did not move, because it was asleep in the "
-    "warm afternoon sun. Later, the fox came back with three friends, and together they ran across the field."
-)
-REPEAT = f"Repeat the following paragraph exactly, word for word:\n\n{PARAGRAPH}"
-QUESTION = "What are the main causes of the seasons on Earth? Explain briefly."
+REPEAT, QUESTION = FOX, SEASONS
 
 
 @pytest.fixture(scope="module")

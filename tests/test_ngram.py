@@ -11,6 +11,8 @@ from fastdecode.drafters.base import DecodeState, StepResult
 from fastdecode.drafters.ngram import ALTERNATIVE, LEADING, PRIOR, NGram, NGramIndex
 from fastdecode.errors import FastDecodeError
 
+from prompts import EXERCISE, LIGHTHOUSE, ar_answers_fixture
+
 TOKENS = [1, 2, 3, 1, 2, 4, 1, 2]  # "1 2" was followed by 3, then by 4
 
 
@@ -125,19 +127,9 @@ def test_unknown_option():
 
 # --- the real model -------------------------------------------------------------------------------
 
-PARAGRAPH = (
-    "The old lighthouse stood at the edge of the cliff, its white paint peeling after decades of salt "
-    "wind. Every night the keeper climbed the spiral stairs, trimmed the wick, and watched the beam "
-    "sweep across the dark water."
-)
-REPEAT = f"Repeat the following paragraph exactly, word for word:\n\n{PARAGRAPH}"
-QUESTION = "What are three benefits of regular exercise?"
+REPEAT, QUESTION = LIGHTHOUSE, EXERCISE
 PARAMS = SamplingParams(max_new_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def reference(llm):
-    return {prompt: llm.generate(prompt, PARAMS, method="ar") for prompt in (REPEAT, QUESTION)}
+reference = ar_answers_fixture(REPEAT, QUESTION, PARAMS)
 
 
 @pytest.mark.slow

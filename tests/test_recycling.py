@@ -12,6 +12,8 @@ from fastdecode.errors import FastDecodeError
 from fastdecode.runtime.tree import DraftTree
 from fastdecode.runtime.verify import verify_greedy
 
+from prompts import FOX, SEASONS
+
 VOCAB = 20
 # A fake target whose ranking of the next token depends on the last token only: ORDERS[t] best first.
 ORDERS = {
@@ -169,12 +171,7 @@ def test_unknown_option_is_a_clear_error():
 
 # ---- the real model ------------------------------------------------------------------------------
 
-PARAGRAPH = (
-    "The quick brown fox jumps over the lazy dog. The dog did not move, because it was asleep in the "
-    "warm afternoon sun. Later, the fox came back with three friends, and together they ran across the field."
-)
-REPEAT = f"Repeat the following paragraph exactly, word for word:\n\n{PARAGRAPH}"
-QUESTION = "What are the main causes of the seasons on Earth? Explain briefly."
+REPEAT, QUESTION = FOX, SEASONS
 
 
 def checked(drafter: TokenRecycling) -> TokenRecycling:
