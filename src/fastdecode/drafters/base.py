@@ -50,14 +50,6 @@ class StepResult:
     logits: torch.Tensor  # [len(tree) + 1, vocab] target logits of the verify rows
 
 
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_options(method: str, checks: list[tuple[Callable[[], bool], str]]) -> None:
     """Raise a clear error for the first failed check (checks run in order, lazily)."""
     for ok, message in checks:

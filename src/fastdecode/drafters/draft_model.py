@@ -27,9 +27,9 @@ import torch
 
 from ..errors import FastDecodeError
 from ..models.loader import load
-from ..runtime.sampling import target_probabilities
+from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
-from .base import DecodeState, StepResult, Target
+from .base import DecodeState, StepResult, Target, check_options
 
 PREFILL_CHUNK = 512  # as in the engine: bounds attention memory for long prompts
 HEADROOM = 256  # extra cache rows allocated at a time, so the cache rarely grows
@@ -107,11 +107,10 @@ class DraftModel:
                 "method 'draft' needs the option draft_model: a registered model name, a .gguf file "
                 "or a Hugging Face checkpoint folder of a smaller model with the target's tokenizer"
             )
-        if not (isinstance(max_depth, int) and not isinstance(max_depth, bool) and max_depth >= 1):
-            raise FastDecodeError("draft: max_depth must be an integer >= 1")
-        if not (isinstance(min_confidence, (int, float)) and not isinstance(min_confidence, bool)
-                and 0 <= min_confidence < 1):
-            raise FastDecodeError("draft: min_confidence must be a number in [0, 1)")
+        check_options("draft", [
+            (lambda: is_int(max_depth) and max_depth >= 1, "max_depth must be an integer >= 1"),
+            (lambda: is_number(min_confidence) and 0 <= min_confidence < 1, "min_confidence must be a number in [0, 1)"),
+        ])
         loaded = load(draft_model, target.model.dtype)
         self.model = loaded.model
         width, target_width = self.model.lm_head.out_features, target.model.lm_head.out_features  # logits widths

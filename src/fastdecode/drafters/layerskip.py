@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from ..runtime.sampling import target_probabilities
+from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
-from .base import DecodeState, StepResult, check_options, is_int, is_number
+from .base import DecodeState, StepResult, check_options
 
 KEEP_EDGE = 2  # the first and last layers are never skipped: drafts without them are useless
 

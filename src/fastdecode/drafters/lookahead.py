@@ -37,20 +37,16 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 
-from ..errors import FastDecodeError
+from ..runtime.sampling import is_int, is_number
 from ..runtime.tree import DraftTree
 from .acceptance import AcceptanceTable
-from .base import DecodeState, StepResult
+from .base import DecodeState, StepResult, check_options
 
 POOL_PER_TOKEN = 16  # n-grams kept per first token (the paper keeps about W per token)
 POOL_MAX = 50_000  # n-grams in the whole pool; the first tokens harvested longest ago go first
 POOL_PRIOR, WINDOW_PRIOR = 0.5, 0.1  # guesses of P(accepted | parent accepted) before any data
 GAIN_DECAY = 0.9  # running mean of the pool's accepted tokens per step
 MIN_WINDOW_SCORE = 0.02
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Lookahead:
@@ -60,19 +56,15 @@ class Lookahead:
 
     def __init__(self, window: int = 4, ngram: int = 4, max_candidates: int = 4,
                  window_score: float | None = None, seed: int = 0):
-        checks = [
-            (_is_int(window) and 1 <= window <= 32, f"window must be an integer in [1, 32], got {window!r}"),
-            (_is_int(ngram) and 2 <= ngram <= 16, f"ngram must be an integer in [2, 16], got {ngram!r}"),
-            (_is_int(max_candidates) and 0 <= max_candidates <= 32,
+        check_options("lookahead", [
+            (lambda: is_int(window) and 1 <= window <= 32, f"window must be an integer in [1, 32], got {window!r}"),
+            (lambda: is_int(ngram) and 2 <= ngram <= 16, f"ngram must be an integer in [2, 16], got {ngram!r}"),
+            (lambda: is_int(max_candidates) and 0 <= max_candidates <= 32,
              f"max_candidates must be an integer in [0, 32], got {max_candidates!r}"),
-            (window_score is None or (isinstance(window_score, (int, float)) and not isinstance(window_score, bool)
-                                      and 0 <= window_score <= 1),
+            (lambda: window_score is None or (is_number(window_score) and 0 <= window_score <= 1),
              f"window_score must be None or a number in [0, 1], got {window_score!r}"),
-            (_is_int(seed), f"seed must be an integer, got {seed!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise FastDecodeError(f"lookahead: {message}")
+            (lambda: is_int(seed), f"seed must be an integer, got {seed!r}"),
+        ])
         self.window, self.ngram, self.max_candidates = window, ngram, max_candidates
         self.window_score, self.seed = window_score, seed
         self.pool: dict[int, OrderedDict[tuple[int, ...], None]] = {}  # first token -> continuations

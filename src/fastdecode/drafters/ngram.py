@@ -15,9 +15,10 @@ less supported alternative (see acceptance.py); the statistics persist across re
 """
 from __future__ import annotations
 
+from ..runtime.sampling import is_int, is_number
 from ..runtime.tree import DraftTree
 from .acceptance import AcceptanceTable, ordered_tree
-from .base import DecodeState, StepResult, check_options, is_int, is_number
+from .base import DecodeState, StepResult, check_options
 
 UNANIMOUS, LEADING, ALTERNATIVE = 0, 1, 2
 PRIOR = {UNANIMOUS: 0.7, LEADING: 0.5, ALTERNATIVE: 0.2}  # guesses until statistics come in

@@ -25,10 +25,10 @@ import heapq
 
 import torch
 
-from ..errors import FastDecodeError
+from ..runtime.sampling import is_int
 from ..runtime.tree import DraftTree
 from .acceptance import AcceptanceTable
-from .base import DecodeState, StepResult
+from .base import DecodeState, StepResult, check_options
 
 TOP_K = 8  # successors kept per token (columns of the adjacency matrix); the paper uses 8
 # Prior probability that the rank-j successor is accepted, given its parent was: the template grows
@@ -72,8 +72,10 @@ class TokenRecycling:
     lossless = True
 
     def __init__(self, tree_size: int = DEFAULT_TREE_SIZE):
-        if not isinstance(tree_size, int) or isinstance(tree_size, bool) or not 1 <= tree_size <= MAX_TREE_SIZE:
-            raise FastDecodeError(f"recycling: tree_size must be an integer in [1, {MAX_TREE_SIZE}], got {tree_size!r}")
+        check_options("recycling", [
+            (lambda: is_int(tree_size) and 1 <= tree_size <= MAX_TREE_SIZE,
+             f"tree_size must be an integer in [1, {MAX_TREE_SIZE}], got {tree_size!r}"),
+        ])
         self.template = TEMPLATE[:tree_size]
         self.adjacency: torch.Tensor | None = None  # [vocab, TOP_K] int32, -1 = unknown; made on first observe
         self.stats = AcceptanceTable()  # keyed by template position; kept across requests

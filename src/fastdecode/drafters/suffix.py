@@ -22,9 +22,10 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
+from ..runtime.sampling import is_int, is_number
 from ..runtime.tree import DraftTree
 from .acceptance import AcceptanceTable, ordered_tree
-from .base import DecodeState, StepResult, check_options, is_int, is_number
+from .base import DecodeState, StepResult, check_options
 
 
 class SuffixTrie:

@@ -29,12 +29,12 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (_is_number(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
-            (_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
-            (_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
-            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed must be an integer in [0, 2**63)"),
+            (is_number(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
+            (is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), "seed must be an integer in [0, 2**63)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
         ]
         for ok, message in checks:
@@ -46,11 +46,12 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
+    """A real number (not a bool, not NaN)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
