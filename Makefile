@@ -27,9 +27,10 @@ test: install
 bench: install
 	$(PY) benchmarks/ar_vs_transformers.py
 
-# Every method on Spec-Bench (10 questions per task group, 256 new tokens): about 25 minutes here.
+# Every method and every installed peer engine on Spec-Bench (10 questions per task group, 256 new
+# tokens, reports and plots in bench-spec-bench/): about 75 minutes here.
 spec-bench: install
-	$(PY) benchmarks/spec_bench.py --markdown
+	$(VENV)/bin/fastdecode bench --questions spec-bench --per-group 10 --out bench-spec-bench --overwrite
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

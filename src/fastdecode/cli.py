@@ -1,4 +1,4 @@
-"""`fastdecode generate | chat | models | methods | calibrate`. Results go to stdout; loading messages, progress and
+"""`fastdecode generate | chat | models | methods | calibrate | bench`. Results go to stdout; loading messages, progress and
 statistics to stderr. Bad input prints one line on stderr and exits 2, never a traceback."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from .bench import command as bench_command
 from .errors import FastDecodeError
 from .models.loader import DEFAULT_DTYPE, DTYPES
 from .models.registry import DEFAULT_MODEL, MODELS
@@ -57,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
     k.add_argument("--repeats", type=int, default=7, help="forwards timed per size (the median counts)")
     k.set_defaults(run=_calibrate)
+
+    b = sub.add_parser("bench", help="speed, exactness and acceptance of every method and of other engines, with reports")
+    bench_command.add_arguments(b)
+    b.set_defaults(run=bench_command.run)
     return p
 
 

@@ -21,6 +21,7 @@ class RequestStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: drafts whose node at depth k+1 was accepted
+    accepted_lengths: list[int] = field(default_factory=list)  # per draft: tokens its verification kept (accepted + 1)
 
     def record_step(self, draft_size: int, accepted: int) -> None:
         self.forward_passes += 1
@@ -29,6 +30,7 @@ class RequestStats:
         self.drafts += 1
         self.draft_tokens += draft_size
         self.accepted_tokens += accepted
+        self.accepted_lengths.append(accepted + 1)
         if len(self.accepted_per_position) < accepted:
             self.accepted_per_position += [0] * (accepted - len(self.accepted_per_position))
         for k in range(accepted):
@@ -64,4 +66,5 @@ class RequestStats:
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
             "acceptance_rate": None if self.acceptance_rate is None else round(self.acceptance_rate, 4),
             "accepted_per_position": list(self.accepted_per_position),
+            "accepted_lengths": list(self.accepted_lengths),
         }
