@@ -20,6 +20,10 @@ def bench(*args):
     (["--repeats", "0"], "--repeats takes 1 or more"),
     (["--max-new-tokens", "0"], "--max-new-tokens takes 1 or more"),
     (["--temperature", "-1"], "--temperature takes 0 or more"),
+    (["--option", "max_ngram=5"], "--option takes METHOD.KEY=VALUE"),
+    (["--methods", "ngram", "--option", "suffix.max_depth=5"], "which this run does not include"),
+    (["--methods", "ngram", "--option", "ngram.window=5"], "method 'ngram' has no option 'window'; it belongs to method lookahead"),
+    (["--methods", "ngram", "--option", "ngram.max_ngram=zero"], "ngram: max_ngram must be an integer"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys, tmp_path):
     assert bench(*args, "--out", str(tmp_path / "out")) == 2
@@ -102,13 +106,14 @@ def two_questions(tmp_path):
 def test_end_to_end_on_the_real_model_writes_every_report(tmp_path, capsys):
     out = tmp_path / "out"
     status = bench("--questions", str(two_questions(tmp_path)), "--max-new-tokens", "16", "--methods", "ngram,suffix",
-                   "--peers", "all", "--out", str(out))
+                   "--option", "ngram.max_ngram=3", "--peers", "all", "--out", str(out))
     assert status == 0, capsys.readouterr().err
     names = {p.name for p in out.iterdir()}
     assert {"results.jsonl", "summary.json", "report.md", "speedup.png", "acceptance_length.png",
             "acceptance_per_position.png", "cost_curve.png"} <= names
     summary = json.loads((out / "summary.json").read_text())
     ran = summary["methods"]
+    assert summary["setup"]["method_options"] == {"ngram": {"max_ngram": 3}}
     assert ran[:3] == ["ar", "ngram", "suffix"]
     assert set(ran[3:]) | set(summary["skipped"]) == {"hf", "hf-lookup", "hf-assisted", "llamacpp", "llamacpp-lookup"}
     assert "--draft-model" in summary["skipped"]["hf-assisted"]  # listed with why, never dropped
@@ -151,3 +156,17 @@ def test_a_method_whose_output_changes_is_caught_and_marked_red(tmp_path, capsys
     assert "DIFFERS: ngram on question w turn 1, from token 5 on" in captured.err
     report = (out / "report.md").read_text()
     assert "🔴 **3/3 differ from ar (first at token 5)**" in report
+
+
+@pytest.mark.slow
+def test_sampling_with_repeats_reports_spread_and_does_not_judge_exactness(tmp_path):
+    out = tmp_path / "out"
+    status = bench("--questions", str(two_questions(tmp_path)), "--max-new-tokens", "8", "--methods", "ngram",
+                   "--peers", "none", "--temperature", "1.0", "--repeats", "2", "--out", str(out))
+    assert status == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["repeat"] for r in records}) == [0, 1] and len(records) == 2 * 3 * 2
+    overall = json.loads((out / "summary.json").read_text())["scopes"]["overall"]
+    assert overall["ngram"]["tokens_per_s"]["std"] is not None
+    assert overall["ngram"]["differing_answers"] is None
+    assert "n/a (sampling)" in (out / "report.md").read_text()

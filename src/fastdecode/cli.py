@@ -95,26 +95,12 @@ def _sampling_params(args):
 
 def _method_options(args) -> dict:
     """--option KEY=VALUE pairs (and --draft-model), values as int, float, bool or string."""
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FastDecodeError(f"--option takes KEY=VALUE, not {item!r}")
-        options[key.replace("-", "_")] = _parse_value(value)
+    from .drafters import parse_option
+
+    options = dict(parse_option(item) for item in args.option)
     if args.draft_model is not None:
         options["draft_model"] = args.draft_model
     return options
-
-
-def _parse_value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _load(args):

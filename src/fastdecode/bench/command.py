@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default="all",
                    help="comma list of other engines: hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup; "
                         "'all' (default: those installed; the rest are reported as skipped) or 'none'")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="an option of one method, e.g. --option ngram.max_ngram=5 (repeatable)")
     p.add_argument("--draft-model", help="draft model of method `draft` and peer `hf-assisted`: a name, .gguf file or checkpoint folder")
     p.add_argument("--questions", metavar="FILE|spec-bench",
                    help=f"a question file in Spec-Bench's schema, or 'spec-bench' (${qs.SPEC_BENCH_ENV}, else "
@@ -54,11 +56,12 @@ def run(args) -> int:
         return 1 if regressions else 0
     _check_numbers(args)
     methods = choose_methods(args.methods, args.draft_model)
+    options = method_options(args.option, methods, args.draft_model)
     peers = choose_peers(args.peers)
     out = _output_folder(args.out, args.overwrite)
     path = qs.questions_path(args.questions)
     questions = qs.sample_questions(qs.load_questions(path), args.per_group, args.seed)
-    return _bench(args, methods, peers, path, questions, out)
+    return _bench(args, methods, options, peers, path, questions, out)
 
 
 def _check_numbers(args) -> None:
@@ -83,6 +86,26 @@ def choose_methods(spec: str, draft_model: str | None) -> list[str]:
     return list(dict.fromkeys([BASELINE, *names]))
 
 
+def method_options(items: list[str], methods: list[str], draft_model: str | None) -> dict[str, dict]:
+    """{method: options} from METHOD.KEY=VALUE items, checked (values too, where no model is needed)."""
+    from ..drafters import METHODS, check_method, make_drafter, parse_option
+
+    options: dict[str, dict] = {"draft": {"draft_model": draft_model}} if draft_model else {}
+    for item in items:
+        name, value = parse_option(item, "--option")
+        method, dot, key = name.partition(".")
+        if not dot or not key:
+            raise FastDecodeError(f"--option takes METHOD.KEY=VALUE (e.g. ngram.max_ngram=5), not {item!r}")
+        if method not in methods:
+            raise FastDecodeError(f"--option {item!r} is for method {method!r}, which this run does not include")
+        options.setdefault(method, {})[key] = value
+    for method, opts in options.items():
+        check_method(method, opts)
+        if not getattr(METHODS[method], "needs_target", False):
+            make_drafter(method, **opts)  # a bad value fails now, not after the model has loaded
+    return options
+
+
 def choose_peers(spec: str) -> list[str]:
     from .peers import PEERS, check_peers
 
@@ -103,7 +126,7 @@ def _output_folder(out: Path | None, overwrite: bool) -> Path:
     return out
 
 
-def _bench(args, methods, peer_names, path, questions, out) -> int:
+def _bench(args, methods, options, peer_names, path, questions, out) -> int:
     from tqdm import tqdm
 
     from ..api import LLM
@@ -115,7 +138,6 @@ def _bench(args, methods, peer_names, path, questions, out) -> int:
     log(f"loading {args.model} ({args.dtype})")
     llm = LLM(args.model, args.dtype)
     _check_prompt_lengths(llm, questions, args.max_new_tokens)
-    options = {"draft": {"draft_model": args.draft_model}}
     contenders = [MethodContender(llm, m, options.get(m, {})) for m in methods]
     skipped = {}
     for name in peer_names:
@@ -159,7 +181,8 @@ def _bench(args, methods, peer_names, path, questions, out) -> int:
                  questions_per_group={g: sum(q.group == g for q in questions) for g in qs.GROUPS if any(q.group == g for q in questions)},
                  answers_per_repeat=sum(len(q.turns) for q in questions), per_group=args.per_group, seed=args.seed,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
-                 draft_model=args.draft_model, load_average=[load_before, os.getloadavg()[0]], interrupted=interrupted)
+                 draft_model=args.draft_model, method_options=options,
+                 load_average=[load_before, os.getloadavg()[0]], interrupted=interrupted)
     summary = _write_reports(llm, records, names, skipped, setup, machine_facts(args.dtype), out)
     return _exit_status(summary, methods, interrupted)
 

@@ -13,6 +13,8 @@ import os
 import platform
 from pathlib import Path
 
+from .stats import BASELINE
+
 RED, RESET = "\033[31m", "\033[0m"
 
 
@@ -61,9 +63,9 @@ def _mean_std(x: dict, spec: str, suffix: str = "") -> str:
     return _num(x["mean"], spec, suffix) + ("" if x["std"] is None else f" ± {x['std']:{spec}}")
 
 
-def exactness_cell(f: dict, markdown: bool) -> str:
+def exactness_cell(method: str, f: dict, markdown: bool) -> str:
     if f["reference"] is None:
-        return "baseline"
+        return "baseline" if method == BASELINE else "own baseline"
     if f["differing_answers"] is None:
         return "n/a (sampling)"
     n, total = f["differing_answers"], f["answers"]
@@ -88,6 +90,14 @@ def format_table(headers: list[str], rows: list[list[str]], markdown: bool) -> s
 
 # ----------------------------------------------------------------------------- tables
 
+DEFINITIONS = """\
+- **tokens/s**: new tokens / wall time over the group's answers (mean ± standard deviation over repeats).
+- **speedup**: that rate over `ar`'s on the same answers; **mean per-answer speedup**: the mean of each answer's ratio.
+- **mean acceptance length**: 1 + accepted / drafts, tokens kept per verification step that had a draft.
+- **acceptance rate**: accepted / drafted tokens; **acceptance at positions 1-4**: share of drafts whose token at that depth was accepted.
+- **exactness**: greedy answers equal to the reference's token for token (`ar` for fastdecode's methods; transformers' and
+  llama.cpp's speculative modes against their own plain decoding, which is their *own baseline*)."""
+
 def label(method: str, lossy: list[str], markdown: bool) -> str:
     name = f"`{method}`" if markdown else method
     return f"{name} (LOSSY)" if method in lossy else name
@@ -103,7 +113,7 @@ def summary_table(scopes: dict[str, dict[str, dict]], lossy: list[str], markdown
             f = scopes[s][m]
             mal = f["mean_acceptance_length"]
             cells.append(_num(f["speedup"]["mean"], ".2f", "x") + ("" if mal is None else f" ({mal:.2f})"))
-        rows.append([label(m, lossy, markdown), *cells, exactness_cell(overall, markdown)])
+        rows.append([label(m, lossy, markdown), *cells, exactness_cell(m, overall, markdown)])
     return format_table(["method", *names, "exactness"], rows, markdown)
 
 
@@ -117,7 +127,7 @@ def scope_table(figures: dict[str, dict], lossy: list[str], markdown: bool) -> s
         rows.append([label(m, lossy, markdown), str(f["tokens"]), _mean_std(f["tokens_per_s"], ".1f"),
                      _mean_std(f["speedup"], ".2f", "x"), _mean_std(f["mean_speedup"], ".2f", "x"),
                      _num(f["mean_acceptance_length"], ".2f"), _num(f["acceptance_rate"], ".0%"), positions,
-                     exactness_cell(f, markdown)])
+                     exactness_cell(m, f, markdown)])
     return format_table(headers, rows, markdown)
 
 
@@ -147,9 +157,11 @@ def write_report(summary: dict, plots: list[Path], path: Path) -> None:
     parts = [f"# fastdecode bench: {summary['setup']['model']}", "", *[f"{l}  " for l in setup_lines(summary)], "",
              "## Speedup over `ar` (mean acceptance length)", "", summary_table(scopes, summary["lossy"], True), ""]
     for scope, figures in scopes.items():
-        any_f = next(iter(figures.values()))
-        parts += [f"## {scope} ({any_f['questions']} questions, {any_f['answers']} answers per contender)", "",
+        first = next(iter(figures.values()))
+        n, answers = first["questions"], first["answers"]
+        parts += [f"## {scope} ({n} question{'s' * (n != 1)}, {answers} answer{'s' * (answers != 1)} per contender)", "",
                   scope_table(figures, summary["lossy"], True), ""]
+    parts += ["## Definitions", "", DEFINITIONS, ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path.write_text("\n".join(parts), encoding="utf-8")

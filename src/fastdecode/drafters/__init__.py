@@ -47,6 +47,21 @@ def check_method(method: str, options: dict) -> None:
             raise FastDecodeError(f"method {method!r} has no option {name!r}{belongs} ({takes})")
 
 
+def parse_option(text: str, flag: str = "--option") -> tuple[str, object]:
+    """A command line's KEY=VALUE, the value as a bool, int, float or else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise FastDecodeError(f"{flag} takes KEY=VALUE, not {text!r}")
+    if value.lower() in ("true", "false"):
+        return key.replace("-", "_"), value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key.replace("-", "_"), kind(value)
+        except ValueError:
+            pass
+    return key.replace("-", "_"), value
+
+
 def make_drafter(method: str, target: Target | None = None, **options) -> Drafter:
     check_method(method, options)
     cls = METHODS[method]

@@ -21,7 +21,7 @@ DEFAULT_MEMBERS = ("ngram", "suffix")
 
 class Auto:
     name = "auto"
-    summary = "the default: ngram, suffix and recycling trees merged into one verified tree"
+    summary = "the default: the trees of ngram and suffix (its members) merged into one verified tree"
     lossless = True
 
     def __init__(self, members: str | list[str] = DEFAULT_MEMBERS):
@@ -30,7 +30,8 @@ class Auto:
         names = members.split(",") if isinstance(members, str) else list(members)
         unknown = [m for m in names if m not in METHODS or m in ("auto", "ar")]
         if unknown or not names:
-            raise FastDecodeError(f"auto: members must be drafting methods among {', '.join(DEFAULT_MEMBERS)}, "
+            drafting = [m for m in METHODS if m not in ("auto", "ar")]
+            raise FastDecodeError(f"auto: members must be drafting methods among {', '.join(drafting)}, "
                                   f"not {', '.join(unknown) or 'nothing'}")
         self.members = [make_drafter(m) for m in names]
 
