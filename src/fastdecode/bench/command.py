@@ -10,6 +10,7 @@ import argparse
 import datetime
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from ..errors import FastDecodeError
@@ -137,7 +138,7 @@ def _bench(args, methods, options, peer_names, path, questions, out) -> int:
     load_before = os.getloadavg()[0]
     log(f"loading {args.model} ({args.dtype})")
     llm = LLM(args.model, args.dtype)
-    _check_prompt_lengths(llm, questions, args.max_new_tokens)
+    _check_prompt_lengths(llm, questions)
     contenders = [MethodContender(llm, m, options.get(m, {})) for m in methods]
     skipped = {}
     for name in peer_names:
@@ -178,7 +179,7 @@ def _bench(args, methods, options, peer_names, path, questions, out) -> int:
         raise FastDecodeError("no answer completed")
 
     setup = dict(model=llm.model_name, questions_file=str(path), questions=len(questions),
-                 questions_per_group={g: sum(q.group == g for q in questions) for g in qs.GROUPS if any(q.group == g for q in questions)},
+                 questions_per_group=dict(Counter(q.group for q in questions)),
                  answers_per_repeat=sum(len(q.turns) for q in questions), per_group=args.per_group, seed=args.seed,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
                  draft_model=args.draft_model, method_options=options,
@@ -187,7 +188,7 @@ def _bench(args, methods, options, peer_names, path, questions, out) -> int:
     return _exit_status(summary, methods, interrupted)
 
 
-def _check_prompt_lengths(llm, questions, max_new_tokens: int) -> None:
+def _check_prompt_lengths(llm, questions) -> None:
     """Refuse, before the long run, a first turn that cannot fit the context window."""
     for q in questions:
         n = len(llm.prompt_ids(q.turns[0]))
