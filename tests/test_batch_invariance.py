@@ -72,3 +72,36 @@ def test_attention_kernel_matches_pytorch(dtype):
         attn_mask=full, scale=d**-0.5,
     ).transpose(0, 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_sequences_in_one_batched_forward_equal_each_alone(model):
+    """Continuous batching stacks several sequences' rows in one forward, each with its own cache:
+    a prefill chunk, a decode step and a draft tree side by side must each give, bitwise, what they
+    give alone, and leave the same rows in their caches."""
+    from fastdecode.models.llama import Segment
+
+    g = torch.Generator().manual_seed(7)
+    tree = DraftTree([5, 6, 7, 8], [-1, 0, -1, 2])
+    tree_mask = tree.attention_mask()  # the root row, then the 4 nodes
+    caches = [_prefilled(model, length, seed) for length, seed in ((30, 1), (120, 2), (0, 3))]
+    shapes = [(1, None), (5, tree_mask), (17, None)]  # decode step, tree (root + 4 nodes), prefill chunk
+    segments = []
+    for cache, (n, mask) in zip(caches, shapes):
+        positions = cache.length + (torch.arange(n) if mask is None else torch.tensor([0] + tree.depths()))
+        segments.append(Segment(torch.randint(0, 49152, (n,), generator=g), positions, cache, mask))
+
+    alone = [model.forward(s.tokens, s.positions, s.cache, s.mask) for s in segments]
+    rows_alone = [(s.cache.k.clone(), s.cache.v.clone()) for s in segments]
+    for s in segments:  # wipe the uncommitted rows, so the batched forward must write them again
+        s.cache.k[..., s.cache.length :] = 0
+        s.cache.v[:, :, s.cache.length :] = 0
+    batched = model.forward_batch(segments)
+
+    assert torch.equal(batched, torch.cat(alone))
+    for s, (k, v) in zip(segments, rows_alone):
+        end = s.cache.length + len(s.tokens)
+        assert torch.equal(s.cache.k[..., s.cache.length : end], k[..., s.cache.length : end])
+        assert torch.equal(s.cache.v[:, :, s.cache.length : end], v[:, :, s.cache.length : end])
+    last = model.forward_batch(segments, last_logits_only=True)
+    assert torch.equal(last, torch.stack([a[-1] for a in alone]))

@@ -1,7 +1,10 @@
-"""The native Llama-family transformer, written for one sequence and a lean decode step.
+"""The native Llama-family transformer, written for a lean decode step of one or many sequences.
 
 forward(tokens [n], positions [n], cache, mask [n, n] | None, layers | None, output_hidden)
     -> logits [n, vocab] float32 (and final hidden states [n, hidden])
+forward_batch([Segment(tokens, positions, cache, mask), ...], ...)
+    -> the same for several sequences in one pass: their rows are stacked (no padding) through the
+       matrix products, and each attends only to its own cache. forward is its one-sequence case.
 
 The n new tokens attend to every committed cache row and, among themselves, to what `mask`
 allows (ancestor-or-self for a draft tree; causal when mask is None). Positions are explicit, so
@@ -17,6 +20,7 @@ chain or in a draft tree, which keeps speculative decoding exactly equal to plai
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,6 +30,16 @@ from ..kernels import attention, native_lib
 from ..runtime.kv_cache import KVCache
 from .config import ModelConfig, rope_inverse_frequencies
 from .linear import Linear
+
+
+@dataclass
+class Segment:
+    """One sequence's rows in a batched forward: tokens [n], positions [n], its own cache, and
+    mask [n, n] (ancestor-or-self among the new rows) or None for causal."""
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache
+    mask: torch.Tensor | None = None
 
 
 class _Layer:
@@ -70,7 +84,6 @@ class LlamaModel:
         c = self.config
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.dtype)
 
-    @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
@@ -82,41 +95,65 @@ class LlamaModel:
         last_logits_only: bool = False,
         head: Linear | None = None,
     ):
-        n = tokens.shape[0]
-        start = cache.length
-        cache.check_room(n)
-        end = start + n
+        return self.forward_batch([Segment(tokens, positions, cache, mask)], layers, output_hidden, last_logits_only, head)
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        segments: Sequence[Segment],
+        layers: Sequence[int] | None = None,
+        output_hidden: bool = False,
+        last_logits_only: bool = False,
+        head: Linear | None = None,
+    ):
+        """Rows of every segment, in order: logits [sum n, vocab] (with last_logits_only, each
+        segment's last row only). Every kernel treats rows independently and each segment attends
+        only to its own cache, so a segment's results are bitwise those of forward() on it alone."""
         c = self.config
         half = c.head_dim // 2
-        cos = self.cos[positions].unsqueeze(1)  # [n, 1, head_dim]
+        spans, total = [], 0  # (segment, first row, start in its cache)
+        for seg in segments:
+            seg.cache.check_room(len(seg.tokens))
+            spans.append((seg, total, seg.cache.length))
+            total += len(seg.tokens)
+        one = len(segments) == 1
+        tokens = segments[0].tokens if one else torch.cat([seg.tokens for seg in segments])
+        positions = segments[0].positions if one else torch.cat([seg.positions for seg in segments])
+        cos = self.cos[positions].unsqueeze(1)  # [rows, 1, head_dim]
         sin = self.sin_signed[positions].unsqueeze(1)
-        attn_mask = self._attention_mask(n, start, mask) if self.native is None else None
-        x = F.embedding(tokens, self.embed)  # [n, hidden]
+        masks = None if self.native is not None else [self._attention_mask(len(seg.tokens), start, seg.mask)
+                                                      for seg, _, start in spans]
+        x = F.embedding(tokens, self.embed)  # [rows, hidden]
         for i in range(c.num_layers) if layers is None else layers:
             layer = self.layers[i]
             h = F.rms_norm(x, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
             qkv = layer.qkv(h)
-            qk = qkv[:, : self.q_size + self.kv_size].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
+            qk = qkv[:, : self.q_size + self.kv_size].view(total, c.num_heads + c.num_kv_heads, c.head_dim)
             qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
-            k = qk[:, c.num_heads :]
-            v = qkv[:, self.q_size + self.kv_size :].view(n, c.num_kv_heads, c.head_dim)
-            cache.k[i, :, :, start:end] = k.permute(1, 2, 0)
-            cache.v[i, :, start:end] = v.transpose(0, 1)
-            if self.native is not None:
-                q = qk[:, : c.num_heads].to(torch.float32).contiguous()
-                o = attention(self.native, q, cache.k[i], cache.v[i], start, mask, self.scale)
-                o = o.to(self.dtype).view(n, self.q_size)
-            else:
-                o = self._torch_attention(qk[:, : c.num_heads], cache, i, end, attn_mask)
-            x += layer.o(o)
+            v = qkv[:, self.q_size + self.kv_size :].view(total, c.num_kv_heads, c.head_dim)
+            outs = [self._attend(i, seg, start, qk[row : row + len(seg.tokens)], v[row : row + len(seg.tokens)],
+                                 None if masks is None else masks[k])
+                    for k, (seg, row, start) in enumerate(spans)]
+            x += layer.o(outs[0] if one else torch.cat(outs))
             h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
             x += layer.down(F.silu(gate).mul_(up))
         if last_logits_only:
-            x = x[-1:]
+            x = x[[row + len(seg.tokens) - 1 for seg, row, _ in spans]]
         hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
         logits = (head or self.lm_head)(hidden).float()
         return (logits, hidden) if output_hidden else logits
+
+    def _attend(self, layer: int, seg: Segment, start: int, qk: torch.Tensor, v: torch.Tensor, attn_mask) -> torch.Tensor:
+        """Write one segment's new keys and values into its cache and attend over it: [n, q_size]."""
+        c, cache, n = self.config, seg.cache, len(seg.tokens)
+        cache.k[layer, :, :, start : start + n] = qk[:, c.num_heads :].permute(1, 2, 0)
+        cache.v[layer, :, start : start + n] = v.transpose(0, 1)
+        if self.native is None:
+            return self._torch_attention(qk[:, : c.num_heads], cache, layer, start + n, attn_mask)
+        q = qk[:, : c.num_heads].to(torch.float32).contiguous()
+        o = attention(self.native, q, cache.k[layer], cache.v[layer], start, seg.mask, self.scale)
+        return o.to(self.dtype).view(n, self.q_size)
 
     def _torch_attention(self, q: torch.Tensor, cache: KVCache, layer: int, end: int, attn_mask) -> torch.Tensor:
         """PyTorch's fused attention (without a compiler): fast, but not batch-invariant."""
