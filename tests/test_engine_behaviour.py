@@ -150,7 +150,7 @@ def test_ar_statistics(llm, greedy):
 
 
 def test_long_prompt_prefills_in_chunks(llm):
-    from fastdecode.engine import PREFILL_CHUNK
+    from fastdecode.sequence import PREFILL_CHUNK
 
     ids = llm.tokenizer.encode(" the" * (PREFILL_CHUNK + 20))
     assert PREFILL_CHUNK < len(ids) <= 2 * PREFILL_CHUNK

@@ -153,3 +153,13 @@ def test_cost_curve_interpolates():
     assert CURVE.cost(1) == pytest.approx(0.010)
     assert CURVE.cost(12) == pytest.approx(0.0125)
     assert CURVE.cost(128) == pytest.approx(0.080)
+
+
+def test_drafts_shrink_as_the_batch_sharing_the_forward_grows():
+    chain = DraftTree.chain(list(range(10)))
+    chain.scores = [0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    alone = len(best_subtree(chain, CURVE))
+    # Seven other sequences with 2 rows and 1.5 expected tokens each already share the forward.
+    crowded = len(best_subtree(chain, CURVE, other_rows=14, other_tokens=10.5))
+    assert best_subtree(chain, CURVE, other_rows=0, other_tokens=0.0).tokens == chain.tokens[:alone]
+    assert 0 < crowded < alone

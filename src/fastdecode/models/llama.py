@@ -40,6 +40,7 @@ class Segment:
     positions: torch.Tensor
     cache: KVCache
     mask: torch.Tensor | None = None
+    last_only: bool = False  # logits of its last row only (a prefill chunk)
 
 
 class _Layer:
@@ -95,7 +96,7 @@ class LlamaModel:
         last_logits_only: bool = False,
         head: Linear | None = None,
     ):
-        return self.forward_batch([Segment(tokens, positions, cache, mask)], layers, output_hidden, last_logits_only, head)
+        return self.forward_batch([Segment(tokens, positions, cache, mask, last_logits_only)], layers, output_hidden, head)
 
     @torch.inference_mode()
     def forward_batch(
@@ -103,11 +104,10 @@ class LlamaModel:
         segments: Sequence[Segment],
         layers: Sequence[int] | None = None,
         output_hidden: bool = False,
-        last_logits_only: bool = False,
         head: Linear | None = None,
     ):
-        """Rows of every segment, in order: logits [sum n, vocab] (with last_logits_only, each
-        segment's last row only). Every kernel treats rows independently and each segment attends
+        """Logits [rows, vocab] of every segment's rows in order (only its last row when last_only).
+        Every kernel treats rows independently and each segment attends
         only to its own cache, so a segment's results are bitwise those of forward() on it alone."""
         c = self.config
         half = c.head_dim // 2
@@ -138,8 +138,10 @@ class LlamaModel:
             h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
             x += layer.down(F.silu(gate).mul_(up))
-        if last_logits_only:
-            x = x[[row + len(seg.tokens) - 1 for seg, row, _ in spans]]
+        if any(seg.last_only for seg in segments):
+            x = x[[r for seg, row, _ in spans
+                   for r in (range(row + len(seg.tokens) - 1, row + len(seg.tokens)) if seg.last_only
+                             else range(row, row + len(seg.tokens)))]]
         hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
         logits = (head or self.lm_head)(hidden).float()
         return (logits, hidden) if output_hidden else logits

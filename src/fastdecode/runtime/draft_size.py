@@ -7,7 +7,10 @@ m best-scored ones, with m chosen to maximise
 
     expected tokens per second = (1 + sum of the m best scores) / cost(m + 1)
 
-on this machine's measured cost curve (runtime/cost_curve.py). Scores never rise along a path,
+on this machine's measured cost curve (runtime/cost_curve.py). When other sequences share the forward
+(continuous batching) their rows and expected tokens join both sides of the ratio, so a node pays
+only if it raises the whole batch's tokens per second: drafts shrink as the batch grows.
+Scores never rise along a path,
 so the m best nodes always include their ancestors. Nodes the drafter marks `keep` (and their
 ancestors) are verified in any case; the others are added to them by the same rule.
 """
@@ -17,8 +20,9 @@ from .cost_curve import CostCurve
 from .tree import DraftTree
 
 
-def best_subtree(tree: DraftTree, curve: CostCurve) -> DraftTree:
-    """The most profitable part of `tree` to verify (all of it when it has no scores)."""
+def best_subtree(tree: DraftTree, curve: CostCurve, other_rows: int = 0, other_tokens: float = 0.0) -> DraftTree:
+    """The most profitable part of `tree` to verify (all of it when it has no scores).
+    other_rows, other_tokens: rows and expected new tokens of the other sequences in the forward."""
     if tree.scores is None or len(tree) == 0:
         return tree
     scores: list[float] = []
@@ -29,13 +33,14 @@ def best_subtree(tree: DraftTree, curve: CostCurve) -> DraftTree:
         while keep and node >= 0 and node not in forced:
             forced.add(node)
             node = tree.parents[node]
-    expected = 1.0 + sum(scores[i] for i in forced)
+    expected = other_tokens + 1.0 + sum(scores[i] for i in forced)
     # A parent precedes its children in this order.
     order = [i for i in sorted(range(len(tree)), key=lambda i: (-scores[i], i)) if i not in forced]
-    best_size, best_rate = 0, expected / curve.cost(len(forced) + 1)
+    rows = other_rows + len(forced) + 1
+    best_size, best_rate = 0, expected / curve.cost(rows)
     for size, node in enumerate(order, start=1):
         expected += scores[node]
-        rate = expected / curve.cost(len(forced) + size + 1)
+        rate = expected / curve.cost(rows + size)
         if rate > best_rate:
             best_size, best_rate = size, rate
     return tree.subtree(sorted(forced | set(order[:best_size])))

@@ -1,0 +1,168 @@
+"""One request's decoding as steps: plan() the rows of its next forward, complete() with their logits.
+
+    prefill: chunks of the prompt (last row's logits only) fill the KV cache; the last chunk's
+             logits give the first token
+    decode:  tree   = drafter.propose(state, budget)         (empty for plain decoding)
+             tree   = best_subtree(tree, cost curve)         (the size that pays on this machine)
+             rows   = [root] + tree nodes, depth-based positions, tree mask
+             ... the forward runs, alone or batched with other sequences (models/llama.forward_batch) ...
+             path, bonus = verify(tree, logits)              (greedy, or exact rejection sampling)
+             cache.keep(root + accepted rows); emit accepted tokens + bonus; drafter.observe(...)
+
+The root is the last committed token: its KV row is written by the verify forward that follows it.
+Splitting a step at the forward lets one loop serve one request (engine.py) or many at once.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .drafters.base import DecodeState, Drafter, StepResult
+from .errors import FastDecodeError
+from .metrics import RequestStats
+from .models.llama import Segment
+from .runtime.draft_size import best_subtree
+from .runtime.sampling import SamplingParams, next_tokens
+from .runtime.tree import DraftTree
+from .runtime.verify import verify_greedy, verify_sampling
+from .stop_strings import TextOutput
+
+PREFILL_CHUNK = 512  # prompt tokens per forward, at most: bounds attention memory for long prompts
+MAX_DRAFT = 64  # tree nodes per step, at most (cache headroom)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens or context window)
+    method: str
+    model: str
+    stats: RequestStats = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generated_tokens": self.num_generated_tokens,
+            "finish_reason": self.finish_reason,
+            "method": self.method,
+            "model": self.model,
+            "stats": self.stats.to_dict(),
+        }
+
+
+class Sequence:
+    def __init__(self, engine, prompt: list[int], params: SamplingParams, drafter: Drafter):
+        """engine: model, tokenizer, model_name, context_window and cost_curve (see engine.Engine)."""
+        self.start = time.perf_counter()
+        self.engine, self.prompt, self.params, self.drafter = engine, prompt, params, drafter
+        self.max_new = min(params.max_new_tokens, engine.context_window - len(prompt))
+        self.cache = engine.model.new_cache(len(prompt) + self.max_new + MAX_DRAFT + 1)
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"))
+        self.stats = RequestStats(num_prompt_tokens=len(prompt))
+        self.out = TextOutput(engine.tokenizer, params.stop)
+        self.eos_ids = frozenset() if params.ignore_eos else engine.tokenizer.eos_ids
+        self.generated: list[int] = []
+        self.finish: str | None = None
+        self.state: DecodeState | None = None  # set once the prompt is in the cache
+        self._planned: DraftTree | int | None = None  # the tree of the planned step, or its prefill chunk length
+        drafter.begin(prompt)
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.out.stopped
+
+    @property
+    def prefilling(self) -> bool:
+        return self.state is None
+
+    def plan(self, prefill_tokens: int = PREFILL_CHUNK, other_rows: int = 0, other_tokens: float = 0.0) -> Segment:
+        """The rows of this sequence's next forward: at most `prefill_tokens` of them while
+        prefilling; else the root and the part of the draft tree that pays, given the rows and
+        expected tokens of the other sequences sharing the forward. Sets `expected_tokens`."""
+        self.expected_tokens = 0.0
+        if self.state is None:
+            begin = self.cache.length
+            chunk = self.prompt[begin : begin + prefill_tokens]
+            self._planned = len(chunk)
+            return Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache, last_only=True)
+        room = min(self.max_new - len(self.generated), MAX_DRAFT + 1) - 1
+        tree = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
+        if len(tree) > room:
+            raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(tree)} nodes, over its budget of {room}")
+        if tree.scores is not None:
+            tree = best_subtree(tree, self.engine.cost_curve, other_rows, other_tokens)
+        self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
+        self._planned = tree
+        positions = self.cache.length + torch.tensor([0] + tree.depths())
+        mask = tree.attention_mask() if len(tree) else None
+        return Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens), positions, self.cache, mask)
+
+    def complete(self, logits: torch.Tensor) -> str | None:
+        """Take the logits of the planned rows; return the text now safe to show (None while the
+        prompt is still being prefilled)."""
+        if self.state is None:
+            return self._complete_prefill(logits)
+        tree, cache, params = self._planned, self.cache, self.params
+        if params.greedy:
+            path, bonus = verify_greedy(tree, logits, self.eos_ids)
+        else:
+            path, bonus = verify_sampling(tree, logits, params, self.generator, self.eos_ids)
+        cache.keep([0] + [node + 1 for node in path])
+        new = [tree.tokens[node] for node in path] + [bonus]
+        self.stats.record_step(len(tree), len(path))
+        self.drafter.observe(StepResult(tree, path, new, logits))
+        kept = []
+        for token in new:  # one at a time, so nothing after EOS or max_new_tokens leaks out
+            kept.append(token)
+            self.generated.append(token)
+            self.finish = self._finish_reason()
+            if self.finish:
+                break
+        self.state.tokens.extend(kept)
+        return self.out.add(kept)
+
+    def _complete_prefill(self, logits: torch.Tensor) -> str | None:
+        self.cache.commit(self._planned)
+        self.stats.forward_passes += 1
+        if self.cache.length < len(self.prompt):
+            return None
+        self.generated = [int(next_tokens(logits, self.params, self.generator)[0])]
+        self.stats.prefill_time_s = time.perf_counter() - self.start
+        self.finish = self._finish_reason()
+        self.state = DecodeState(self.prompt + self.generated, len(self.prompt), self.params, self.engine.model, self.cache)
+        return self.out.add(self.generated)
+
+    def _finish_reason(self) -> str | None:
+        if self.generated[-1] in self.eos_ids:
+            return "stop"
+        if len(self.generated) >= self.max_new:
+            return "length"
+        return None
+
+    def close(self) -> tuple[str, GenerationResult]:
+        """The last text held back for stop strings, and the result."""
+        last = self.out.finish()
+        self.stats.num_generated_tokens = len(self.generated)
+        self.stats.wall_time_s = time.perf_counter() - self.start
+        result = GenerationResult(
+            text=self.out.text,
+            token_ids=self.generated,
+            num_prompt_tokens=len(self.prompt),
+            num_generated_tokens=len(self.generated),
+            finish_reason="stop" if self.out.stopped or (self.generated[-1] in self.eos_ids) else "length",
+            method=self.drafter.name,
+            model=self.engine.model_name,
+            stats=self.stats,
+        )
+        return last, result
