@@ -1,4 +1,4 @@
-"""`fastdecode generate | chat | models | methods | calibrate | bench`. Results go to stdout; loading messages, progress and
+"""`fastdecode generate | chat | models | methods | calibrate | serve | bench`. Results go to stdout; loading messages, progress and
 statistics to stderr. Bad input prints one line on stderr and exits 2, never a traceback."""
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
     k.add_argument("--repeats", type=int, default=7, help="forwards timed per size (the median counts)")
     k.set_defaults(run=_calibrate)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    v.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
+    v.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
+    v.add_argument("--method", default="auto", help="decoding method of requests that name none (default auto)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=8, help="requests decoding at once (default 8)")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    v.set_defaults(run=_serve)
 
     b = sub.add_parser("bench", help="speed, exactness and acceptance of every method and of other engines, with reports")
     bench_command.add_arguments(b)
@@ -197,6 +207,27 @@ def _methods(args) -> int:
         options = method_options(name)
         if options:
             print(f"{'':<21}options: {', '.join(options)}")
+    return 0
+
+
+def _serve(args) -> int:
+    from .drafters import check_method
+
+    check_method(args.method, {})
+    if args.max_batch < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
+        raise FastDecodeError("--max-batch takes 1 or more, --max-queue 0 or more, --port 1 to 65535")
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+    except ImportError as exc:
+        raise FastDecodeError(f"the server needs {exc.name}: pip install fastapi uvicorn") from None
+    from .api import LLM
+
+    print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
+    llm = LLM(args.model, args.dtype)
+    app = create_app(llm, args.method, args.max_batch, args.max_queue)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -1,0 +1,130 @@
+"""The OpenAI-compatible server on 127.0.0.1, through the official `openai` client and raw HTTP."""
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+try:  # the HTTP client the openai package ships with
+    import httpx2 as httpx
+except ImportError:
+    import httpx
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(llm_default):
+    from fastdecode.server.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(llm_default, method="auto", max_batch=4)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield url, llm_default
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="none", max_retries=0)
+
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "Name three primary colors."}]
+
+
+def test_chat_completion_equals_plain_decoding(client, server):
+    llm = server[1]
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    expected = llm.generate(QUESTION, llm_params(24), method="ar")
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.completion_tokens == expected.num_generated_tokens
+    assert reply.usage.prompt_tokens == expected.num_prompt_tokens
+    assert reply.model_extra["fastdecode"]["method"] == "auto"
+
+
+def test_streamed_chat_gives_the_same_text_and_usage(client):
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completions_with_a_stop_string_and_a_method(client, server):
+    llm = server[1]
+    prompt = "The numbers from one to ten: one, two, three,"
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[" six"],
+                                      extra_body={"fastdecode": {"method": "ngram", "options": {"max_ngram": 3}}})
+    expected = llm.generate(prompt, llm_params(40, stop=[" six"]), method="ar", raw=True)
+    assert reply.choices[0].text == expected.text and " six" not in reply.choices[0].text
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[" six"], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
+def test_models_and_health(server):
+    url = server[0]
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ("{not json", 400, "JSON"),
+    (json.dumps({"model": MODEL}), 400, "messages"),
+    (json.dumps({"model": MODEL, "messages": []}), 400, "messages"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "temperature": "hot"}), 400, "temperature"),
+    (json.dumps({"model": "gpt-5", "messages": QUESTION}), 404, "does not exist"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 9000}), 400, "context window"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "fastdecode": {"method": "warp"}}), 400, "unknown method"),
+    ("x" * (2 << 20), 413, "body"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, body, status, words):
+    response = httpx.post(f"{server[0]}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"]
+    assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4).choices[0].message.content
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    url = server[0]
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 2000, "stream": True,
+            "fastdecode": {"method": "ar"}}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                break
+    for _ in range(100):
+        if httpx.get(f"{url}/health").json()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{url}/health").json()["running"] == 0
+
+
+def llm_params(n, stop=()):
+    from fastdecode import SamplingParams
+
+    return SamplingParams(max_new_tokens=n, stop=list(stop))
