@@ -46,6 +46,11 @@ class Engine:
             self._cost_curve = load_or_measure(self.model, self.model_name)
         return self._cost_curve
 
+    @cost_curve.setter
+    def cost_curve(self, curve: CostCurve) -> None:
+        """Size drafts on this curve instead (one measured elsewhere, or a fixed one in tests)."""
+        self._cost_curve = curve
+
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise FastDecodeError("the prompt is empty")
