@@ -85,6 +85,32 @@ def test_completions_with_a_stop_string_and_a_method(client, server):
     assert "".join(c.choices[0].text for c in streamed) == expected.text
 
 
+def metric(url: str, name: str) -> float:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return float(next(line.split()[-1] for line in lines if line.startswith(name + " ")))
+
+
+def test_metrics_count_tokens_latencies_and_speculation(server, client):
+    url = server[0]
+    before = {name: metric(url, f"fastdecode:{name}") for name in
+              ("generation_tokens_total", "prompt_tokens_total", "time_to_first_token_seconds_count",
+               "spec_decode_num_accepted_tokens_total", "request_success_total")}
+    repeat = [{"role": "user", "content": "Repeat exactly: the red fox, the red fox, the red fox, the red fox."}]
+    reply = client.chat.completions.create(model=MODEL, messages=repeat, max_tokens=32, temperature=0, stream=True,
+                                           stream_options={"include_usage": True},
+                                           extra_body={"fastdecode": {"method": "ngram"}})
+    usage = list(reply)[-1].usage
+    after = lambda name: metric(url, f"fastdecode:{name}") - before[name]  # noqa: E731
+    assert after("generation_tokens_total") == usage.completion_tokens
+    assert after("prompt_tokens_total") == usage.prompt_tokens
+    assert after("time_to_first_token_seconds_count") == 1 and after("request_success_total") == 1
+    assert after("spec_decode_num_accepted_tokens_total") > 0
+    assert metric(url, "fastdecode:num_requests_running") == 0
+    text = httpx.get(f"{url}/metrics").text
+    assert 'fastdecode:spec_decode_num_accepted_tokens_per_pos{position="0"}' in text
+    assert 'fastdecode:inter_token_latency_seconds_bucket{le="+Inf"}' in text
+
+
 def test_models_and_health(server):
     url = server[0]
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL

@@ -10,11 +10,12 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..drafters import check_method, make_drafter
 from ..errors import FastDecodeError
 from ..runtime.sampling import SamplingParams
+from .metrics import ServerMetrics
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
 
@@ -44,6 +45,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
 
     app = FastAPI(title="fastdecode", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.worker = worker
+    metrics = ServerMetrics()
     model_name = llm.model_name
 
     @app.exception_handler(HTTPError)
@@ -66,6 +68,11 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": len(worker.scheduler.running), "waiting": len(worker.scheduler.waiting)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        text = metrics.render(len(worker.scheduler.running), len(worker.scheduler.waiting))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -92,7 +99,26 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             raise HTTPError(400, str(exc)) from None
         return params, drafter, chosen
 
+    async def observed(events: asyncio.Queue, arrival: float):
+        """A request's events as they come, timed into the metrics."""
+        last = None
+        while True:
+            kind, value = await events.get()
+            if kind == "text":
+                now = time.perf_counter()
+                if last is None:
+                    metrics.first_text(now - arrival)
+                else:
+                    metrics.next_text(now - last)
+                last = now
+            elif not isinstance(value, Exception):
+                metrics.finished_request(value)
+            yield kind, value
+            if kind == "done":
+                return
+
     async def run(body: Sampling, prompt_ids: list[int], chat: bool):
+        arrival = time.perf_counter()
         params, drafter, chosen = prepare(body, prompt_ids)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -104,13 +130,11 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(job, events, ident, created, chat, chosen, include_usage),
+            return StreamingResponse(stream(job, observed(events, arrival), ident, created, chat, chosen, include_usage),
                                      media_type="text/event-stream")
         try:
-            while True:
-                kind, value = await events.get()
-                if kind == "done":
-                    break
+            async for kind, value in observed(events, arrival):
+                pass
         except asyncio.CancelledError:
             worker.cancel(job)
             raise
@@ -127,7 +151,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name, "choices": [choice], "usage": usage(result), "fastdecode": statistics(result, chosen)}
 
-    async def stream(job: Job, events: asyncio.Queue, ident: str, created: int, chat: bool, chosen: str, include_usage: bool):
+    async def stream(job: Job, events, ident: str, created: int, chat: bool, chosen: str, include_usage: bool):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list, **extra) -> str:
@@ -143,8 +167,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         try:
             if chat:
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            while True:
-                kind, value = await events.get()
+            async for kind, value in events:
                 if kind == "text":
                     yield chunk([piece(value)])
                     continue
