@@ -7,8 +7,9 @@ import pytest
 
 from fastdecode import FastDecodeError, SamplingParams
 from fastdecode.bench.peers import (
-    PEERS, check_peers, cut_after_eos, load_peer, model_path, unavailable_reason,
+    PEERS, check_peers, cut_after_eos, load_peer, unavailable_reason,
 )
+from fastdecode.models.loader import model_source
 
 MODEL = "smollm2-135m-instruct"
 EOS = 2  # <|im_end|>
@@ -47,7 +48,7 @@ def test_llamacpp_needs_a_gguf_file(tmp_path):
     for name in ["llamacpp", "llamacpp-lookup"]:
         assert ".gguf" in unavailable_reason(name, folder, None)
     assert unavailable_reason("hf", folder, None) is None
-    assert model_path(folder) == tmp_path
+    assert model_source(folder) == tmp_path
 
 
 def test_missing_packages_name_their_install_command(monkeypatch):
@@ -65,9 +66,9 @@ def test_missing_packages_name_their_install_command(monkeypatch):
 
 def test_unknown_model_and_dtype():
     with pytest.raises(FastDecodeError, match="unknown model 'no-such-model'"):
-        model_path("no-such-model")
+        model_source("no-such-model")
     with pytest.raises(FastDecodeError, match="unknown model"):
-        model_path("/no/such/file.gguf")
+        model_source("/no/such/file.gguf")
     with pytest.raises(FastDecodeError, match="unknown dtype 'float16'"):
         load_peer("llamacpp", MODEL, "float16")
 

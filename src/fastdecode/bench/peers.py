@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 from ..errors import FastDecodeError
+from ..models.loader import model_source
 from ..models.registry import MODELS
 
 LOOKUP_TOKENS = 10  # tokens proposed per prompt lookup, in both the transformers and llama.cpp peers
@@ -79,21 +80,6 @@ def unavailable_reason(name: str, model: str, draft_model: str | None) -> str | 
     return None
 
 
-def model_path(model: str) -> Path:
-    """The GGUF file or checkpoint folder that a --model string names."""
-    if model in MODELS:
-        return MODELS[model].gguf_path()
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and (path / "config.json").exists():
-        return path
-    raise FastDecodeError(
-        f"unknown model {model!r} for the peers: neither a registered model ({', '.join(MODELS)}), "
-        "nor a .gguf file, nor a checkpoint folder with a config.json"
-    )
-
-
 def cut_after_eos(ids: Iterable[int], eos_ids: Iterable[int], max_new_tokens: int) -> list[int]:
     """The counting rule: ids up to and including the first EOS id, at most max_new_tokens."""
     eos, out = set(eos_ids), []
@@ -137,7 +123,7 @@ def _load_peer(name: str, model: str, dtype: str, draft_model: str | None) -> Pe
     if name.startswith("hf"):
         draft = _hf_model(draft_model, dtype) if draft_model else None
         return HFPeer(name, _hf_model(model, dtype), draft)
-    return LlamaCppPeer(name, model_path(model))
+    return LlamaCppPeer(name, model_source(model))
 
 
 # --- transformers ---------------------------------------------------------------------------------
@@ -152,7 +138,7 @@ def _hf_model(model: str, dtype: str):
     from ..models.loader import parse_dtype
 
     hf_logging.set_verbosity_error()
-    path = model_path(model)
+    path = model_source(model)
     gguf = {"gguf_file": path.name} if path.is_file() else {}
     with _quiet():  # the GGUF conversion draws progress bars
         m = AutoModelForCausalLM.from_pretrained(path.parent if gguf else path, **gguf, dtype=parse_dtype(dtype)).eval()

@@ -36,18 +36,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise FastDecodeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
-def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
-    """A folder holding config.json, tokenizer files and safetensors weights for this model."""
+def model_source(name_or_path: str | Path) -> Path:
+    """The GGUF file or checkpoint folder that a model name or path stands for."""
     key = str(name_or_path)
     if key in MODELS:
-        entry = MODELS[key]
-        if not entry.supported:
-            raise FastDecodeError(f"model {key!r} is not supported yet: {entry.unsupported_reason}")
-        return gguf_cache.prepare(entry.gguf_path(), dtype)
+        return MODELS[key].gguf_path()
     path = Path(key).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return gguf_cache.prepare(path, dtype)
-    if path.is_dir() and (path / "config.json").exists():
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").exists()):
         return path
     if path.exists():
         raise FastDecodeError(f"{path} is neither a .gguf file nor a folder with a config.json")
@@ -55,6 +50,15 @@ def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
         f"unknown model {key!r}; known models: {', '.join(MODELS)} "
         "(or give the path of a .gguf file or of a Hugging Face checkpoint folder)"
     )
+
+
+def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
+    """A folder holding config.json, tokenizer files and safetensors weights for this model."""
+    entry = MODELS.get(str(name_or_path))
+    if entry is not None and not entry.supported:
+        raise FastDecodeError(f"model {entry.name!r} is not supported yet: {entry.unsupported_reason}")
+    source = model_source(name_or_path)
+    return gguf_cache.prepare(source, dtype) if source.is_file() else source
 
 
 def weight_files(folder: Path, dtype: torch.dtype) -> list[Path]:
