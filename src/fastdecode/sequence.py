@@ -76,6 +76,7 @@ class Sequence:
         self.finish: str | None = None
         self.state: DecodeState | None = None  # set once the prompt is in the cache
         self._planned: DraftTree | int | None = None  # the tree of the planned step, or its prefill chunk length
+        self.expected_tokens = 0.0  # new tokens the planned step should yield, on its drafter's scores
         drafter.begin(prompt)
 
     @property
@@ -90,11 +91,10 @@ class Sequence:
         """The rows of this sequence's next forward: at most `prefill_tokens` of them while
         prefilling; else the root and the part of the draft tree that pays, given the rows and
         expected tokens of the other sequences sharing the forward. Sets `expected_tokens`."""
-        self.expected_tokens = 0.0
         if self.state is None:
             begin = self.cache.length
             chunk = self.prompt[begin : begin + prefill_tokens]
-            self._planned = len(chunk)
+            self._planned, self.expected_tokens = len(chunk), 0.0
             return Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache, last_only=True)
         room = min(self.max_new - len(self.generated), MAX_DRAFT + 1) - 1
         tree = self.drafter.propose(self.state, room) if room > 0 else DraftTree()

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import FastDecodeError
-from .report import RED, RESET, format_table, read_results
+from .report import RED, RESET, format_table, number, read_results
 from .stats import answer_key
 
 
@@ -39,10 +39,6 @@ def _change(a: float | None, b: float | None) -> str:
     return "-" if not a or b is None else f"{(b / a - 1) * 100:+.1f}%"
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else f"{x:{spec}}"
-
-
 def compare(folder_a: Path, folder_b: Path, color: bool = False) -> tuple[str, int]:
     """The comparison as text, and the number of regressions."""
     (sa, ra), (sb, rb) = load_folder(folder_a), load_folder(folder_b)
@@ -54,14 +50,14 @@ def compare(folder_a: Path, folder_b: Path, color: bool = False) -> tuple[str, i
         da, db = a["differing_answers"], b["differing_answers"]
         worse = db is not None and db > (da or 0)
         regressions += worse
-        exact = f"{_fmt(da, 'd')} -> {_fmt(db, 'd')}" + (" REGRESSION" if worse else "")
+        exact = f"{number(da, 'd')} -> {number(db, 'd')}" + (" REGRESSION" if worse else "")
         if worse and color:
             exact = f"{RED}{exact}{RESET}"
         changed, common = changed_answers(ra, rb, m)
-        rows.append([m, _fmt(a["tokens_per_s"]["mean"], ".1f"), _fmt(b["tokens_per_s"]["mean"], ".1f"),
+        rows.append([m, number(a["tokens_per_s"]["mean"], ".1f"), number(b["tokens_per_s"]["mean"], ".1f"),
                      _change(a["tokens_per_s"]["mean"], b["tokens_per_s"]["mean"]),
-                     _fmt(a["speedup"]["mean"], ".2f"), _fmt(b["speedup"]["mean"], ".2f"),
-                     _fmt(a["mean_acceptance_length"], ".2f"), _fmt(b["mean_acceptance_length"], ".2f"),
+                     number(a["speedup"]["mean"], ".2f"), number(b["speedup"]["mean"], ".2f"),
+                     number(a["mean_acceptance_length"], ".2f"), number(b["mean_acceptance_length"], ".2f"),
                      exact, f"{changed}/{common}" if greedy and common else "-"])
     headers = ["method", "tok/s A", "tok/s B", "change", "speedup A", "speedup B", "accept len A", "accept len B",
                "differing answers A -> B", "answers changed A vs B"]

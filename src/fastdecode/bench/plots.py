@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-BASELINE = "ar"
+from . import stats
+from .stats import BASELINE
+
 DPI = 120
 STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "grid.alpha": 0.35,
          "grid.linewidth": 0.6, "axes.spines.top": False, "axes.spines.right": False}
@@ -47,9 +49,8 @@ def _overall(summary: dict, method: str) -> dict:
 
 
 def differing_methods(summary: dict) -> set[str]:
-    """Methods whose output differed from the reference in any scope."""
-    return {m for scope in summary.get("scopes", {}).values() for m, r in scope.items()
-            if (r or {}).get("differing_answers") or 0}
+    """Methods whose output differed from their reference (scope "overall" holds every answer)."""
+    return set(stats.differing_methods(summary["scopes"]["overall"]))
 
 
 def histogram_methods(summary: dict) -> list[str]:

@@ -53,14 +53,15 @@ def machine_facts(dtype: str) -> dict:
 
 # ----------------------------------------------------------------------------- cells
 
-def _num(x: float | None, spec: str, suffix: str = "") -> str:
+def number(x: float | None, spec: str, suffix: str = "") -> str:
+    """A figure formatted, or "-" where there is none."""
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
 def _mean_std(x: dict, spec: str, suffix: str = "") -> str:
     if x["mean"] is None:
         return "-"
-    return _num(x["mean"], spec, suffix) + ("" if x["std"] is None else f" ± {x['std']:{spec}}")
+    return number(x["mean"], spec, suffix) + ("" if x["std"] is None else f" ± {x['std']:{spec}}")
 
 
 def exactness_cell(method: str, f: dict, markdown: bool) -> str:
@@ -112,7 +113,7 @@ def summary_table(scopes: dict[str, dict[str, dict]], lossy: list[str], markdown
         for s in names:
             f = scopes[s][m]
             mal = f["mean_acceptance_length"]
-            cells.append(_num(f["speedup"]["mean"], ".2f", "x") + ("" if mal is None else f" ({mal:.2f})"))
+            cells.append(number(f["speedup"]["mean"], ".2f", "x") + ("" if mal is None else f" ({mal:.2f})"))
         rows.append([label(m, lossy, markdown), *cells, exactness_cell(m, overall, markdown)])
     return format_table(["method", *names, "exactness"], rows, markdown)
 
@@ -126,7 +127,7 @@ def scope_table(figures: dict[str, dict], lossy: list[str], markdown: bool) -> s
         positions = " ".join(f"{p:.2f}" for p in f["acceptance_per_position"][:4]) or "-"
         rows.append([label(m, lossy, markdown), str(f["tokens"]), _mean_std(f["tokens_per_s"], ".1f"),
                      _mean_std(f["speedup"], ".2f", "x"), _mean_std(f["mean_speedup"], ".2f", "x"),
-                     _num(f["mean_acceptance_length"], ".2f"), _num(f["acceptance_rate"], ".0%"), positions,
+                     number(f["mean_acceptance_length"], ".2f"), number(f["acceptance_rate"], ".0%"), positions,
                      exactness_cell(m, f, markdown)])
     return format_table(headers, rows, markdown)
 
