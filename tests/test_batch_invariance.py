@@ -19,9 +19,11 @@ def model(request):
     return load("smollm2-135m-instruct", request.param).model
 
 
-def _prefilled(model, length: int, seed: int = 0):
+def _prefilled(model, length: int, seed: int = 0, pool=None):
+    from fastdecode.runtime.kv_cache import KVCache
+
     g = torch.Generator().manual_seed(seed)
-    cache = model.new_cache(length + 80)
+    cache = model.new_cache(length + 80) if pool is None else KVCache(pool, length + 80)
     model.forward(torch.randint(0, 49152, (length,), generator=g), torch.arange(length), cache)
     cache.commit(length)
     return cache
@@ -57,21 +59,37 @@ def test_a_token_alone_equals_the_same_token_among_others(model, n):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_kernel_matches_pytorch(dtype):
+def test_paged_attention_kernel_matches_pytorch(dtype):
+    """Two sequences in one call, each over its own blocks scattered through a shared pool: a draft
+    tree over 37 committed rows, and a causal chunk of 3 rows after 70."""
+    from fastdecode.runtime.kv_cache import BLOCK_ROWS as B
+
     g = torch.Generator().manual_seed(0)
-    heads, kv_heads, d, start, n = 6, 2, 64, 37, 5
-    keys = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
-    values = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
-    q = torch.randn(n, heads, d, generator=g)
-    tree = DraftTree([1, 2, 3, 4], [-1, 0, -1, 2])
-    mask = tree.attention_mask()
-    out = attention(native_lib(), q, keys.transpose(1, 2).contiguous(), values, start, mask, d**-0.5)
-    full = torch.cat([torch.ones(n, start, dtype=torch.bool), mask], dim=1)
-    ref = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys.float().repeat_interleave(3, 0), values.float().repeat_interleave(3, 0),
-        attn_mask=full, scale=d**-0.5,
-    ).transpose(0, 1)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    heads, kv_heads, d = 6, 2, 64
+    pool_k = torch.full((12, kv_heads, d, B), float("nan")).to(dtype)  # unused slots must never be read
+    pool_v = torch.full((12, kv_heads, B, d), float("nan")).to(dtype)
+    tree_mask = DraftTree([1, 2, 3, 4], [-1, 0, -1, 2]).attention_mask()
+    sequences = [(37, 5, [7, 2], tree_mask), (70, 3, [0, 11, 4], None)]  # committed, new, blocks, mask
+    q = torch.randn(8, heads, d, generator=g)
+    meta, tables, masks, row, refs = [], [], [], 0, []
+    for start, n, blocks, mask in sequences:
+        keys = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
+        values = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
+        for j in range(start + n):
+            pool_k[blocks[j // B], :, :, j % B] = keys[:, j]
+            pool_v[blocks[j // B], :, j % B] = values[:, j]
+        meta.append([row, n, start, sum(map(len, tables)), -1 if mask is None else 0])
+        tables.append(torch.tensor(blocks))
+        if mask is not None:
+            masks.append(mask.to(torch.uint8).flatten())
+        new = mask if mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+        full = torch.cat([torch.ones(n, start, dtype=torch.bool), new], dim=1)
+        refs.append(F.scaled_dot_product_attention(
+            q[row : row + n].transpose(0, 1), keys.float().repeat_interleave(3, 0),
+            values.float().repeat_interleave(3, 0), attn_mask=full, scale=d**-0.5).transpose(0, 1))
+        row += n
+    out = attention(native_lib(), q, pool_k, pool_v, torch.tensor(meta), torch.cat(tables), torch.cat(masks), d**-0.5)
+    torch.testing.assert_close(out, torch.cat(refs), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -84,25 +102,35 @@ def test_sequences_in_one_batched_forward_equal_each_alone(model):
     g = torch.Generator().manual_seed(7)
     tree = DraftTree([5, 6, 7, 8], [-1, 0, -1, 2])
     tree_mask = tree.attention_mask()  # the root row, then the 4 nodes
-    caches = [_prefilled(model, length, seed) for length, seed in ((30, 1), (120, 2), (0, 3))]
     shapes = [(1, None), (5, tree_mask), (17, None)]  # decode step, tree (root + 4 nodes), prefill chunk
-    segments = []
-    for cache, (n, mask) in zip(caches, shapes):
-        positions = cache.length + (torch.arange(n) if mask is None else torch.tensor([0] + tree.depths()))
-        segments.append(Segment(torch.randint(0, 49152, (n,), generator=g), positions, cache, mask))
+    tokens = [torch.randint(0, 49152, (n,), generator=g) for n, _ in shapes]
 
-    alone = [model.forward(s.tokens, s.positions, s.cache, s.mask) for s in segments]
-    rows_alone = [(s.cache.k.clone(), s.cache.v.clone()) for s in segments]
-    for s in segments:  # wipe the uncommitted rows, so the batched forward must write them again
-        s.cache.k[..., s.cache.length :] = 0
-        s.cache.v[:, :, s.cache.length :] = 0
-    batched = model.forward_batch(segments)
+    def run(batched: bool):
+        pool = model.new_pool(rows=512)
+        # The pool starts as garbage (NaN): the unwritten tail of each sequence's last block is
+        # the only padding there is, and it must not leak into any result.
+        pool.k.fill_(float("nan"))
+        pool.v.fill_(float("nan"))
+        segments = []
+        for (length, seed), toks, (n, mask) in zip(((30, 1), (120, 2), (0, 3)), tokens, shapes):
+            cache = _prefilled(model, length, seed, pool)
+            positions = cache.length + (torch.arange(n) if mask is None else torch.tensor([0] + tree.depths()))
+            segments.append(Segment(toks, positions, cache, mask))
+        if batched:
+            logits = model.forward_batch(segments)
+        else:
+            logits = torch.cat([model.forward(s.tokens, s.positions, s.cache, s.mask) for s in segments])
+        rows = [[(s.cache.keys(i, s.cache.length + len(s.tokens)), s.cache.values(i, s.cache.length + len(s.tokens)))
+                 for i in range(model.config.num_layers)] for s in segments]
+        return logits, rows, segments
 
-    assert torch.equal(batched, torch.cat(alone))
-    for s, (k, v) in zip(segments, rows_alone):
-        end = s.cache.length + len(s.tokens)
-        assert torch.equal(s.cache.k[..., s.cache.length : end], k[..., s.cache.length : end])
-        assert torch.equal(s.cache.v[:, :, s.cache.length : end], v[:, :, s.cache.length : end])
+    alone, rows_alone, _ = run(batched=False)
+    batched, rows_batched, segments = run(batched=True)
+    assert not alone.isnan().any()
+    assert torch.equal(batched, alone)
+    for seq_alone, seq_batched in zip(rows_alone, rows_batched):  # the same rows left in every cache
+        for (k1, v1), (k2, v2) in zip(seq_alone, seq_batched):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
     segments[2].last_only = True  # a prefill chunk needs its last row's logits only
     mixed = model.forward_batch(segments)
-    assert torch.equal(mixed, torch.cat([alone[0], alone[1], alone[2][-1:]]))
+    assert torch.equal(mixed, torch.cat([alone[:6], alone[-1:]]))

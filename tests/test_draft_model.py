@@ -224,12 +224,14 @@ def test_cache_follows_the_context(llm, drafter, monkeypatch):
 
 
 def test_cache_grows(llm, drafter):
+    from fastdecode.runtime.kv_cache import BLOCK_ROWS
+
     tokens = llm.prompt_ids(PARAGRAPH * 12)  # longer than the first allocation
-    capacity = drafter.cache.capacity
-    assert len(tokens) > capacity
+    first = drafter.cache.pool.num_blocks * BLOCK_ROWS
+    assert len(tokens) > first
     tree = drafter.propose(_state(tokens[:20]), budget=2)
     tree = drafter.propose(_state(tokens), budget=4)
-    assert drafter.cache.capacity >= len(tokens) + 4 > capacity
+    assert drafter.cache.pool.num_blocks * BLOCK_ROWS >= len(tokens) + 4 > first
     assert drafter.cached == tokens + tree.tokens[:-1]
 
 

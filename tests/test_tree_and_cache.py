@@ -60,8 +60,9 @@ def test_keep_and_rollback_match_fresh_computation(tiny_model):
     kept = PREFIX + [TREE.tokens[i] for i in path]
     fresh = prefill(model, kept)
     assert cache.length == fresh.length == len(kept)
-    torch.testing.assert_close(cache.k[..., : cache.length], fresh.k[..., : fresh.length], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache.v[:, :, : cache.length], fresh.v[:, :, : fresh.length], rtol=1e-5, atol=1e-5)
+    for layer in range(model.config.num_layers):
+        torch.testing.assert_close(cache.keys(layer, cache.length), fresh.keys(layer, fresh.length), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.values(layer, cache.length), fresh.values(layer, fresh.length), rtol=1e-5, atol=1e-5)
     # The next token's logits agree too, so decoding can go on from the kept cache.
     nxt = torch.tensor([3])
     a = model.forward(nxt, torch.tensor([cache.length]), cache)
@@ -82,10 +83,11 @@ def test_layer_subset_and_hidden_output(tiny_model):
     assert hidden.shape == (3, 32)
     partial = tiny_model.forward(tokens, positions, tiny_model.new_cache(16), layers=[0, 2])
     assert not torch.allclose(full, partial)  # skipping a layer changes the result...
-    assert cache.k[1, ..., :3].abs().sum() > 0  # ...and the full forward wrote every layer's rows
+    assert cache.keys(1, 3).abs().sum() > 0  # ...and the full forward wrote every layer's rows
     skipped = tiny_model.new_cache(16)
+    skipped.pool.k.zero_()
     tiny_model.forward(tokens, positions, skipped, layers=[0, 2])
-    assert skipped.k[1, ..., :3].abs().sum() == 0  # the skipped layer's rows stay untouched
+    assert skipped.keys(1, 3).abs().sum() == 0  # the skipped layer's rows stay untouched
 
 
 def test_cache_capacity_is_enforced(tiny_model):
@@ -120,3 +122,40 @@ def test_verify_greedy_never_accepts_past_eos():
         logits[row, token] = 1.0
     path, _ = verify_greedy(tree, logits, eos_ids=frozenset({2}))
     assert path == [0, 1]
+
+
+def test_a_budgeted_pool_hands_out_blocks_and_takes_them_back(tiny_model):
+    from fastdecode.runtime.kv_cache import BLOCK_ROWS, KVCache, KVPoolFull
+
+    pool = tiny_model.new_pool(budget_bytes=3 * tiny_model.new_pool(rows=1).bytes_per_block)
+    assert pool.num_blocks == 3 and pool.used_blocks == 0
+    a, b = KVCache(pool, 1000), KVCache(pool, 1000)
+    a.reserve(BLOCK_ROWS + 1)  # two blocks
+    assert pool.used_blocks == 2 and a.room() == 3 * BLOCK_ROWS  # its own two blocks and the free one
+    b.reserve(1)
+    with pytest.raises(KVPoolFull, match="budget"):
+        b.reserve(BLOCK_ROWS + 1)
+    assert b.room() == BLOCK_ROWS  # nothing was taken by the failed reserve
+    a.release()
+    assert pool.used_blocks == 1 and a.length == 0
+    b.reserve(3 * BLOCK_ROWS)
+    assert pool.used_blocks == 3
+
+
+def test_a_growing_pool_keeps_rows_across_blocks_and_growth(tiny_model):
+    """A cache of many blocks in a pool that doubles as it fills computes what one big block would."""
+    from fastdecode.runtime.kv_cache import BLOCK_ROWS, KVCache
+
+    tokens = [(7 * i + 3) % 64 for i in range(3 * BLOCK_ROWS + 5)]
+    small = tiny_model.new_pool(rows=1)
+    cache = KVCache(small, 1000)
+    for begin in range(0, len(tokens), 20):  # chunks that straddle block boundaries
+        chunk = tokens[begin : begin + 20]
+        tiny_model.forward(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), cache)
+        cache.commit(len(chunk))
+    assert small.num_blocks >= 4
+    whole = prefill(tiny_model, tokens, capacity=200)
+    nxt = torch.tensor([5])
+    a = tiny_model.forward(nxt, torch.tensor([cache.length]), cache)
+    b = tiny_model.forward(nxt, torch.tensor([whole.length]), whole)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

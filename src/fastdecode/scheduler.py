@@ -1,6 +1,8 @@
 """Continuous batching: many requests decode together, one batched forward per step.
 
-    step:  admit waiting requests (up to max_batch running)
+    step:  admit waiting requests (up to max_batch running, while the KV pool has room for them)
+           make room: every decoding sequence needs a root row; when the pool cannot give them
+               all, the newest request is preempted (its blocks freed, re-prefilled later)
            prefill chunks, within the step's token budget (SARATHI's chunked prefill), so that
                running streams keep flowing while a long prompt is read
            every decoding sequence plans its root + draft tree, cut against the whole batch
@@ -10,6 +12,11 @@
 The forward is batch-invariant (models/llama.py), so each request's output is exactly what it
 would be alone. Drafts are sized on this machine's cost curve against the batch's rows and
 expected tokens (runtime/draft_size.py): they shrink as the batch grows and grow back as it empties.
+
+KV memory is a pool of blocks under a byte budget (runtime/kv_cache.py), taken as sequences grow
+and given back when they finish: memory follows the tokens held, not max_tokens. As in vLLM, a
+request is admitted while its prompt fits, and preemption by recomputation keeps the oldest
+requests moving when the pool runs short (exact, because the forward is batch-invariant).
 """
 from __future__ import annotations
 
@@ -18,8 +25,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .drafters.base import Drafter
+from .errors import FastDecodeError
+from .runtime.kv_cache import BLOCK_ROWS
 from .runtime.sampling import SamplingParams
 from .sequence import PREFILL_CHUNK, GenerationResult, Sequence
+
+
+def blocks_for(rows: int) -> int:
+    return -(-rows // BLOCK_ROWS)
 
 
 @dataclass
@@ -31,17 +44,27 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 8, step_tokens: int = PREFILL_CHUNK):
-        """max_batch: sequences decoding at once; step_tokens: prompt tokens one step may prefill."""
+    def __init__(self, engine, max_batch: int = 8, step_tokens: int = PREFILL_CHUNK, kv_budget_bytes: int | None = None):
+        """max_batch: sequences decoding at once; step_tokens: prompt tokens one step may prefill;
+        kv_budget_bytes: the KV pool's size (None: a pool that grows as needed)."""
         self.engine, self.max_batch, self.step_tokens = engine, max_batch, step_tokens
+        self.pool = engine.model.new_pool(budget_bytes=kv_budget_bytes)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.preemptions = 0
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter,
                on_text: Callable[[str], None] | None = None) -> Request:
         """Queue a request. `drafter` must be its own: a drafter holds one request's state at a time."""
         self.engine.check_prompt(prompt_ids)
-        request = Request(Sequence(self.engine, list(prompt_ids), params, drafter))
+        sequence = Sequence(self.engine, list(prompt_ids), params, drafter, self.pool)
+        need = blocks_for(len(prompt_ids) + sequence.max_new + 1)
+        if self.pool.fixed and need > self.pool.num_blocks:
+            mib = self.pool.bytes_per_block * need / 2**20
+            raise FastDecodeError(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({sequence.max_new}) need "
+                                  f"{mib:.0f} MiB of KV cache; the budget is "
+                                  f"{self.pool.bytes_per_block * self.pool.num_blocks / 2**20:.0f} MiB")
+        request = Request(sequence)
         if on_text is not None:
             request.on_text = on_text
         self.waiting.append(request)
@@ -53,19 +76,44 @@ class Scheduler:
             self.waiting.remove(request)
         if request in self.running:
             self.running.remove(request)
+        request.sequence.cache.release()
 
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
+    def _admit(self) -> None:
+        """Waiting requests join, oldest first, while slots are free and the pool holds their
+        prompt, keeping a block in hand for each running sequence's next rows."""
+        while self.waiting and len(self.running) < self.max_batch:
+            need = blocks_for(self.waiting[0].sequence.rows_to_resume) + len(self.running)
+            if self.pool.fixed and self.running and need > len(self.pool.free):
+                return
+            self.running.append(self.waiting.popleft())
+
+    def _make_room(self) -> None:
+        """Preempt the newest requests until every decoding sequence can get its root row."""
+        while len(self.running) > 1:
+            short = sum(1 for r in self.running if not r.sequence.prefilling and r.sequence.cache.spare_rows < 1)
+            if short <= len(self.pool.free):
+                return
+            victim = self.running.pop()
+            victim.sequence.preempt()
+            self.waiting.appendleft(victim)
+            self.preemptions += 1
+
     def step(self) -> list[Request]:
         """One batched forward; returns the requests that finished in it."""
-        while self.waiting and len(self.running) < self.max_batch:
-            self.running.append(self.waiting.popleft())
+        self._admit()
+        if self.pool.fixed:
+            self._make_room()
+            for r in self.running:  # roots first, so that no draft or prompt takes their rows
+                if not r.sequence.prefilling:
+                    r.sequence.cache.reserve(r.sequence.cache.length + 1)
         budget = self.step_tokens
         planned, rows, expected = [], 0, 0.0
         for r in self.running:  # prompts first, so the drafts below are sized against their rows
-            if r.sequence.prefilling and budget > 0:
+            if r.sequence.prefilling and budget > 0 and r.sequence.cache.room() > 0:
                 segment = r.sequence.plan(prefill_tokens=budget)
                 budget -= len(segment.tokens)
                 planned.append((r, segment))

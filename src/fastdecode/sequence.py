@@ -11,6 +11,11 @@
 
 The root is the last committed token: its KV row is written by the verify forward that follows it.
 Splitting a step at the forward lets one loop serve one request (engine.py) or many at once.
+
+Under a KV budget shared with other sequences (scheduler.py) a draft is cut to the rows the pool
+can still give, and a sequence may be preempted: its blocks go back to the pool, and when it
+resumes it prefills everything it had committed again. The forward is batch-invariant, so those
+rows come out bitwise as before and the output does not change.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from .errors import FastDecodeError
 from .metrics import RequestStats
 from .models.llama import Segment
 from .runtime.draft_size import best_subtree
+from .runtime.kv_cache import KVCache, KVPool
 from .runtime.sampling import SamplingParams, next_tokens
 from .runtime.tree import DraftTree
 from .runtime.verify import verify_greedy, verify_sampling
@@ -59,12 +65,15 @@ class GenerationResult:
 
 
 class Sequence:
-    def __init__(self, engine, prompt: list[int], params: SamplingParams, drafter: Drafter):
-        """engine: model, tokenizer, model_name, context_window and cost_curve (see engine.Engine)."""
+    def __init__(self, engine, prompt: list[int], params: SamplingParams, drafter: Drafter, pool: KVPool | None = None):
+        """engine: model, tokenizer, model_name, context_window and cost_curve (see engine.Engine);
+        pool: the KV pool shared with other sequences, or None for one of its own."""
         self.start = time.perf_counter()
         self.engine, self.prompt, self.params, self.drafter = engine, prompt, params, drafter
         self.max_new = min(params.max_new_tokens, engine.context_window - len(prompt))
-        self.cache = engine.model.new_cache(len(prompt) + self.max_new + MAX_DRAFT + 1)
+        capacity = len(prompt) + self.max_new + MAX_DRAFT + 1
+        self.cache = KVCache(pool or engine.model.new_pool(rows=capacity), capacity)
+        self._prefix = prompt  # the tokens to prefill before decoding (all committed ones, on resuming)
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator()
@@ -85,23 +94,39 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.state is None
+        return self.cache.length < len(self._prefix)
+
+    @property
+    def rows_to_resume(self) -> int:
+        """Cache rows the next step needs at least: the whole prefix to prefill, and a root."""
+        return len(self._prefix) + 1
+
+    def preempt(self) -> None:
+        """Give the cache back to the pool; the sequence resumes by prefilling what it had committed."""
+        if self.state is not None:
+            self._prefix = self.state.tokens[:-1]  # the root's row is written by its next step
+        self.cache.release()
 
     def plan(self, prefill_tokens: int = PREFILL_CHUNK, other_rows: int = 0, other_tokens: float = 0.0) -> Segment:
         """The rows of this sequence's next forward: at most `prefill_tokens` of them while
         prefilling; else the root and the part of the draft tree that pays, given the rows and
-        expected tokens of the other sequences sharing the forward. Sets `expected_tokens`."""
-        if self.state is None:
+        expected tokens of the other sequences sharing the forward. Sets `expected_tokens`. The
+        rows are reserved in the pool at once (KVPoolFull when it cannot give even one)."""
+        free = self.cache.room()
+        if self.prefilling:
             begin = self.cache.length
-            chunk = self.prompt[begin : begin + prefill_tokens]
+            chunk = self._prefix[begin : begin + min(prefill_tokens, free)]
+            self.cache.reserve(begin + len(chunk))
             self._planned, self.expected_tokens = len(chunk), 0.0
             return Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache, last_only=True)
-        room = min(self.max_new - len(self.generated), MAX_DRAFT + 1) - 1
+        self.cache.reserve(self.cache.length + 1)
+        room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free) - 1
         tree = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
         if len(tree) > room:
             raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(tree)} nodes, over its budget of {room}")
         if tree.scores is not None:
             tree = best_subtree(tree, self.engine.cost_curve, other_rows, other_tokens)
+        self.cache.reserve(self.cache.length + 1 + len(tree))
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
         positions = self.cache.length + torch.tensor([0] + tree.depths())
@@ -111,7 +136,7 @@ class Sequence:
     def complete(self, logits: torch.Tensor) -> str | None:
         """Take the logits of the planned rows; return the text now safe to show (None while the
         prompt is still being prefilled)."""
-        if self.state is None:
+        if isinstance(self._planned, int):
             return self._complete_prefill(logits)
         tree, cache, params = self._planned, self.cache, self.params
         if params.greedy:
@@ -135,7 +160,7 @@ class Sequence:
     def _complete_prefill(self, logits: torch.Tensor) -> str | None:
         self.cache.commit(self._planned)
         self.stats.forward_passes += 1
-        if self.cache.length < len(self.prompt):
+        if self.prefilling or self.state is not None:  # more to read, or a preempted sequence caught up
             return None
         self.generated = [int(next_tokens(logits, self.params, self.generator)[0])]
         self.stats.prefill_time_s = time.perf_counter() - self.start
@@ -151,7 +176,8 @@ class Sequence:
         return None
 
     def close(self) -> tuple[str, GenerationResult]:
-        """The last text held back for stop strings, and the result."""
+        """The last text held back for stop strings, and the result; the cache goes back to its pool."""
+        self.cache.release()
         last = self.out.finish()
         self.stats.num_generated_tokens = len(self.generated)
         self.stats.wall_time_s = time.perf_counter() - self.start

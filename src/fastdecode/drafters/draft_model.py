@@ -27,12 +27,13 @@ import torch
 
 from ..errors import FastDecodeError
 from ..models.loader import load
+from ..runtime.kv_cache import KVCache
 from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
 from .base import DecodeState, StepResult, Target, check_options
 
 PREFILL_CHUNK = 512  # as in the engine: bounds attention memory for long prompts
-HEADROOM = 256  # extra cache rows allocated at a time, so the cache rarely grows
+HEADROOM = 256  # cache rows allocated to begin with; the pool doubles when they run out
 BINS = 10  # draft probability bins of the calibration table
 PRIOR_WEIGHT = 2.0  # pseudo-counts that keep a young bin's correction near 1
 MAX_TRIALS = 2000.0  # beyond this a bin's counts are halved, so its correction can drift
@@ -129,7 +130,7 @@ class DraftModel:
         self.max_depth, self.min_confidence = max_depth, min_confidence
         # Kept across requests: the calibration, and the cache (a new prompt reuses a shared prefix).
         self.calibration = Calibration()
-        self.cache = self.model.new_cache(HEADROOM)
+        self.cache = KVCache(self.model.new_pool(rows=HEADROOM), self.model.config.max_position_embeddings)
         self.cached: list[int] = []  # the tokens whose rows are cache rows [0, len)
         self.begin([])
 
@@ -190,7 +191,6 @@ class DraftModel:
         keep = min(common_prefix(self.cached, tokens), len(tokens) - 1)
         self.cache.rollback(keep)
         del self.cached[keep:]
-        self._ensure_room(len(tokens) + depth)
         for begin in range(keep, len(tokens), PREFILL_CHUNK):
             logits = self._forward(tokens[begin : begin + PREFILL_CHUNK])
         return logits
@@ -204,18 +204,6 @@ class DraftModel:
         self.cache.commit(len(new))
         self.cached.extend(new)
         return logits[0]
-
-    def _ensure_room(self, rows: int) -> None:
-        """Grow the cache (allocate a bigger one, copy the committed rows) to hold `rows` rows."""
-        old = self.cache
-        if rows <= old.capacity:
-            return
-        new = self.model.new_cache(max(rows + HEADROOM, 2 * old.capacity))
-        n = old.length
-        new.k[..., :n] = old.k[..., :n]
-        new.v[:, :, :n] = old.v[:, :, :n]
-        new.length = n
-        self.cache = new
 
     def _generator(self, seed: int | None) -> torch.Generator:
         """The drafter's own random stream: reproducible for a seeded request, and derived from the

@@ -65,7 +65,8 @@ def _build() -> ctypes.CDLL | None:
     for fn in (lib.skinny_gemm_f32, lib.skinny_gemm_bf16):
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
         fn.restype = None
-    lib.attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6 + [ctypes.c_float]
+    lib.attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
+                              + [ctypes.c_long] * 4 + [ctypes.c_float])
     lib.attention.restype = None
     return lib
 
@@ -102,19 +103,20 @@ def skinny_gemm(lib: ctypes.CDLL, packed: torch.Tensor, out_features: int, x: to
 
 
 def attention(
-    lib: ctypes.CDLL, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
-    start: int, mask: torch.Tensor | None, scale: float,
+    lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    segments: torch.Tensor, tables: torch.Tensor, masks: torch.Tensor | None, scale: float,
 ) -> torch.Tensor:
-    """q [n, heads, D] float32; keys_t [kv_heads, D, capacity] and values [kv_heads, capacity, D]
-    (contiguous, float32 or bfloat16) holding the committed rows [0, start) and the n new ones;
-    mask [n, n] bool (new rows each row may see) or None for causal -> [n, heads, D] float32."""
-    n, heads, d = q.shape
-    kv_heads, _, capacity = keys_t.shape
+    """Attention of every sequence of a batched forward over its paged cache.
+    q [rows, heads, D] float32; keys [blocks, kv_heads, D, B] and values [blocks, kv_heads, B, D]: one
+    layer's pools (contiguous, float32 or bfloat16); segments int64 [sequences, 5]: first row, new
+    rows n, committed rows, offset of its block table in `tables` (int64), offset of its [n, n]
+    mask in `masks` (uint8: new rows each row may see) or -1 for causal -> [rows, heads, D] float32."""
+    rows, heads, d = q.shape
+    kv_heads, block = keys.shape[1], keys.shape[-1]
     out = torch.empty_like(q)
-    mask_bytes = None if mask is None else mask.to(torch.uint8).contiguous()
     lib.attention(
-        q.data_ptr(), keys_t.data_ptr(), values.data_ptr(), int(keys_t.dtype == torch.bfloat16),
-        None if mask_bytes is None else mask_bytes.data_ptr(), out.data_ptr(),
-        n, heads, kv_heads, d, capacity, start, scale,
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), len(segments),
+        segments.data_ptr(), tables.data_ptr(), None if masks is None else masks.data_ptr(), out.data_ptr(),
+        heads, kv_heads, d, block.bit_length() - 1, scale,
     )
     return out

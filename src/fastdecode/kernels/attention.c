@@ -10,8 +10,11 @@
  *   p[k]     = exp(score[k] * scale - max)  (one vector exp for every element)
  *   out      = (sum_k p[k] * value[k]) / sum_k p[k]   (in rank order)
  *
- * Keys are stored transposed, [kv_heads, D, capacity], so that 16 consecutive keys are one vector
- * load per d; values row-major [kv_heads, capacity, D]. float32 or bfloat16 storage, float32 math.
+ * The cache is paged (runtime/kv_cache.py): a sequence's row j lives in block table[j / B] at
+ * offset j % B of a pool shared by every sequence. A block holds keys transposed, [kv_heads, D, B],
+ * so that 16 consecutive keys are one vector load per d (B is a multiple of 16, so such a load
+ * never straddles two blocks), and values row-major, [kv_heads, B, D]. Storage is float32 or
+ * bfloat16, math float32. One call attends every sequence of a batched forward.
  */
 #include <math.h>
 #include <stdint.h>
@@ -56,11 +59,33 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
+/* One sequence's rows of one layer and key/value head in the paged pool. */
+typedef struct {
+    const char *k, *v;  /* the layer's pools, at this head: block b starts at b * stride elements */
+    const long *table;  /* block of each B rows of the sequence */
+    long shift, stride; /* B = 1 << shift rows per block; elements per block of one layer */
+    int bf16;
+} Paged;
+
+/* Key rows j .. j+15 (j a multiple of 16): element (d, j + i) lies at d * B + i. */
+static inline const void *keys_at(const Paged *p, long j) {
+    long B = 1L << p->shift;
+    return p->k + (p->table[j >> p->shift] * p->stride + (j & (B - 1))) * (p->bf16 ? 2 : 4);
+}
+
+/* Value row j: D consecutive elements. */
+static inline const void *value_at(const Paged *p, long j, long D) {
+    long B = 1L << p->shift;
+    return p->v + (p->table[j >> p->shift] * p->stride + (j & (B - 1)) * D) * (p->bf16 ? 2 : 4);
+}
+
 /* score of query q against key slot j: the same fma chain as one lane of the vector path. */
-static inline float score_one(const float *q, const void *kt, long cap, long D, long j, int bf16) {
+static inline float score_one(const float *q, const Paged *p, long D, long j) {
+    const void *kt = keys_at(p, j & ~15L);
+    long B = 1L << p->shift;
     float acc = 0.0f;
     for (long d = 0; d < D; d++)
-        acc = fmaf(q[d], load_scalar(kt, d * cap + j, bf16), acc);
+        acc = fmaf(q[d], load_scalar(kt, d * B + (j & 15), p->bf16), acc);
     return acc;
 }
 
@@ -68,16 +93,18 @@ static inline float score_one(const float *q, const void *kt, long cap, long D, 
 
 /* Scores of nq queries against key slots [0, span): one key vector load serves them all. A lane
  * computes exactly what score_one computes for its slot. */
-static inline __attribute__((always_inline)) void slot_scores(const float *const *qs, long nq, const void *kt, int bf16,
-                                                              long D, long cap, long span, float *const *score) {
+static inline __attribute__((always_inline)) void slot_scores(const float *const *qs, long nq, const Paged *p,
+                                                              long D, long span, float *const *score) {
 #ifdef __AVX512F__
+    long B = 1L << p->shift;
     for (long j = 0; j < span; j += 16) {
         __mmask16 m = span - j >= 16 ? 0xffff : (__mmask16)((1u << (span - j)) - 1);
+        const void *kt = keys_at(p, j);
         __m512 acc[QB];
         for (long i = 0; i < QB; i++)
             acc[i] = _mm512_setzero_ps();
         for (long d = 0; d < D; d++) {
-            __m512 k = load16(kt, d * cap + j, bf16, m);
+            __m512 k = load16(kt, d * B, p->bf16, m);
             for (long i = 0; i < QB; i++)
                 if (i < nq)
                     acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qs[i][d]), k, acc[i]);
@@ -89,7 +116,7 @@ static inline __attribute__((always_inline)) void slot_scores(const float *const
 #else
     for (long i = 0; i < nq; i++)
         for (long j = 0; j < span; j++)
-            score[i][j] = score_one(qs[i], kt, cap, D, j, bf16);
+            score[i][j] = score_one(qs[i], p, D, j);
 #endif
 }
 
@@ -121,8 +148,9 @@ static float softmax_numerators(float *score, long count, float scale) {
 
 /* out[i] = sum over ranks of p[i][rank] * value[slot(rank)], in rank order: the committed rows
  * (shared by the nq queries, one value load for all), then each query's own new rows. */
-static inline __attribute__((always_inline)) void weighted_values(long nq, const void *v, int bf16, long D, long start, float *const *p,
+static inline __attribute__((always_inline)) void weighted_values(long nq, const Paged *pg, long D, long start, float *const *p,
                             const long *const *slots, const long *counts, float *const *out) {
+    int bf16 = pg->bf16;
 #ifdef __AVX512F__
     for (long d0 = 0; d0 < D; d0 += 64) { /* 4 vectors of 16 dims per query stay in registers */
         __mmask16 m[4];
@@ -137,7 +165,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
         for (long k = 0; k < start; k++) {
             __m512 val[4];
             for (long c = 0; c < 4; c++)
-                val[c] = load16(v, k * D + d0 + 16 * c, bf16, m[c]);
+                val[c] = load16(value_at(pg, k, D), d0 + 16 * c, bf16, m[c]);
             for (long i = 0; i < QB; i++)
                 if (i < nq) {
                     __m512 w = _mm512_set1_ps(p[i][k]);
@@ -150,7 +178,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
                 for (long k = start; k < counts[i]; k++) {
                     __m512 w = _mm512_set1_ps(p[i][k]);
                     for (long c = 0; c < 4; c++)
-                        acc[i][c] = _mm512_fmadd_ps(w, load16(v, slots[i][k - start] * D + d0 + 16 * c, bf16, m[c]), acc[i][c]);
+                        acc[i][c] = _mm512_fmadd_ps(w, load16(value_at(pg, slots[i][k - start], D), d0 + 16 * c, bf16, m[c]), acc[i][c]);
                 }
                 for (long c = 0; c < 4; c++)
                     _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], acc[i][c]);
@@ -163,39 +191,56 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
         for (long k = 0; k < counts[i]; k++) {
             long slot = k < start ? k : slots[i][k - start];
             for (long d = 0; d < D; d++)
-                out[i][d] = fmaf(p[i][k], load_scalar(v, slot * D + d, bf16), out[i][d]);
+                out[i][d] = fmaf(p[i][k], load_scalar(value_at(pg, slot, D), d, bf16), out[i][d]);
         }
     }
 #endif
 }
 
-/* q, out: [n, heads, D] float32; kt: [kv_heads, D, cap]; v: [kv_heads, cap, D] (bf16 when bf16 != 0);
- * mask: [n, n] bytes (row r may see new row c) or NULL for causal. */
-void attention(const float *q, const void *kt, const void *v, int bf16, const uint8_t *mask, float *out, long n,
-               long heads, long kv_heads, long D, long cap, long start, float scale) {
-    long group = heads / kv_heads, elem = bf16 ? 2 : 4;
-    /* Queries of one kv head in blocks of qb; a single query each when there are few, so that
-     * both cores get work. The block size changes the speed only, never a result. */
-    long per_head = n * group, qb = n * heads >= 4 * QB ? QB : 1, blocks = (per_head + qb - 1) / qb;
+/* q, out: [rows, heads, D] float32, the rows of every sequence in order. kpool, vpool: one layer's
+ * pools, [blocks, kv_heads, D, B] and [blocks, kv_heads, B, D] (bfloat16 when bf16 != 0).
+ * Sequence s is seg[5s .. 5s+4] = {first row, n new rows, start (committed rows), offset of its
+ * block table in tables, offset of its [n, n] mask in masks or -1 for causal}. */
+void attention(const float *q, const void *kpool, const void *vpool, int bf16, long nseg, const long *seg,
+               const long *tables, const uint8_t *masks, float *out, long heads, long kv_heads, long D,
+               long shift, float scale) {
+    long group = heads / kv_heads, B = 1L << shift, stride = kv_heads * D * B;
+    long first_item[nseg + 1], qbs[nseg], most = 0, most_n = 0;
+    first_item[0] = 0;
+    for (long s = 0; s < nseg; s++) {
+        long n = seg[5 * s + 1], start = seg[5 * s + 2];
+        /* Queries of one kv head in blocks of qb; a single query each when there are few, so that
+         * both cores get work. The block size changes the speed only, never a result. */
+        qbs[s] = n * heads >= 4 * QB ? QB : 1;
+        first_item[s + 1] = first_item[s] + kv_heads * ((n * group + qbs[s] - 1) / qbs[s]);
+        most = start + n > most ? start + n : most;
+        most_n = n > most_n ? n : most_n;
+    }
 #pragma omp parallel
     {
-        float *score_mem = malloc(sizeof(float) * QB * (start + n + 16));
-        long *slot_mem = malloc(sizeof(long) * QB * (n + 1));
+        float *score_mem = malloc(sizeof(float) * QB * (most + 16));
+        long *slot_mem = malloc(sizeof(long) * QB * (most_n + 1));
 #pragma omp for schedule(static)
-        for (long item = 0; item < kv_heads * blocks; item++) {
-            long g = item / blocks, first = (item % blocks) * qb;
+        for (long item = 0; item < first_item[nseg]; item++) {
+            long s = 0;
+            while (item >= first_item[s + 1])
+                s++;
+            long row0 = seg[5 * s], n = seg[5 * s + 1], start = seg[5 * s + 2], qb = qbs[s];
+            const uint8_t *mask = seg[5 * s + 4] < 0 ? NULL : masks + seg[5 * s + 4];
+            long per_head = n * group, blocks = (per_head + qb - 1) / qb, local = item - first_item[s];
+            long g = local / blocks, first = (local % blocks) * qb;
             long nq = per_head - first < qb ? per_head - first : qb;
+            Paged pg = {(const char *)kpool + g * D * B * (bf16 ? 2 : 4), (const char *)vpool + g * B * D * (bf16 ? 2 : 4),
+                        tables + seg[5 * s + 3], shift, stride, bf16};
             const float *qs[QB];
             float *score[QB], *outs[QB];
             long *slots[QB], counts[QB];
-            const char *kt_g = (const char *)kt + g * D * cap * elem;
-            const char *v_g = (const char *)v + g * cap * D * elem;
             for (long i = 0; i < nq; i++) {
                 long r = (first + i) / group, h = g * group + (first + i) % group;
-                qs[i] = q + (r * heads + h) * D;
-                outs[i] = out + (r * heads + h) * D;
-                score[i] = score_mem + i * (start + n + 16);
-                slots[i] = slot_mem + i * (n + 1);
+                qs[i] = q + ((row0 + r) * heads + h) * D;
+                outs[i] = out + ((row0 + r) * heads + h) * D;
+                score[i] = score_mem + i * (most + 16);
+                slots[i] = slot_mem + i * (most_n + 1);
                 counts[i] = start;
                 for (long c = 0; c <= (mask ? n - 1 : r); c++)
                     if (!mask || mask[r * n + c])
@@ -206,11 +251,11 @@ void attention(const float *q, const void *kt, const void *v, int bf16, const ui
              * query's visible new rows moved into rank order (slots only grow, so in place). */
             long span = start + (mask ? n : (first + nq - 1) / group + 1);
             if (nq == QB)
-                slot_scores(qs, QB, kt_g, bf16, D, cap, span, score);
+                slot_scores(qs, QB, &pg, D, span, score);
             else if (nq == 1)
-                slot_scores(qs, 1, kt_g, bf16, D, cap, span, score);
+                slot_scores(qs, 1, &pg, D, span, score);
             else
-                slot_scores(qs, nq, kt_g, bf16, D, cap, span, score);
+                slot_scores(qs, nq, &pg, D, span, score);
             float inv[QB];
             for (long i = 0; i < nq; i++) {
                 for (long k = start; k < counts[i]; k++)
@@ -218,11 +263,11 @@ void attention(const float *q, const void *kt, const void *v, int bf16, const ui
                 inv[i] = 1.0f / softmax_numerators(score[i], counts[i], scale);
             }
             if (nq == QB)
-                weighted_values(QB, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
+                weighted_values(QB, &pg, D, start, score, (const long *const *)slots, counts, outs);
             else if (nq == 1)
-                weighted_values(1, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
+                weighted_values(1, &pg, D, start, score, (const long *const *)slots, counts, outs);
             else
-                weighted_values(nq, v_g, bf16, D, start, score, (const long *const *)slots, counts, outs);
+                weighted_values(nq, &pg, D, start, score, (const long *const *)slots, counts, outs);
             for (long i = 0; i < nq; i++)
                 for (long d = 0; d < D; d++)
                     outs[i][d] *= inv[i];

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import attention, native_lib
-from ..runtime.kv_cache import KVCache
+from ..runtime.kv_cache import KVCache, KVPool
 from .config import ModelConfig, rope_inverse_frequencies
 from .linear import Linear
 
@@ -81,9 +81,14 @@ class LlamaModel:
         """An output head over only these tokens (logit j is token_ids[j]): a cheaper head for drafting."""
         return Linear(self.head_weight[token_ids])
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_pool(self, budget_bytes: int | None = None, rows: int = 0) -> KVPool:
+        """A KV pool for this model: `budget_bytes` of blocks, fixed; else room for `rows`, growing."""
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.dtype)
+        return KVPool(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, rows, budget_bytes)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """A cache of up to `capacity` rows in a pool of its own."""
+        return KVCache(self.new_pool(rows=capacity), capacity)
 
     def forward(
         self,
@@ -111,8 +116,11 @@ class LlamaModel:
         only to its own cache, so a segment's results are bitwise those of forward() on it alone."""
         c = self.config
         half = c.head_dim // 2
+        pool = segments[0].cache.pool
         spans, total = [], 0  # (segment, first row, start in its cache)
         for seg in segments:
+            if seg.cache.pool is not pool:
+                raise ValueError("the segments of one forward must share a KV pool")
             seg.cache.check_room(len(seg.tokens))
             spans.append((seg, total, seg.cache.length))
             total += len(seg.tokens)
@@ -121,8 +129,11 @@ class LlamaModel:
         positions = segments[0].positions if one else torch.cat([seg.positions for seg in segments])
         cos = self.cos[positions].unsqueeze(1)  # [rows, 1, head_dim]
         sin = self.sin_signed[positions].unsqueeze(1)
-        masks = None if self.native is not None else [self._attention_mask(len(seg.tokens), start, seg.mask)
-                                                      for seg, _, start in spans]
+        # Where each new row's key and value go: (block, offset) in the pool.
+        slots = [seg.cache.slots(start, len(seg.tokens)) for seg, _, start in spans]
+        blocks = slots[0][0] if one else torch.cat([b for b, _ in slots])
+        offsets = slots[0][1] if one else torch.cat([o for _, o in slots])
+        attend = self._attend_native(spans) if self.native is not None else self._attend_torch(spans)
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
         for i in range(c.num_layers) if layers is None else layers:
             layer = self.layers[i]
@@ -130,11 +141,9 @@ class LlamaModel:
             qkv = layer.qkv(h)
             qk = qkv[:, : self.q_size + self.kv_size].view(total, c.num_heads + c.num_kv_heads, c.head_dim)
             qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
-            v = qkv[:, self.q_size + self.kv_size :].view(total, c.num_kv_heads, c.head_dim)
-            outs = [self._attend(i, seg, start, qk[row : row + len(seg.tokens)], v[row : row + len(seg.tokens)],
-                                 None if masks is None else masks[k])
-                    for k, (seg, row, start) in enumerate(spans)]
-            x += layer.o(outs[0] if one else torch.cat(outs))
+            pool.k[i, blocks, :, :, offsets] = qk[:, c.num_heads :]
+            pool.v[i, blocks, :, offsets] = qkv[:, self.q_size + self.kv_size :].view(total, c.num_kv_heads, c.head_dim)
+            x += layer.o(attend(i, qk[:, : c.num_heads]))
             h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
             x += layer.down(F.silu(gate).mul_(up))
@@ -146,27 +155,47 @@ class LlamaModel:
         logits = (head or self.lm_head)(hidden).float()
         return (logits, hidden) if output_hidden else logits
 
-    def _attend(self, layer: int, seg: Segment, start: int, qk: torch.Tensor, v: torch.Tensor, attn_mask) -> torch.Tensor:
-        """Write one segment's new keys and values into its cache and attend over it: [n, q_size]."""
-        c, cache, n = self.config, seg.cache, len(seg.tokens)
-        cache.k[layer, :, :, start : start + n] = qk[:, c.num_heads :].permute(1, 2, 0)
-        cache.v[layer, :, start : start + n] = v.transpose(0, 1)
-        if self.native is None:
-            return self._torch_attention(qk[:, : c.num_heads], cache, layer, start + n, attn_mask)
-        q = qk[:, : c.num_heads].to(torch.float32).contiguous()
-        o = attention(self.native, q, cache.k[layer], cache.v[layer], start, seg.mask, self.scale)
-        return o.to(self.dtype).view(n, self.q_size)
+    def _attend_native(self, spans):
+        """attend(layer, q [rows, heads, d]) -> [rows, q_size]: every segment over its own paged
+        cache, in one kernel call per layer (kernels/attention.c)."""
+        meta, tables, masks, table_at, mask_at = [], [], [], 0, 0
+        for seg, row, start in spans:
+            n = len(seg.tokens)
+            meta.append([row, n, start, table_at, -1 if seg.mask is None else mask_at])
+            tables.append(seg.cache.table)
+            table_at += len(seg.cache.table)
+            if seg.mask is not None:
+                masks.append(seg.mask.to(torch.uint8).flatten())
+                mask_at += n * n
+        meta = torch.tensor(meta, dtype=torch.long)
+        tables = torch.cat(tables) if len(tables) > 1 else tables[0]
+        masks = torch.cat(masks) if masks else None
+        pool, rows = spans[0][0].cache.pool, spans[-1][1] + len(spans[-1][0].tokens)
 
-    def _torch_attention(self, q: torch.Tensor, cache: KVCache, layer: int, end: int, attn_mask) -> torch.Tensor:
-        """PyTorch's fused attention (without a compiler): fast, but not batch-invariant."""
-        c, n = self.config, q.shape[0]
-        # [n, heads, d] -> [kv_heads, group * n, d]: each kv head attends for its whole group.
-        q = q.reshape(n, c.num_kv_heads, self.group, c.head_dim)
-        q = q.permute(1, 2, 0, 3).reshape(1, c.num_kv_heads, self.group * n, c.head_dim)
-        keys = cache.k[layer : layer + 1, :, :, :end].transpose(-1, -2)
-        # 4-d inputs take PyTorch's fused CPU attention kernel; 3-d ones a slower generic path.
-        o = F.scaled_dot_product_attention(q, keys, cache.v[layer : layer + 1, :, :end], attn_mask=attn_mask, scale=self.scale)
-        return o.view(c.num_kv_heads, self.group, n, c.head_dim).permute(2, 0, 1, 3).reshape(n, self.q_size)
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            o = attention(self.native, q.float().contiguous(), pool.k[layer], pool.v[layer], meta, tables, masks, self.scale)
+            return o.to(self.dtype).view(rows, self.q_size)
+        return attend
+
+    def _attend_torch(self, spans):
+        """The same with PyTorch's fused attention (without a compiler): fast, but not batch-invariant."""
+        c = self.config
+        masks = [self._attention_mask(len(seg.tokens), start, seg.mask) for seg, _, start in spans]
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for (seg, row, start), mask in zip(spans, masks):
+                n = len(seg.tokens)
+                # [n, heads, d] -> [kv_heads, group * n, d]: each kv head attends for its whole group.
+                qs = q[row : row + n].reshape(n, c.num_kv_heads, self.group, c.head_dim)
+                qs = qs.permute(1, 2, 0, 3).reshape(1, c.num_kv_heads, self.group * n, c.head_dim)
+                keys = seg.cache.keys(layer, start + n).transpose(-1, -2).unsqueeze(0)
+                values = seg.cache.values(layer, start + n).unsqueeze(0)
+                # 4-d inputs take PyTorch's fused CPU attention kernel; 3-d ones a slower generic path.
+                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scale)
+                outs.append(o.view(c.num_kv_heads, self.group, n, c.head_dim).permute(2, 0, 1, 3).reshape(n, self.q_size))
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return attend
 
     def _attention_mask(self, n: int, start: int, mask: torch.Tensor | None) -> torch.Tensor | None:
         """Boolean [group * n, start + n] (True = attend), or None when one token sees everything."""

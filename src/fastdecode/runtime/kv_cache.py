@@ -1,12 +1,17 @@
-"""Static KV cache of one sequence, preallocated once for its prompt plus its new tokens.
+"""Paged KV cache: sequences hold blocks of a shared pool, taken as they grow (as vLLM pages it).
 
-Layout: values [num_layers, num_kv_heads, capacity, head_dim] and keys transposed,
-[num_layers, num_kv_heads, head_dim, capacity], so that the attention kernel reads 16 consecutive
-keys per vector load (kernels/attention.c). Rows [0, length) are
-committed. A forward writes its n new rows at [length, length + n) and attends over
-[0, length + n) without committing them; the decode loop then keeps the rows it accepted. So
-appending, rolling back and keeping the accepted path of a draft tree are index operations on
-the same storage, never a reallocation.
+Pool layout, per layer: keys [blocks, kv_heads, head_dim, B] (transposed, so that the attention
+kernel reads 16 consecutive keys per vector load) and values [blocks, kv_heads, B, head_dim]. Row j
+of a sequence lives in block table[j // B] at offset j % B.
+
+A sequence's rows [0, length) are committed. A forward writes its n new rows at
+[length, length + n) and attends over [0, length + n) without committing them; the decode loop
+then keeps the rows it accepted. So appending, rolling back and keeping the accepted path of a
+draft tree are index operations, never a reallocation.
+
+A pool either has a byte budget (the server: a fixed number of blocks, and `KVPoolFull` when none is
+free) or grows on demand (one request in the library, a draft model's cache). Its storage is
+allocated empty, so the operating system commits memory only for blocks that have been written.
 """
 from __future__ import annotations
 
@@ -14,19 +19,112 @@ import torch
 
 from ..errors import FastDecodeError
 
+BLOCK_ROWS = 32  # a power of two and a multiple of 16 (the attention kernel's vector of keys)
+
+
+class KVPoolFull(FastDecodeError):
+    """The pool's budget has no free block left."""
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 rows: int = 0, budget_bytes: int | None = None):
+        """With budget_bytes: as many blocks as fit in it, and never more. Else room for `rows` rows
+        to begin with, doubled whenever it runs out."""
+        self.shape = (num_layers, num_kv_heads, head_dim)
+        self.dtype, self.fixed = dtype, budget_bytes is not None
+        self.k = self.v = torch.empty(0)
+        self.num_blocks = 0
+        self.free: list[int] = []
+        blocks = budget_bytes // self.bytes_per_block if self.fixed else -(-rows // BLOCK_ROWS)
+        if self.fixed and blocks < 1:
+            raise FastDecodeError(f"a KV budget of {budget_bytes} bytes holds no block of {self.bytes_per_block} bytes")
+        self._grow(max(blocks, 1))
+
+    @property
+    def bytes_per_block(self) -> int:
+        layers, kv_heads, head_dim = self.shape
+        return 2 * layers * kv_heads * head_dim * BLOCK_ROWS * self.dtype.itemsize
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            if self.fixed:
+                raise KVPoolFull(f"KV cache budget exhausted: {n} blocks needed, {len(self.free)} free "
+                                 f"of {self.num_blocks}")
+            self._grow(max(self.num_blocks, n - len(self.free)))
+        taken, self.free = self.free[-n:] if n else [], self.free[: len(self.free) - n]
+        return taken[::-1]
+
+    def release(self, blocks: list[int]) -> None:
+        # Last freed, first reused: recently written pages stay the ones in use.
+        self.free.extend(reversed(blocks))
+
+    def _grow(self, extra: int) -> None:
+        layers, kv_heads, head_dim = self.shape
+        total = self.num_blocks + extra
+        k = torch.empty(layers, total, kv_heads, head_dim, BLOCK_ROWS, dtype=self.dtype)
+        v = torch.empty(layers, total, kv_heads, BLOCK_ROWS, head_dim, dtype=self.dtype)
+        if self.num_blocks:
+            k[:, : self.num_blocks] = self.k
+            v[:, : self.num_blocks] = self.v
+        self.k, self.v = k, v
+        self.free = list(range(total - 1, self.num_blocks - 1, -1)) + self.free
+        self.num_blocks = total
+
 
 class KVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype):
-        self.k = torch.zeros(num_layers, num_kv_heads, head_dim, capacity, dtype=dtype)
-        self.v = torch.zeros(num_layers, num_kv_heads, capacity, head_dim, dtype=dtype)
-        self.capacity = capacity
+    def __init__(self, pool: KVPool, capacity: int):
+        """capacity: rows this sequence may ever hold (prompt, new tokens and a draft's headroom)."""
+        self.pool, self.capacity = pool, capacity
+        self.blocks: list[int] = []
+        self.table = torch.zeros(0, dtype=torch.long)  # self.blocks as a tensor, for the kernel
         self.length = 0
 
+    def reserve(self, rows: int) -> None:
+        """Hold blocks for `rows` rows (KVPoolFull when a budgeted pool has too few free)."""
+        if rows > self.capacity:
+            raise FastDecodeError(f"KV cache full: {rows} rows > capacity {self.capacity}")
+        need = -(-rows // BLOCK_ROWS) - len(self.blocks)
+        if need > 0:
+            self.blocks += self.pool.allocate(need)
+            self.table = torch.tensor(self.blocks, dtype=torch.long)
+
     def check_room(self, n: int) -> None:
-        if self.length + n > self.capacity:
-            raise FastDecodeError(
-                f"KV cache full: {self.length} rows + {n} new > capacity {self.capacity}"
-            )
+        self.reserve(self.length + n)
+
+    @property
+    def spare_rows(self) -> int:
+        """Rows beyond `length` in blocks this sequence already holds."""
+        return len(self.blocks) * BLOCK_ROWS - self.length
+
+    def room(self) -> int:
+        """Rows this sequence could still take beyond `length`: its blocks' and the pool's free ones."""
+        spare = float("inf") if not self.pool.fixed else len(self.pool.free) * BLOCK_ROWS
+        return int(min(self.spare_rows + spare, self.capacity - self.length))
+
+    def release(self) -> None:
+        """Give every block back to the pool (the sequence finished or was preempted)."""
+        self.pool.release(self.blocks)
+        self.blocks, self.table, self.length = [], torch.zeros(0, dtype=torch.long), 0
+
+    def slots(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of rows [start, start + n), as two int64 tensors."""
+        rows = torch.arange(start, start + n)
+        return self.table[rows // BLOCK_ROWS], rows % BLOCK_ROWS
+
+    def keys(self, layer: int, end: int) -> torch.Tensor:
+        """Rows [0, end) of a layer's keys, gathered: [kv_heads, head_dim, end]."""
+        k = self.pool.k[layer, self.table[: -(-end // BLOCK_ROWS)]]  # [blocks, kv, d, B]
+        return k.permute(1, 2, 0, 3).flatten(2)[..., :end]
+
+    def values(self, layer: int, end: int) -> torch.Tensor:
+        """Rows [0, end) of a layer's values, gathered: [kv_heads, end, head_dim]."""
+        v = self.pool.v[layer, self.table[: -(-end // BLOCK_ROWS)]]  # [blocks, kv, B, d]
+        return v.permute(1, 0, 2, 3).flatten(1, 2)[:, :end]
 
     def commit(self, n: int) -> None:
         """Accept all n rows written by the last forward."""
@@ -38,15 +136,18 @@ class KVCache:
         if rows == list(range(n)):
             self.length += n
             return
-        src = torch.tensor(rows, dtype=torch.long) + self.length
-        dst = slice(self.length, self.length + n)
+        src_block, src_offset = self.slots(self.length, max(rows) + 1)
+        index = torch.tensor(rows)
+        src_block, src_offset = src_block[index], src_offset[index]
+        dst_block, dst_offset = self.slots(self.length, n)
         # Advanced indexing copies first, so overlapping source and destination are safe.
-        self.k[:, :, :, dst] = self.k[:, :, :, src]
-        self.v[:, :, dst] = self.v[:, :, src]
+        k, v = self.pool.k, self.pool.v
+        k[:, dst_block, :, :, dst_offset] = k[:, src_block, :, :, src_offset]
+        v[:, dst_block, :, dst_offset] = v[:, src_block, :, src_offset]
         self.length += n
 
     def rollback(self, length: int) -> None:
-        """Forget every row from `length` on."""
+        """Forget every row from `length` on (their blocks stay held, for the next rows)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: cache holds {self.length} rows")
         self.length = length

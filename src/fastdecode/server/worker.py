@@ -1,8 +1,12 @@
-"""The one thread that runs the model: it owns the scheduler and steps it while work remains.
+"""The one loop that runs the model: it owns the scheduler and steps it while work remains.
 
 Web handlers submit jobs from the event loop (thread-safe); the worker admits them between steps,
 and each request's text pieces and final result come back through the callbacks it was given
 (which hand them to the event loop). A cancelled job leaves the batch before the next step.
+
+`fastdecode serve` runs this loop on the main thread and the web server beside it (server/serve.py):
+PyTorch's small parallel ops run several times slower from a secondary thread here (an
+OpenMP team per thread), which halved a single stream's speed when the model ran on one.
 """
 from __future__ import annotations
 
@@ -26,15 +30,18 @@ class Job:
 
 
 class Worker:
-    def __init__(self, engine, max_batch: int, step_tokens: int):
-        self.scheduler = Scheduler(engine, max_batch=max_batch, step_tokens=step_tokens)
+    def __init__(self, engine, max_batch: int, step_tokens: int, kv_budget_bytes: int | None = None):
+        self.scheduler = Scheduler(engine, max_batch=max_batch, step_tokens=step_tokens, kv_budget_bytes=kv_budget_bytes)
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # id(request) -> job
+        self._accepted = 0  # jobs submitted and not yet done (the inbox's included)
+        self._lock = threading.Lock()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="fastdecode-worker", daemon=True)
-        self._thread.start()
+        self.draining = False
 
     def submit(self, job: Job) -> None:
+        with self._lock:
+            self._accepted += 1
         self._inbox.put(job)
 
     def cancel(self, job: Job) -> None:
@@ -42,12 +49,50 @@ class Worker:
         self._inbox.put(None)  # wake the worker if it sleeps
 
     def stop(self) -> None:
+        """Leave the loop after the current step; running requests are abandoned."""
         self._stopping = True
+        self._inbox.put(None)
+
+    def drain(self) -> None:
+        """Take no new jobs (the app answers 503) and leave the loop once every accepted one is done."""
+        self.draining = True
         self._inbox.put(None)
 
     @property
     def active(self) -> int:
-        return len(self._jobs)
+        """Jobs accepted and not finished: running, waiting for a slot, or not yet admitted."""
+        return self._accepted
+
+    def start(self) -> threading.Thread:
+        """Run the loop on a background thread (tests, or embedding the app in another server)."""
+        thread = threading.Thread(target=self.run, name="fastdecode-worker", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        """Step the scheduler until stop(), or until drain() and nothing is left."""
+        while not self._stopping and not (self.draining and self._accepted == 0):
+            self._admit(block=self.scheduler.idle)
+            self._drop_cancelled()
+            if self.scheduler.idle:
+                continue
+            try:
+                finished = self.scheduler.step()
+            except Exception as exc:  # a failed step fails the requests in it, never the server
+                for key in list(self._jobs):
+                    self._finish(key, exc, cancel=True)
+                continue
+            for request in finished:
+                self._finish(id(request), request.result)
+
+    def _finish(self, key: int, outcome, cancel: bool = False) -> None:
+        job = self._jobs.pop(key)
+        if cancel:
+            self.scheduler.cancel(job.request)
+        with self._lock:
+            self._accepted -= 1
+        if outcome is not None:
+            job.on_done(outcome)
 
     def _admit(self, block: bool) -> None:
         while True:
@@ -56,11 +101,17 @@ class Worker:
             except queue.Empty:
                 return
             block = False
-            if job is None or job.cancelled:
+            if job is None:
+                continue
+            if job.cancelled:
+                with self._lock:
+                    self._accepted -= 1
                 continue
             try:
                 job.request = self.scheduler.submit(job.prompt_ids, job.params, job.drafter, job.on_text)
             except Exception as exc:  # e.g. a prompt the engine refuses: that request fails, not the worker
+                with self._lock:
+                    self._accepted -= 1
                 job.on_done(exc)
                 continue
             self._jobs[id(job.request)] = job
@@ -68,22 +119,4 @@ class Worker:
     def _drop_cancelled(self) -> None:
         for key, job in list(self._jobs.items()):
             if job.cancelled:
-                self.scheduler.cancel(job.request)
-                del self._jobs[key]
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            self._admit(block=self.scheduler.idle)
-            self._drop_cancelled()
-            if self.scheduler.idle:
-                continue
-            try:
-                finished = self.scheduler.step()
-            except Exception as exc:  # a failed step fails the requests in it, never the server
-                for job in self._jobs.values():
-                    self.scheduler.cancel(job.request)
-                    job.on_done(exc)
-                self._jobs.clear()
-                continue
-            for request in finished:
-                self._jobs.pop(id(request)).on_done(request.result)
+                self._finish(key, None, cancel=True)
