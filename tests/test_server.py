@@ -25,6 +25,7 @@ def server(llm_default):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(llm_default, method="auto", max_batch=4)
+    app.state.worker.start()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=8, help="requests decoding at once (default 8)")
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    v.add_argument("--kv-cache-mb", type=int, default=512,
+                   help="memory for all requests' KV cache, taken in blocks as they grow; requests wait for room (default 512)")
     v.set_defaults(run=_serve)
 
     b = sub.add_parser("bench", help="speed, exactness and acceptance of every method and of other engines, with reports")
@@ -214,20 +216,19 @@ def _serve(args) -> int:
     from .drafters import check_method
 
     check_method(args.method, {})
-    if args.max_batch < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
-        raise FastDecodeError("--max-batch takes 1 or more, --max-queue 0 or more, --port 1 to 65535")
+    if args.max_batch < 1 or args.max_queue < 0 or args.kv_cache_mb < 1 or not 0 < args.port < 65536:
+        raise FastDecodeError("--max-batch and --kv-cache-mb take 1 or more, --max-queue 0 or more, --port 1 to 65535")
     try:
-        import uvicorn
-
         from .server.app import create_app
+        from .server.serve import serve
     except ImportError as exc:
         raise FastDecodeError(f"the server needs {exc.name}: pip install fastapi uvicorn") from None
     from .api import LLM
 
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype)
-    app = create_app(llm, args.method, args.max_batch, args.max_queue)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    app = create_app(llm, args.method, args.max_batch, args.max_queue, kv_budget_bytes=args.kv_cache_mb << 20)
+    serve(app, args.host, args.port)
     return 0
 
 

@@ -58,17 +58,20 @@ class Scheduler:
         """Queue a request. `drafter` must be its own: a drafter holds one request's state at a time."""
         self.engine.check_prompt(prompt_ids)
         sequence = Sequence(self.engine, list(prompt_ids), params, drafter, self.pool)
-        need = blocks_for(len(prompt_ids) + sequence.max_new + 1)
-        if self.pool.fixed and need > self.pool.num_blocks:
-            mib = self.pool.bytes_per_block * need / 2**20
-            raise FastDecodeError(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({sequence.max_new}) need "
-                                  f"{mib:.0f} MiB of KV cache; the budget is "
-                                  f"{self.pool.bytes_per_block * self.pool.num_blocks / 2**20:.0f} MiB")
+        self.check_fits(len(prompt_ids), sequence.max_new)
         request = Request(sequence)
         if on_text is not None:
             request.on_text = on_text
         self.waiting.append(request)
         return request
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a request the whole KV budget could not hold even alone (it could never finish)."""
+        need = blocks_for(prompt_tokens + max_new_tokens + 1)
+        if self.pool.fixed and need > self.pool.num_blocks:
+            mib = lambda blocks: f"{self.pool.bytes_per_block * blocks / 2**20:.1f} MiB"  # noqa: E731
+            raise FastDecodeError(f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_new_tokens}) need "
+                                  f"{mib(need)} of KV cache; the budget is {mib(self.pool.num_blocks)}")
 
     def cancel(self, request: Request) -> None:
         """Drop a request (a client went away): its cache is freed with it."""

@@ -20,6 +20,7 @@ from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
 
 MAX_BODY_BYTES = 1 << 20
+DEFAULT_KV_BUDGET = 512 << 20  # bytes of KV cache blocks for all requests together
 
 
 class HTTPError(Exception):
@@ -34,9 +35,12 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 64, step_tokens: int = 512) -> FastAPI:
+def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 64, step_tokens: int = 512,
+               kv_budget_bytes: int | None = DEFAULT_KV_BUDGET) -> FastAPI:
+    """The app and its worker (app.state.worker), which the caller runs: server/serve.py runs it
+    on the main thread, tests call worker.start()."""
     check_method(method, {})
-    worker = Worker(llm.engine, max_batch, step_tokens)
+    worker = Worker(llm.engine, max_batch, step_tokens, kv_budget_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -82,6 +86,8 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         if body.model != model_name:
             raise HTTPError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                             code="model_not_found")
+        if worker.draining:
+            raise HTTPError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
         if worker.active >= max_batch + max_queue:
             raise HTTPError(429, "the server is at capacity; retry shortly", "rate_limit_error", headers={"Retry-After": "1"})
         window = llm.engine.context_window
@@ -91,6 +97,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             raise HTTPError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
                                  f"the context window of {window} tokens", code="context_length_exceeded")
         try:
+            worker.scheduler.check_fits(len(prompt_ids), max_tokens)
             params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                     seed=body.seed, max_new_tokens=max_tokens, stop=body.stop_list())
             chosen = body.fastdecode.method or method
