@@ -148,7 +148,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
         if httpx.get(f"{url}/health").json()["running"] == 0:
             break
         time.sleep(0.05)
-    assert httpx.get(f"{url}/health").json()["running"] == 0
+    health = httpx.get(f"{url}/health").json()
+    assert health["running"] == 0 and health["kv_blocks_used"] == 0  # its slot and its cache are free
+    assert metric(url, "fastdecode:kv_cache_usage_perc") == 0
 
 
 def llm_params(n, stop=()):

@@ -69,13 +69,19 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             return error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
 
+    scheduler = worker.scheduler
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(worker.scheduler.running), "waiting": len(worker.scheduler.waiting)}
+        return {"status": "draining" if worker.draining else "ok", "running": len(scheduler.running),
+                "waiting": len(scheduler.waiting), "kv_blocks_used": scheduler.pool.used_blocks,
+                "kv_blocks_total": scheduler.pool.num_blocks}
 
     @app.get("/metrics")
     async def prometheus():
-        text = metrics.render(len(worker.scheduler.running), len(worker.scheduler.waiting))
+        pool = scheduler.pool
+        text = metrics.render(len(scheduler.running), len(scheduler.waiting), pool.used_blocks / pool.num_blocks,
+                              scheduler.preemptions)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -97,7 +103,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             raise HTTPError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
                                  f"the context window of {window} tokens", code="context_length_exceeded")
         try:
-            worker.scheduler.check_fits(len(prompt_ids), max_tokens)
+            scheduler.check_fits(len(prompt_ids), max_tokens)
             params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                     seed=body.seed, max_new_tokens=max_tokens, stop=body.stop_list())
             chosen = body.fastdecode.method or method

@@ -57,12 +57,15 @@ class ServerMetrics:
                     self.accepted_per_position.append(0)
                 self.accepted_per_position[k] += n
 
-    def render(self, running: int, waiting: int) -> str:
+    def render(self, running: int, waiting: int, kv_usage: float, preemptions: int) -> str:
         p = "fastdecode:"
         with self._lock:
             lines = [
                 f"# TYPE {p}num_requests_running gauge", f"{p}num_requests_running {running}",
                 f"# TYPE {p}num_requests_waiting gauge", f"{p}num_requests_waiting {waiting}",
+                f"# HELP {p}kv_cache_usage_perc fraction of the KV cache budget's blocks in use",
+                f"# TYPE {p}kv_cache_usage_perc gauge", f"{p}kv_cache_usage_perc {kv_usage:.4f}",
+                f"# TYPE {p}num_preemptions_total counter", f"{p}num_preemptions_total {preemptions}",
                 f"# TYPE {p}request_success_total counter", f"{p}request_success_total {self.finished}",
                 f"# TYPE {p}prompt_tokens_total counter", f"{p}prompt_tokens_total {self.prompt_tokens}",
                 f"# TYPE {p}generation_tokens_total counter", f"{p}generation_tokens_total {self.generation_tokens}",
