@@ -112,6 +112,17 @@ def test_metrics_count_tokens_latencies_and_speculation(server, client):
     assert 'fastdecode:inter_token_latency_seconds_bucket{le="+Inf"}' in text
 
 
+def test_drafters_keep_learning_across_requests(client):
+    """suffix remembers earlier answers: asked again, the server drafts the answer it gave before."""
+    story = [{"role": "user", "content": "Write two sentences about a lighthouse keeper named Ada."}]
+    replies = [client.chat.completions.create(model=MODEL, messages=story, max_tokens=48, temperature=0,
+                                              extra_body={"fastdecode": {"method": "suffix"}}) for _ in range(2)]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    first, second = (r.model_extra["fastdecode"] for r in replies)
+    assert second["accepted_tokens"] > first["accepted_tokens"] + 20
+    assert second["forward_passes"] < first["forward_passes"] / 2
+
+
 def test_models_and_health(server):
     url = server[0]
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL

@@ -12,9 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..drafters import check_method, make_drafter
+from ..drafters import check_method
 from ..errors import FastDecodeError
 from ..runtime.sampling import SamplingParams
+from .drafter_pool import DrafterPool
 from .metrics import ServerMetrics
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
@@ -41,6 +42,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
     on the main thread, tests call worker.start()."""
     check_method(method, {})
     worker = Worker(llm.engine, max_batch, step_tokens, kv_budget_bytes)
+    drafters = DrafterPool(llm.target, keep=max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -107,7 +109,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                     seed=body.seed, max_new_tokens=max_tokens, stop=body.stop_list())
             chosen = body.fastdecode.method or method
-            drafter = make_drafter(chosen, llm.target, **body.fastdecode.options)
+            drafter = drafters.acquire(chosen, body.fastdecode.options)
         except FastDecodeError as exc:
             raise HTTPError(400, str(exc)) from None
         return params, drafter, chosen
@@ -137,7 +139,8 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         events: asyncio.Queue = asyncio.Queue()
         job = Job(prompt_ids, params, drafter,
                   on_text=lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text)),
-                  on_done=lambda result: loop.call_soon_threadsafe(events.put_nowait, ("done", result)))
+                  on_done=lambda result: loop.call_soon_threadsafe(events.put_nowait, ("done", result)),
+                  on_release=lambda: drafters.release(chosen, body.fastdecode.options, drafter))
         worker.submit(job)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

@@ -25,6 +25,7 @@ class Job:
     drafter: object  # a fresh Drafter for this request
     on_text: Callable[[str], None]
     on_done: Callable[[object], None]  # GenerationResult, or an Exception when the step failed
+    on_release: Callable[[], None] = lambda: None  # the job is over (done, failed or cancelled)
     request: Request | None = None
     cancelled: bool = False
 
@@ -89,8 +90,13 @@ class Worker:
         job = self._jobs.pop(key)
         if cancel:
             self.scheduler.cancel(job.request)
+        self._retire(job, outcome)
+
+    def _retire(self, job: Job, outcome=None) -> None:
         with self._lock:
             self._accepted -= 1
+        if not isinstance(outcome, Exception):  # a drafter from a failed step is not reused
+            job.on_release()
         if outcome is not None:
             job.on_done(outcome)
 
@@ -104,15 +110,12 @@ class Worker:
             if job is None:
                 continue
             if job.cancelled:
-                with self._lock:
-                    self._accepted -= 1
+                self._retire(job)
                 continue
             try:
                 job.request = self.scheduler.submit(job.prompt_ids, job.params, job.drafter, job.on_text)
             except Exception as exc:  # e.g. a prompt the engine refuses: that request fails, not the worker
-                with self._lock:
-                    self._accepted -= 1
-                job.on_done(exc)
+                self._retire(job, exc)
                 continue
             self._jobs[id(job.request)] = job
 
