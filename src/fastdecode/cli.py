@@ -11,6 +11,7 @@ from .bench import command as bench_command
 from .errors import FastDecodeError
 from .models.loader import DEFAULT_DTYPE, DTYPES
 from .models.registry import DEFAULT_MODEL, MODELS
+from .scheduler import STEP_TOKENS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=8, help="requests decoding at once (default 8)")
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    v.add_argument("--step-tokens", type=int, default=STEP_TOKENS,
+                   help="prompt tokens read per step: fewer keep other requests' latency low while a long prompt is "
+                        f"read (default {STEP_TOKENS})")
     v.add_argument("--kv-cache-mb", type=int, default=512,
                    help="memory for all requests' KV cache, taken in blocks as they grow; requests wait for room (default 512)")
     v.set_defaults(run=_serve)
@@ -216,8 +220,9 @@ def _serve(args) -> int:
     from .drafters import check_method
 
     check_method(args.method, {})
-    if args.max_batch < 1 or args.max_queue < 0 or args.kv_cache_mb < 1 or not 0 < args.port < 65536:
-        raise FastDecodeError("--max-batch and --kv-cache-mb take 1 or more, --max-queue 0 or more, --port 1 to 65535")
+    if min(args.max_batch, args.kv_cache_mb, args.step_tokens) < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
+        raise FastDecodeError("--max-batch, --step-tokens and --kv-cache-mb take 1 or more, --max-queue 0 or more, "
+                              "--port 1 to 65535")
     try:
         from .server.app import create_app
         from .server.serve import serve
@@ -227,7 +232,7 @@ def _serve(args) -> int:
 
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype)
-    app = create_app(llm, args.method, args.max_batch, args.max_queue, kv_budget_bytes=args.kv_cache_mb << 20)
+    app = create_app(llm, args.method, args.max_batch, args.max_queue, args.step_tokens, args.kv_cache_mb << 20)
     serve(app, args.host, args.port)
     return 0
 

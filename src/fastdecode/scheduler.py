@@ -3,8 +3,9 @@
     step:  admit waiting requests (up to max_batch running, while the KV pool has room for them)
            make room: every decoding sequence needs a root row; when the pool cannot give them
                all, the newest request is preempted (its blocks freed, re-prefilled later)
-           prefill chunks, within the step's token budget (SARATHI's chunked prefill), so that
-               running streams keep flowing while a long prompt is read
+           one prompt chunk of at most step_tokens (SARATHI's chunked prefill), from the prompt
+               with the fewest tokens left: running streams keep flowing while a long prompt is
+               read, and a short request's first token waits for at most one of its chunks
            every decoding sequence plans its root + draft tree, cut against the whole batch
            logits = model.forward_batch(all segments)       (each attends to its own cache)
            each sequence completes its step with its own rows; finished ones leave at once
@@ -28,7 +29,9 @@ from .drafters.base import Drafter
 from .errors import FastDecodeError
 from .runtime.kv_cache import BLOCK_ROWS
 from .runtime.sampling import SamplingParams
-from .sequence import PREFILL_CHUNK, GenerationResult, Sequence
+from .sequence import GenerationResult, Sequence
+
+STEP_TOKENS = 48  # prompt tokens per step: a 1,500-token prompt delays others' steps by ~60 ms here
 
 
 def blocks_for(rows: int) -> int:
@@ -44,8 +47,9 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 8, step_tokens: int = PREFILL_CHUNK, kv_budget_bytes: int | None = None):
-        """max_batch: sequences decoding at once; step_tokens: prompt tokens one step may prefill;
+    def __init__(self, engine, max_batch: int = 8, step_tokens: int = STEP_TOKENS, kv_budget_bytes: int | None = None):
+        """max_batch: sequences decoding at once; step_tokens: prompt tokens one step may prefill
+        (a step's latency grows with them: about 1.2 ms a token on a 2-core Zen 4 in bfloat16);
         kv_budget_bytes: the KV pool's size (None: a pool that grows as needed)."""
         self.engine, self.max_batch, self.step_tokens = engine, max_batch, step_tokens
         self.pool = engine.model.new_pool(budget_bytes=kv_budget_bytes)
@@ -113,14 +117,13 @@ class Scheduler:
             for r in self.running:  # roots first, so that no draft or prompt takes their rows
                 if not r.sequence.prefilling:
                     r.sequence.cache.reserve(r.sequence.cache.length + 1)
-        budget = self.step_tokens
         planned, rows, expected = [], 0, 0.0
-        for r in self.running:  # prompts first, so the drafts below are sized against their rows
-            if r.sequence.prefilling and budget > 0 and r.sequence.cache.room() > 0:
-                segment = r.sequence.plan(prefill_tokens=budget)
-                budget -= len(segment.tokens)
-                planned.append((r, segment))
-                rows += len(segment.tokens)
+        reading = [r for r in self.running if r.sequence.prefilling and r.sequence.cache.room() > 0]
+        if reading:  # the prompt first, so the drafts below are sized against its rows
+            r = min(reading, key=lambda r: r.sequence.prefill_left)
+            segment = r.sequence.plan(prefill_tokens=self.step_tokens)
+            planned.append((r, segment))
+            rows += len(segment.tokens)
         for r in self.running:
             if not r.sequence.prefilling:
                 segment = r.sequence.plan(other_rows=rows, other_tokens=expected)

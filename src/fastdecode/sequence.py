@@ -97,6 +97,10 @@ class Sequence:
         return self.cache.length < len(self._prefix)
 
     @property
+    def prefill_left(self) -> int:
+        return len(self._prefix) - self.cache.length
+
+    @property
     def rows_to_resume(self) -> int:
         """Cache rows the next step needs at least: the whole prefix to prefill, and a root."""
         return len(self._prefix) + 1

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..drafters import check_method
 from ..errors import FastDecodeError
 from ..runtime.sampling import SamplingParams
+from ..scheduler import STEP_TOKENS
 from .drafter_pool import DrafterPool
 from .metrics import ServerMetrics
 from .schemas import ChatRequest, CompletionRequest, Sampling
@@ -36,7 +37,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 64, step_tokens: int = 512,
+def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 64, step_tokens: int = STEP_TOKENS,
                kv_budget_bytes: int | None = DEFAULT_KV_BUDGET) -> FastAPI:
     """The app and its worker (app.state.worker), which the caller runs: server/serve.py runs it
     on the main thread, tests call worker.start()."""
