@@ -1,10 +1,17 @@
 """Load test of a running `fastdecode serve`, through the official openai client, on loopback only.
 
-N streaming clients at once send chat requests (prompts cycle through a fixed list) until
---requests have been sent or --seconds have passed, then it prints aggregate throughput (completion
-tokens from each stream's usage / wall time), time to first token p50/p99 and inter-token latency
-p50/p99. The client sees pieces, not tokens: ITL is the gap between successive content chunks (a
+Throughput (default): N streaming clients at once send chat requests until --requests have been
+sent or --seconds have passed. Each request asks the first turn of a different question (a seeded
+sample of --per-group questions from each task group of the bench's question sets; prompts repeat
+only when there are more requests than questions, and the script says so, since methods that learn
+from past answers gain from repeats). One warm-up
+request runs first, outside the timing. It prints aggregate throughput (completion tokens from
+each stream's usage / wall time), time to first token p50/p99 and inter-token latency p50/p99.
+The client sees pieces, not tokens: ITL is the gap between successive content chunks (a
 speculative step can carry several tokens in one chunk).
+
+Prefill probe (--long-prompt N): time to first token of short requests sent one at a time, first
+on an idle server, then while a prompt of about N tokens is being prefilled.
 
 Run:  fastdecode serve --port 8000 &   python benchmarks/load_test.py --url http://127.0.0.1:8000 --clients 8
 """
@@ -16,16 +23,8 @@ import sys
 import time
 from urllib.parse import urlparse
 
-PROMPTS = [
-    "Explain why the sky is blue in a short paragraph.",
-    "Write a short poem about autumn leaves.",
-    "List five tips for learning a new language.",
-    "Describe how a bicycle works.",
-    "Summarize the plot of a fairy tale you like.",
-    "What are the benefits of drinking water?",
-    "Give a recipe for a simple salad.",
-    "Explain what a prime number is, with examples.",
-]
+from fastdecode.bench.questions import GROUPS, load_questions, questions_path, sample_questions
+from fastdecode.errors import FastDecodeError
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -33,7 +32,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def one_stream(client, model: str, prompt: str, max_tokens: int, method: str | None, ttfts, itls) -> int:
+def ms(values: list[float], q: float) -> str:
+    return f"{percentile(values, q) * 1000:.0f} ms"
+
+
+async def one_stream(client, model: str, prompt: str, max_tokens: int, method: str | None,
+                     ttfts: list, itls: list) -> int:
+    """Stream one chat completion; record its time to first token and gaps; return its tokens."""
     start = time.perf_counter()
     last, tokens = None, 0
     extra = {"fastdecode": {"method": method}} if method else {}
@@ -53,11 +58,10 @@ async def one_stream(client, model: str, prompt: str, max_tokens: int, method: s
     return tokens
 
 
-async def main_async(a) -> int:
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key="none", max_retries=0)
-    model = (await client.models.list()).data[0].id
+async def throughput(a, client, model: str, prompts: list[str]) -> None:
+    if a.requests > len(prompts):
+        print(f"note: {a.requests} requests but {len(prompts)} questions: prompts repeat", file=sys.stderr)
+    await one_stream(client, model, "Say hello.", 8, a.method, [], [])  # warm-up
     ttfts, itls, totals = [], [], []
     sent = 0
     deadline = time.perf_counter() + a.seconds
@@ -65,7 +69,7 @@ async def main_async(a) -> int:
     async def client_loop() -> None:
         nonlocal sent
         while sent < a.requests and time.perf_counter() < deadline:
-            prompt = PROMPTS[sent % len(PROMPTS)]
+            prompt = prompts[sent % len(prompts)]
             sent += 1
             totals.append(await one_stream(client, model, prompt, a.max_tokens, a.method, ttfts, itls))
 
@@ -75,8 +79,56 @@ async def main_async(a) -> int:
     print(f"{len(totals)} requests, {a.clients} concurrent clients, method {a.method or 'server default'}, "
           f"{sum(totals)} completion tokens in {wall:.1f} s")
     print(f"throughput: {sum(totals) / wall:.1f} tokens/s")
-    print(f"time to first token: p50 {percentile(ttfts, 0.5) * 1000:.0f} ms, p99 {percentile(ttfts, 0.99) * 1000:.0f} ms")
-    print(f"inter-token latency: p50 {percentile(itls, 0.5) * 1000:.1f} ms, p99 {percentile(itls, 0.99) * 1000:.1f} ms")
+    print(f"time to first token: p50 {ms(ttfts, 0.5)}, p99 {ms(ttfts, 0.99)}")
+    print(f"inter-token latency: p50 {ms(itls, 0.5)}, p99 {ms(itls, 0.99)}")
+
+
+FILLER = "The keeper climbed the tower each evening to light the lamp for the ships at sea. "
+
+
+async def prompt_of(client, model: str, tokens: int) -> tuple[str, int]:
+    """A prompt of about `tokens` tokens (scaled once on the server's own count) and its size."""
+    async def size(text: str) -> int:
+        reply = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                     max_tokens=1, temperature=0)
+        return reply.usage.prompt_tokens
+
+    head = "Summarize the following notes.\n"
+    per_copy = (await size(head + FILLER * 20) - await size(head)) / 20
+    text = head + FILLER * max(1, round((tokens - await size(head)) / per_copy))
+    return text, await size(text)
+
+
+async def prefill_probe(a, client, model: str, prompts: list[str]) -> None:
+    short = [p for p in prompts if len(p) <= 400]  # the questions of a line or two
+    shorts = [short[i % len(short)] for i in range(a.requests)]
+    long_prompt, long_tokens = await prompt_of(client, model, a.long_prompt)
+    idle: list[float] = []
+    for prompt in shorts:
+        await one_stream(client, model, prompt, 4, a.method, idle, [])
+    loaded: list[float] = []
+    while len(loaded) < len(shorts):
+        reply = asyncio.create_task(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": long_prompt}], max_tokens=1, temperature=0))
+        await asyncio.sleep(0.1)  # the long prompt is in the batch
+        while not reply.done() and len(loaded) < len(shorts):
+            done: list[float] = []
+            await one_stream(client, model, shorts[len(loaded)], 4, a.method, done, [])
+            if not reply.done():  # it finished while the long prompt was still being read
+                loaded += done
+        await reply
+    print(f"short requests (one at a time, {len(shorts)} each): idle TTFT p50 {ms(idle, 0.5)}, p99 {ms(idle, 0.99)}")
+    print(f"while a {long_tokens}-token prompt is prefilled: TTFT p50 {ms(loaded, 0.5)}, p99 {ms(loaded, 0.99)}")
+    print(f"p99 loaded / p99 idle: {percentile(loaded, 0.99) / percentile(idle, 0.99):.2f}x; "
+          f"p99 loaded / p50 idle: {percentile(loaded, 0.99) / percentile(idle, 0.5):.2f}x")
+
+
+async def main_async(a, prompts: list[str]) -> int:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key="none", max_retries=0, timeout=600)
+    model = (await client.models.list()).data[0].id
+    await (prefill_probe(a, client, model, prompts) if a.long_prompt else throughput(a, client, model, prompts))
     return 0
 
 
@@ -84,18 +136,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="a loopback server URL")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=32, help="requests in all, at most")
+    ap.add_argument("--requests", type=int, default=32, help="requests in all, at most (short requests of the probe)")
     ap.add_argument("--seconds", type=float, default=120.0, help="stop sending after this long")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--method", help="the fastdecode method of every request (default: the server's)")
+    ap.add_argument("--questions", help="question file, or 'spec-bench' (default: the bench's built-in set)")
+    ap.add_argument("--per-group", type=int, default=4, help="questions per task group, a seeded sample (default 4)")
+    ap.add_argument("--groups", help="only these task groups, comma-separated (for example mt_bench,qa,math)")
+    ap.add_argument("--long-prompt", type=int, metavar="TOKENS", help="run the prefill probe with a prompt this long")
     a = ap.parse_args()
     if urlparse(a.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         print("error: --url must be a loopback address (this tool only loads a local server)", file=sys.stderr)
         return 2
-    if a.clients < 1 or a.requests < 1 or a.seconds <= 0 or a.max_tokens < 1:
-        print("error: --clients, --requests, --max-tokens take 1 or more, --seconds more than 0", file=sys.stderr)
+    if min(a.clients, a.requests, a.max_tokens, a.per_group, a.long_prompt or 1) < 1 or a.seconds <= 0:
+        print("error: --clients, --requests, --max-tokens, --per-group, --long-prompt take 1 or more, "
+              "--seconds more than 0",
+              file=sys.stderr)
         return 2
-    return asyncio.run(main_async(a))
+    try:
+        questions = sample_questions(load_questions(questions_path(a.questions)), a.per_group)
+        prompts = [q.turns[0] for q in questions if not a.groups or q.group in a.groups.split(",")]
+        if not prompts:
+            raise FastDecodeError(f"no question of the groups {a.groups!r}; the groups are {', '.join(GROUPS)}")
+    except FastDecodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(main_async(a, prompts))
 
 
 if __name__ == "__main__":
