@@ -282,3 +282,15 @@ def test_huge_seed_is_not_a_traceback(capsys, reuse_llm):
     code, out, err = run(capsys, "generate", "hi", "--temperature", "1", "--seed", str(2**64), "--max-new-tokens", "2")
     assert code == 2
     assert "seed must be an integer in [0, 2**63)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "warp"], "unknown method 'warp'"),
+    (["--kv-cache-mb", "0"], "--kv-cache-mb take 1 or more"),
+    (["--step-tokens", "0"], "--step-tokens and --kv-cache-mb take 1 or more"),
+    (["--port", "70000"], "--port 1 to 65535"),
+])
+def test_bad_serve_options_exit_2_before_loading(capsys, args, message):
+    code, out, err = run(capsys, "serve", *args)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and "Loading" not in err

@@ -11,7 +11,7 @@ from .bench import command as bench_command
 from .errors import FastDecodeError
 from .models.loader import DEFAULT_DTYPE, DTYPES
 from .models.registry import DEFAULT_MODEL, MODELS
-from .scheduler import STEP_TOKENS
+from .scheduler import KV_BUDGET_MB, STEP_TOKENS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--step-tokens", type=int, default=STEP_TOKENS,
                    help="prompt tokens read per step: fewer keep other requests' latency low while a long prompt is "
                         f"read (default {STEP_TOKENS})")
-    v.add_argument("--kv-cache-mb", type=int, default=512,
-                   help="memory for all requests' KV cache, taken in blocks as they grow; requests wait for room (default 512)")
+    v.add_argument("--kv-cache-mb", type=int, default=KV_BUDGET_MB,
+                   help=f"MiB for all requests' KV cache, taken in blocks as they grow; requests wait for room "
+                        f"(default {KV_BUDGET_MB})")
     v.set_defaults(run=_serve)
 
     b = sub.add_parser("bench", help="speed, exactness and acceptance of every method and of other engines, with reports")

@@ -15,14 +15,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..drafters import check_method
 from ..errors import FastDecodeError
 from ..runtime.sampling import SamplingParams
-from ..scheduler import STEP_TOKENS
+from ..scheduler import KV_BUDGET_MB, STEP_TOKENS
 from .drafter_pool import DrafterPool
 from .metrics import ServerMetrics
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
 
 MAX_BODY_BYTES = 1 << 20
-DEFAULT_KV_BUDGET = 512 << 20  # bytes of KV cache blocks for all requests together
 
 
 class HTTPError(Exception):
@@ -38,7 +37,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 64, step_tokens: int = STEP_TOKENS,
-               kv_budget_bytes: int | None = DEFAULT_KV_BUDGET) -> FastAPI:
+               kv_budget_bytes: int | None = KV_BUDGET_MB << 20) -> FastAPI:
     """The app and its worker (app.state.worker), which the caller runs: server/serve.py runs it
     on the main thread, tests call worker.start()."""
     check_method(method, {})
