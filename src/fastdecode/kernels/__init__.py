@@ -38,15 +38,19 @@ def cpu_flags() -> bytes:
         return platform.machine().encode()
 
 
+def build_key() -> str:
+    """Identifies the kernels' build: their sources, flags and this CPU (-march=native ties the
+    binary to its feature flags). Measurements of the kernels' speed are stored under it too."""
+    sources = b"".join(source.read_bytes() for source in _SOURCES)
+    return hashlib.sha256(sources + " ".join(_FLAGS).encode() + cpu_flags()).hexdigest()[:12]
+
+
 def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         print(f"fastdecode: no C compiler found; {_FALLBACK}", file=sys.stderr)
         return None
-    # -march=native ties the binary to this CPU: its feature flags are part of the cache key.
-    sources = b"".join(source.read_bytes() for source in _SOURCES)
-    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + cpu_flags()).hexdigest()[:12]
-    target = cache_root() / "kernels" / f"fastdecode-{key}.so"
+    target = cache_root() / "kernels" / f"fastdecode-{build_key()}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

@@ -90,6 +90,7 @@ static inline float score_one(const float *q, const Paged *p, long D, long j) {
 }
 
 #define QB 6 /* queries (rows x heads of one key/value head) sharing each key and value load */
+#define VD 4 /* value vectors per query in registers: QB * VD accumulators fit without spilling */
 
 /* Scores of nq queries against key slots [0, span): one key vector load serves them all. A lane
  * computes exactly what score_one computes for its slot. */
@@ -122,10 +123,16 @@ static inline __attribute__((always_inline)) void slot_scores(const float *const
 
 /* score[k] <- exp(score[k] * scale - max) over the ranks; returns their sum. */
 static float softmax_numerators(float *score, long count, float scale) {
-    float max = -INFINITY;
-    for (long k = 0; k < count; k++)
-        max = score[k] * scale > max ? score[k] * scale : max;
 #ifdef __AVX512F__
+    /* The maximum is exact in any order, so lanes may find it (a scalar loop cost more than the
+     * dot products it follows). */
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (long k = 0; k < count; k += 16) {
+        __mmask16 m = count - k >= 16 ? 0xffff : (__mmask16)((1u << (count - k)) - 1);
+        __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, score + k);
+        vmax = _mm512_max_ps(vmax, _mm512_mul_ps(s, _mm512_set1_ps(scale)));
+    }
+    float max = _mm512_reduce_max_ps(vmax);
     __m512 vsum = _mm512_setzero_ps();
     for (long k = 0; k < count; k += 16) {
         __mmask16 m = count - k >= 16 ? 0xffff : (__mmask16)((1u << (count - k)) - 1);
@@ -137,6 +144,9 @@ static float softmax_numerators(float *score, long count, float scale) {
     }
     return _mm512_reduce_add_ps(vsum);
 #else
+    float max = -INFINITY;
+    for (long k = 0; k < count; k++)
+        max = score[k] * scale > max ? score[k] * scale : max;
     float sum = 0.0f;
     for (long k = 0; k < count; k++) {
         score[k] = expf(score[k] * scale - max);
@@ -152,37 +162,45 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
                             const long *const *slots, const long *counts, float *const *out) {
     int bf16 = pg->bf16;
 #ifdef __AVX512F__
-    for (long d0 = 0; d0 < D; d0 += 64) { /* 4 vectors of 16 dims per query stay in registers */
-        __mmask16 m[4];
-        for (long c = 0; c < 4; c++) {
+    for (long d0 = 0; d0 < D; d0 += 16 * VD) { /* VD vectors of 16 dims per query stay in registers */
+        __mmask16 m[VD];
+        for (long c = 0; c < VD; c++) {
             long left = D - d0 - 16 * c;
             m[c] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
         }
-        __m512 acc[QB][4];
+        __m512 acc[QB][VD];
         for (long i = 0; i < QB; i++)
-            for (long c = 0; c < 4; c++)
+            for (long c = 0; c < VD; c++)
                 acc[i][c] = _mm512_setzero_ps();
         for (long k = 0; k < start; k++) {
-            __m512 val[4];
-            for (long c = 0; c < 4; c++)
+            __m512 val[VD];
+            for (long c = 0; c < VD; c++)
                 val[c] = load16(value_at(pg, k, D), d0 + 16 * c, bf16, m[c]);
             for (long i = 0; i < QB; i++)
                 if (i < nq) {
                     __m512 w = _mm512_set1_ps(p[i][k]);
-                    for (long c = 0; c < 4; c++)
+                    for (long c = 0; c < VD; c++)
                         acc[i][c] = _mm512_fmadd_ps(w, val[c], acc[i][c]);
                 }
         }
         for (long i = 0; i < QB; i++)
-            if (i < nq) {
-                for (long k = start; k < counts[i]; k++) {
-                    __m512 w = _mm512_set1_ps(p[i][k]);
-                    for (long c = 0; c < 4; c++)
-                        acc[i][c] = _mm512_fmadd_ps(w, load16(value_at(pg, slots[i][k - start], D), d0 + 16 * c, bf16, m[c]), acc[i][c]);
-                }
-                for (long c = 0; c < 4; c++)
+            if (i < nq)
+                for (long c = 0; c < VD; c++)
                     _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], acc[i][c]);
+        /* Each query's own new rows continue its sums (a separate loop, so that the accumulators
+         * above are never indexed by a run-time query number and stay in registers). */
+        for (long i = 0; i < nq; i++) {
+            __m512 o[VD];
+            for (long c = 0; c < VD; c++)
+                o[c] = _mm512_maskz_loadu_ps(m[c], out[i] + d0 + 16 * c);
+            for (long k = start; k < counts[i]; k++) {
+                __m512 w = _mm512_set1_ps(p[i][k]);
+                for (long c = 0; c < VD; c++)
+                    o[c] = _mm512_fmadd_ps(w, load16(value_at(pg, slots[i][k - start], D), d0 + 16 * c, bf16, m[c]), o[c]);
             }
+            for (long c = 0; c < VD; c++)
+                _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], o[c]);
+        }
     }
 #else
     for (long i = 0; i < nq; i++) {
@@ -205,13 +223,15 @@ void attention(const float *q, const void *kpool, const void *vpool, int bf16, l
                const long *tables, const uint8_t *masks, float *out, long heads, long kv_heads, long D,
                long shift, float scale) {
     long group = heads / kv_heads, B = 1L << shift, stride = kv_heads * D * B;
-    long first_item[nseg + 1], qbs[nseg], most = 0, most_n = 0;
+    long first_item[nseg + 1], qbs[nseg], most = 0, most_n = 0, rows = 0;
+    for (long s = 0; s < nseg; s++)
+        rows += seg[5 * s + 1];
     first_item[0] = 0;
     for (long s = 0; s < nseg; s++) {
         long n = seg[5 * s + 1], start = seg[5 * s + 2];
-        /* Queries of one kv head in blocks of qb; a single query each when there are few, so that
-         * both cores get work. The block size changes the speed only, never a result. */
-        qbs[s] = n * heads >= 4 * QB ? QB : 1;
+        /* Queries of one kv head in blocks of qb; a single query each when the whole call has
+         * few, so that both cores get work. The block size changes the speed only, never a result. */
+        qbs[s] = rows * heads >= 4 * QB ? QB : 1;
         first_item[s + 1] = first_item[s] + kv_heads * ((n * group + qbs[s] - 1) / qbs[s]);
         most = start + n > most ? start + n : most;
         most_n = n > most_n ? n : most_n;

@@ -66,9 +66,10 @@ def measure(model, sizes=FULL_SIZES, repeats: int = 5, context: int = CONTEXT, p
 
 
 def curve_path(model_name: str, dtype: torch.dtype) -> Path:
-    from ..kernels import cpu_flags
+    """Per model, dtype, CPU and kernel build: faster kernels change the curve."""
+    from ..kernels import build_key
 
-    cpu = hashlib.sha256(cpu_flags() + str(os.cpu_count()).encode()).hexdigest()[:8]
+    cpu = hashlib.sha256(build_key().encode() + str(os.cpu_count()).encode()).hexdigest()[:8]
     safe = model_name.replace("/", "_")
     return cache_root() / "calibration" / f"{safe}-{str(dtype).removeprefix('torch.')}-{cpu}.json"
 
