@@ -27,16 +27,12 @@ from typing import Callable
 
 from .drafters.base import Drafter
 from .errors import FastDecodeError
-from .runtime.kv_cache import BLOCK_ROWS
+from .runtime.kv_cache import blocks_for
 from .runtime.sampling import SamplingParams
 from .sequence import GenerationResult, Sequence
 
 STEP_TOKENS = 32  # prompt tokens per step: while a long prompt is read, others' steps take ~45 ms here
 KV_BUDGET_MB = 512  # the server's KV pool by default: SmolLM2 needs 180 MiB for one full 8,192-token window
-
-
-def blocks_for(rows: int) -> int:
-    return -(-rows // BLOCK_ROWS)
 
 
 @dataclass

@@ -22,6 +22,11 @@ from ..errors import FastDecodeError
 BLOCK_ROWS = 32  # a power of two and a multiple of 16 (the attention kernel's vector of keys)
 
 
+def blocks_for(rows: int) -> int:
+    """Blocks that hold `rows` rows."""
+    return -(-rows // BLOCK_ROWS)
+
+
 class KVPoolFull(FastDecodeError):
     """The pool's budget has no free block left."""
 
@@ -36,7 +41,7 @@ class KVPool:
         self.k = self.v = torch.empty(0)
         self.num_blocks = 0
         self.free: list[int] = []
-        blocks = budget_bytes // self.bytes_per_block if self.fixed else -(-rows // BLOCK_ROWS)
+        blocks = budget_bytes // self.bytes_per_block if self.fixed else blocks_for(rows)
         if self.fixed and blocks < 1:
             raise FastDecodeError(f"a KV budget of {budget_bytes} bytes holds no block of {self.bytes_per_block} bytes")
         self._grow(max(blocks, 1))
@@ -88,7 +93,7 @@ class KVCache:
         """Hold blocks for `rows` rows (KVPoolFull when a budgeted pool has too few free)."""
         if rows > self.capacity:
             raise FastDecodeError(f"KV cache full: {rows} rows > capacity {self.capacity}")
-        need = -(-rows // BLOCK_ROWS) - len(self.blocks)
+        need = blocks_for(rows) - len(self.blocks)
         if need > 0:
             self.blocks += self.pool.allocate(need)
             self.table = torch.tensor(self.blocks, dtype=torch.long)
@@ -118,12 +123,12 @@ class KVCache:
 
     def keys(self, layer: int, end: int) -> torch.Tensor:
         """Rows [0, end) of a layer's keys, gathered: [kv_heads, head_dim, end]."""
-        k = self.pool.k[layer, self.table[: -(-end // BLOCK_ROWS)]]  # [blocks, kv, d, B]
+        k = self.pool.k[layer, self.table[: blocks_for(end)]]  # [blocks, kv, d, B]
         return k.permute(1, 2, 0, 3).flatten(2)[..., :end]
 
     def values(self, layer: int, end: int) -> torch.Tensor:
         """Rows [0, end) of a layer's values, gathered: [kv_heads, end, head_dim]."""
-        v = self.pool.v[layer, self.table[: -(-end // BLOCK_ROWS)]]  # [blocks, kv, B, d]
+        v = self.pool.v[layer, self.table[: blocks_for(end)]]  # [blocks, kv, B, d]
         return v.permute(1, 0, 2, 3).flatten(1, 2)[:, :end]
 
     def commit(self, n: int) -> None:
