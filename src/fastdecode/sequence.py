@@ -123,7 +123,6 @@ class Sequence:
             self.cache.reserve(begin + len(chunk))
             self._planned, self.expected_tokens = len(chunk), 0.0
             return Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache, last_only=True)
-        self.cache.reserve(self.cache.length + 1)
         room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free) - 1
         tree = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
         if len(tree) > room:
@@ -190,7 +189,7 @@ class Sequence:
             token_ids=self.generated,
             num_prompt_tokens=len(self.prompt),
             num_generated_tokens=len(self.generated),
-            finish_reason="stop" if self.out.stopped or (self.generated[-1] in self.eos_ids) else "length",
+            finish_reason="stop" if self.out.stopped else self.finish,
             method=self.drafter.name,
             model=self.engine.model_name,
             stats=self.stats,

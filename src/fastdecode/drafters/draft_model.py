@@ -32,7 +32,7 @@ from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
 from .base import DecodeState, StepResult, Target, check_options
 
-PREFILL_CHUNK = 512  # as in the engine: bounds attention memory for long prompts
+PREFILL_CHUNK = 512  # as in sequence.py (not imported: that module imports the drafters): bounds attention memory
 HEADROOM = 256  # cache rows allocated to begin with; the pool doubles when they run out
 BINS = 10  # draft probability bins of the calibration table
 PRIOR_WEIGHT = 2.0  # pseudo-counts that keep a young bin's correction near 1

@@ -170,11 +170,11 @@ class LlamaModel:
         meta = torch.tensor(meta, dtype=torch.long)
         tables = torch.cat(tables) if len(tables) > 1 else tables[0]
         masks = torch.cat(masks) if masks else None
-        pool, rows = spans[0][0].cache.pool, spans[-1][1] + len(spans[-1][0].tokens)
+        pool = spans[0][0].cache.pool
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
             o = attention(self.native, q.float().contiguous(), pool.k[layer], pool.v[layer], meta, tables, masks, self.scale)
-            return o.to(self.dtype).view(rows, self.q_size)
+            return o.to(self.dtype).view(len(q), self.q_size)
         return attend
 
     def _attend_torch(self, spans):
