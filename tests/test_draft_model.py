@@ -208,7 +208,7 @@ def test_cache_follows_the_context(llm, drafter, monkeypatch):
     monkeypatch.setattr(drafter.model, "forward", lambda t, *a, **k: fed.append(t.tolist()) or forward(t, *a, **k))
     # Two draft tokens accepted, then a different bonus token: only the bonus is fed to catch up.
     bonus = (first.tokens[2] + 1) % 49152
-    drafter.observe(StepResult(first, [0, 1], first.tokens[:2] + [bonus], torch.zeros(6, 49152)))
+    drafter.observe(StepResult.whole(first, [0, 1], first.tokens[:2] + [bonus], torch.zeros(6, 49152)))
     context = tokens + first.tokens[:2] + [bonus]
     second = drafter.propose(_state(context), budget=5)
     assert fed[0] == [bonus]

@@ -64,7 +64,7 @@ def test_jacobi_update_and_harvest():
     X, Y, Z = 30, 31, 32
     best = [0] * (len(tree) + 1)
     best[3], best[6], best[9] = X, Y, Z
-    d.observe(StepResult(tree, [], [0], logits_with_argmax(best)))
+    d.observe(StepResult.whole(tree, [], [0], logits_with_argmax(best)))
     assert d.levels == [[D, E, F], [G, H, I], [X, Y, Z]]
     assert d.candidates(A) == [(D, G, X)]
     assert d.candidates(B) == [(E, H, Y)]
@@ -80,11 +80,11 @@ def test_warm_up_fills_levels_before_harvesting():
     for n_levels in (2, 3):
         tree = d.propose(state([ROOT]), 64)
         assert max(tree.depths()) == 3 + n_levels - 2  # the spine plus the levels so far
-        d.observe(StepResult(tree, [], [0], logits_with_argmax([20 + n_levels] * (len(tree) + 1))))
+        d.observe(StepResult.whole(tree, [], [0], logits_with_argmax([20 + n_levels] * (len(tree) + 1))))
         assert len(d.levels) == n_levels and d.levels[-1] == [20 + n_levels] * 3
         assert d.pool_size == 0
     tree = d.propose(state([ROOT]), 64)
-    d.observe(StepResult(tree, [], [0], logits_with_argmax([25] * (len(tree) + 1))))
+    d.observe(StepResult.whole(tree, [], [0], logits_with_argmax([25] * (len(tree) + 1))))
     assert d.pool_size > 0 and len(d.levels) == 3
 
 
@@ -123,8 +123,8 @@ def test_pool_is_bounded_and_recency_ordered():
 def test_a_cut_window_updates_only_what_was_verified():
     d = full_window()
     tree = d.propose(state([ROOT]), 64)
-    cut = tree.subtree([0, 1, 2, 3])  # column 0 (A D G) and the spine node B
-    d.observe(StepResult(cut, [], [0], logits_with_argmax([0, 0, 0, 30, 0])))
+    rows = [1, 2, 3, 4] + [-1] * (len(tree) - 4)  # only column 0 (A D G) and the spine node B were verified
+    d.observe(StepResult(tree, rows, [], [0], logits_with_argmax([0, 0, 0, 30, 0])))
     assert d.levels == [[D, E, F], [G, H, I], [30, H, I]]  # columns 1, 2 keep their last guess
     assert d.pool_size == 1 and d.candidates(A) == [(D, G, 30)]
 
@@ -139,7 +139,7 @@ def test_budget_and_statistics():
         tree = d.propose(state([ROOT]), 64)
         best = [0] * (len(tree) + 1)
         best[0] = 20
-        d.observe(StepResult(tree, [0], [20, 0], logits_with_argmax(best)))
+        d.observe(StepResult.whole(tree, [0], [20, 0], logits_with_argmax(best)))
         d.levels = [[A, B, C], [D, E, F], [G, H, I]]  # undo the Jacobi step: the same tree each time
         d.pool, d.pool_size = {}, 0
         d.add_ngram((ROOT, 20, 21, 22))

@@ -88,18 +88,18 @@ def test_budget_and_no_match():
     assert len(NGram(min_ngram=3).propose(state(TOKENS), 64)) == 0  # only "1 2" repeats
 
 
-def test_observe_learns_from_a_renumbered_subtree():
+def test_observe_learns_from_a_cut_proposal():
     drafter = NGram(min_score=0)
     tree = drafter.propose(state(TOKENS), 64)
     alt = tree.children(-1)[1]  # the "3" branch
     leading_key, alt_key = drafter._keys[0], drafter._keys[alt]
     assert leading_key[2] == LEADING and alt_key[2] == ALTERNATIVE
     before = drafter.stats.rate(alt_key, PRIOR[ALTERNATIVE]), drafter.stats.rate(leading_key, PRIOR[LEADING])
-    # The engine verified only the first node of each branch; the target took the "3".
-    cut = tree.subtree(sorted([0, alt, tree.children(alt)[0]]))
-    verified = cut.tokens.index(3)
-    logits = torch.zeros(len(cut) + 1, 10)
-    drafter.observe(StepResult(cut, [verified], [3, 1], logits))
+    # The engine verified only the first node of each branch and the child of the "3"; the target took the "3".
+    kept = sorted([0, alt, tree.children(alt)[0]])
+    rows = [kept.index(i) + 1 if i in kept else -1 for i in range(len(tree))]
+    logits = torch.zeros(len(kept) + 1, 10)
+    drafter.observe(StepResult(tree, rows, [alt], [3, 1], logits))
     assert drafter.stats.rate(alt_key, PRIOR[ALTERNATIVE]) > before[0]
     assert drafter.stats.rate(leading_key, PRIOR[LEADING]) < before[1]
     assert drafter.stats.trials(alt_key) == 1 and drafter.stats.trials(leading_key) == 1

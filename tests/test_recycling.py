@@ -45,7 +45,7 @@ def step(drafter: TokenRecycling, tokens: list[int], budget: int = 64) -> tuple[
     logits = logits_after([tokens[-1]] + tree.tokens)
     path, bonus = verify_greedy(tree, logits)
     new = [tree.tokens[n] for n in path] + [bonus]
-    drafter.observe(StepResult(tree, path, new, logits))
+    drafter.observe(StepResult.whole(tree, path, new, logits))
     return tree, new
 
 
@@ -69,7 +69,7 @@ def test_observe_fills_adjacency_with_top_k_of_every_row():
     d.begin([1, 2, 3])
     assert d.propose(state([1, 2, 3]), 10) == DraftTree()  # nothing known yet
     tree = DraftTree([5, 6], [-1, 0])
-    d.observe(StepResult(tree, [0], [5, 6], logits_after([3, 5, 6])))
+    d.observe(StepResult.whole(tree, [0], [5, 6], logits_after([3, 5, 6])))
     assert d.adjacency.shape == (VOCAB, TOP_K)
     assert d.adjacency[3].tolist() == ORDERS[3][:TOP_K]  # row 0: the root
     assert d.adjacency[5].tolist() == ORDERS[5][:TOP_K]
@@ -85,7 +85,7 @@ def test_accepted_row_wins_for_a_repeated_token():
     tree = DraftTree([5, 11, 5], [-1, 0, 1])  # token 5 twice: node 0 (accepted) and node 2
     logits = logits_after([3, 5, 11, 5])
     logits[3] = logits_after([6])[0]  # node 2's row says something else
-    d.observe(StepResult(tree, [0], [5, 6], logits))
+    d.observe(StepResult.whole(tree, [0], [5, 6], logits))
     assert d.adjacency[5].tolist() == ORDERS[5][:TOP_K]
 
 
@@ -93,7 +93,7 @@ def test_propose_walks_the_template():
     d = TokenRecycling(tree_size=4)
     d.begin([3])
     d.propose(state([3]), 10)
-    d.observe(StepResult(DraftTree([5, 6], [-1, 0]), [], [5], logits_after([3, 5, 6])))
+    d.observe(StepResult.whole(DraftTree([5, 6], [-1, 0]), [], [5], logits_after([3, 5, 6])))
     # Template: 0 = rank 0 of root, 1 = rank 0 of 0, 2 = rank 1 of root, 3 = rank 0 of 1.
     tree = d.propose(state([3]), 10)
     assert tree.tokens == [5, 6, 6, 11] and tree.parents == [-1, 0, -1, 1]

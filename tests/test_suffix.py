@@ -160,7 +160,7 @@ def test_observe_calibrates_scores():
     first = tree.scores[tree.children(-1)[0]]
     for _ in range(20):  # the target never takes either
         tree = drafter.propose(state(tokens), 64)
-        drafter.observe(StepResult(tree, [], [5], torch.zeros(len(tree) + 1, 10)))
+        drafter.observe(StepResult.whole(tree, [], [5], torch.zeros(len(tree) + 1, 10)))
     tree = drafter.propose(state(tokens), 64)
     assert tree.scores[tree.children(-1)[0]] < first / 4
     assert len(SuffixDecoding(max_depth=3, max_match=2).propose(state(tokens), 64)) > 0

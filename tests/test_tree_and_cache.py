@@ -76,11 +76,17 @@ def test_keep_and_rollback_match_fresh_computation(tiny_model):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_layer_subset_and_hidden_output(tiny_model):
+def test_layer_subset_and_captured_states(tiny_model):
     cache = tiny_model.new_cache(16)
     tokens, positions = torch.tensor([1, 2, 3]), torch.arange(3)
-    full, hidden = tiny_model.forward(tokens, positions, cache, output_hidden=True)
-    assert hidden.shape == (3, 32)
+    full, hidden = tiny_model.forward(tokens, positions, cache, capture=(0, 2))
+    assert hidden.shape == (3, 2, 32)
+    # The last layer's state, normed and through the head, is the logits.
+    head = torch.nn.functional.rms_norm(hidden[:, 1], (32,), tiny_model.norm, tiny_model.config.rms_norm_eps)
+    torch.testing.assert_close(head @ tiny_model.embed.T, full, rtol=1e-5, atol=1e-5)
+    # A prefill chunk wants its last row's logits only, but states of every row.
+    last, chunk_hidden = tiny_model.forward(tokens, positions, tiny_model.new_cache(16), last_logits_only=True, capture=(2,))
+    assert last.shape == (1, 97) and torch.equal(chunk_hidden[:, 0], hidden[:, 1])
     partial = tiny_model.forward(tokens, positions, tiny_model.new_cache(16), layers=[0, 2])
     assert not torch.allclose(full, partial)  # skipping a layer changes the result...
     assert cache.keys(1, 3).abs().sum() > 0  # ...and the full forward wrote every layer's rows

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastdecode.runtime.cost_curve import CostCurve
-from fastdecode.runtime.draft_size import best_subtree
+from fastdecode.runtime.draft_size import best_nodes
 from fastdecode.runtime.sampling import SamplingParams, target_probabilities
 from fastdecode.runtime.tree import DraftTree
 from fastdecode.runtime.verify import verify_greedy, verify_sampling
@@ -119,34 +119,30 @@ def test_nothing_after_eos_is_accepted_when_sampling():
 CURVE = CostCurve([1, 8, 16, 32, 64], [0.010, 0.011, 0.014, 0.020, 0.040])
 
 
-def test_best_subtree_keeps_likely_nodes_and_their_ancestors():
+def test_best_nodes_keeps_likely_nodes_and_their_ancestors():
     chain = DraftTree.chain(list(range(10)))
     chain.scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.05, 0.04, 0.03, 0.02, 0.01]
-    kept = best_subtree(chain, CURVE)
-    assert kept.tokens == [0, 1, 2, 3, 4]  # the tail adds almost nothing but costs rows
+    assert best_nodes(chain, CURVE) == [0, 1, 2, 3, 4]  # the tail adds almost nothing but costs rows
     tree = DraftTree([5, 6, 7, 8], [-1, 0, -1, 2], scores=[0.2, 0.9, 0.8, 0.1])  # 6 scored above its parent
-    assert best_subtree(tree, CURVE).tokens == [5, 6, 7, 8]  # cheap rows: keep everything
+    assert best_nodes(tree, CURVE) == [0, 1, 2, 3]  # cheap rows: keep everything
     steep = CostCurve([1, 2, 3], [0.010, 0.0101, 0.030])  # room for one node only
-    kept = best_subtree(tree, steep)
-    assert (kept.tokens, kept.parents) == ([7], [-1])  # node 6 cannot come without its parent
+    assert best_nodes(tree, steep) == [2]  # node 1 cannot come without its parent
 
 
-def test_best_subtree_keeps_what_the_drafter_needs():
+def test_best_nodes_keeps_what_the_drafter_needs():
     tree = DraftTree([1, 2, 3, 4], [-1, 0, -1, 2], scores=[0.9, 0.8, 0.001, 0.001], keep=[False, False, False, True])
     steep = CostCurve([1, 2, 3, 4], [0.010, 0.0101, 0.030, 0.300])
-    kept = best_subtree(tree, steep)
+    kept = tree.subtree(best_nodes(tree, steep))
     assert kept.tokens == [3, 4] and kept.parents == [-1, 0]  # the kept leaf and its parent only
     assert kept.keep == [False, True]
-    relaxed = best_subtree(tree, CURVE)
-    assert relaxed.tokens == [1, 2, 3, 4]
+    assert best_nodes(tree, CURVE) == [0, 1, 2, 3]
 
 
-def test_best_subtree_drops_a_hopeless_draft_and_keeps_a_tree_without_scores():
+def test_best_nodes_drops_a_hopeless_draft_and_keeps_a_tree_without_scores():
     hopeless = DraftTree.chain([1, 2, 3])
     hopeless.scores = [0.001, 0.0005, 0.0001]
-    assert len(best_subtree(hopeless, CostCurve([1, 2, 4], [0.01, 0.012, 0.014]))) == 0
-    plain = DraftTree.chain([1, 2, 3])
-    assert best_subtree(plain, CURVE) is plain
+    assert best_nodes(hopeless, CostCurve([1, 2, 4], [0.01, 0.012, 0.014])) == []
+    assert best_nodes(DraftTree.chain([1, 2, 3]), CURVE) == [0, 1, 2]
 
 
 def test_cost_curve_interpolates():
@@ -158,8 +154,8 @@ def test_cost_curve_interpolates():
 def test_drafts_shrink_as_the_batch_sharing_the_forward_grows():
     chain = DraftTree.chain(list(range(10)))
     chain.scores = [0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
-    alone = len(best_subtree(chain, CURVE))
+    alone = len(best_nodes(chain, CURVE))
     # Seven other sequences with 2 rows and 1.5 expected tokens each already share the forward.
-    crowded = len(best_subtree(chain, CURVE, other_rows=14, other_tokens=10.5))
-    assert best_subtree(chain, CURVE, other_rows=0, other_tokens=0.0).tokens == chain.tokens[:alone]
+    crowded = len(best_nodes(chain, CURVE, other_rows=14, other_tokens=10.5))
+    assert best_nodes(chain, CURVE, other_rows=0, other_tokens=0.0) == list(range(alone))
     assert 0 < crowded < alone

@@ -3,7 +3,7 @@
     prefill: chunks of the prompt (last row's logits only) fill the KV cache; the last chunk's
              logits give the first token
     decode:  tree   = drafter.propose(state, budget)         (empty for plain decoding)
-             tree   = best_subtree(tree, cost curve)         (the size that pays on this machine)
+             tree   = tree.subtree(best_nodes(tree, cost curve))   (the size that pays on this machine)
              rows   = [root] + tree nodes, depth-based positions, tree mask
              ... the forward runs, alone or batched with other sequences (models/llama.forward_batch) ...
              path, bonus = verify(tree, logits)              (greedy, or exact rejection sampling)
@@ -29,7 +29,7 @@ from .drafters.base import DecodeState, Drafter, StepResult
 from .errors import FastDecodeError
 from .metrics import RequestStats
 from .models.llama import Segment
-from .runtime.draft_size import best_subtree
+from .runtime.draft_size import best_nodes
 from .runtime.kv_cache import KVCache, KVPool
 from .runtime.sampling import SamplingParams, next_tokens
 from .runtime.tree import DraftTree
@@ -85,6 +85,10 @@ class Sequence:
         self.finish: str | None = None
         self.state: DecodeState | None = None  # set once the prompt is in the cache
         self._planned: DraftTree | int | None = None  # the tree of the planned step, or its prefill chunk length
+        self._proposal: DraftTree | None = None  # the drafter's tree, of which _planned holds nodes _kept
+        self._kept: list[int] = []
+        self._segment: Segment | None = None  # the planned rows; the forward leaves captured states in it
+        self.capture = tuple(getattr(drafter, "hidden_layers", ()))
         self.expected_tokens = 0.0  # new tokens the planned step should yield, on its drafter's scores
         drafter.begin(prompt)
 
@@ -122,19 +126,24 @@ class Sequence:
             chunk = self._prefix[begin : begin + min(prefill_tokens, free)]
             self.cache.reserve(begin + len(chunk))
             self._planned, self.expected_tokens = len(chunk), 0.0
-            return Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache, last_only=True)
+            self._segment = Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache,
+                                    last_only=True, capture=self.capture)
+            return self._segment
         room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free) - 1
-        tree = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
-        if len(tree) > room:
-            raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(tree)} nodes, over its budget of {room}")
-        if tree.scores is not None:
-            tree = best_subtree(tree, self.engine.cost_curve, other_rows, other_tokens)
+        proposal = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
+        if len(proposal) > room:
+            raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(proposal)} nodes, over its budget of {room}")
+        self._proposal = proposal
+        self._kept = best_nodes(proposal, self.engine.cost_curve, other_rows, other_tokens)
+        tree = proposal if len(self._kept) == len(proposal) else proposal.subtree(self._kept)
         self.cache.reserve(self.cache.length + 1 + len(tree))
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
         positions = self.cache.length + torch.tensor([0] + tree.depths())
         mask = tree.attention_mask() if len(tree) else None
-        return Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens), positions, self.cache, mask)
+        self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens), positions, self.cache, mask,
+                                capture=self.capture)
+        return self._segment
 
     def complete(self, logits: torch.Tensor) -> str | None:
         """Take the logits of the planned rows; return the text now safe to show (None while the
@@ -149,7 +158,11 @@ class Sequence:
         cache.keep([0] + [node + 1 for node in path])
         new = [tree.tokens[node] for node in path] + [bonus]
         self.stats.record_step(len(tree), len(path))
-        self.drafter.observe(StepResult(tree, path, new, logits))
+        rows = [-1] * len(self._proposal)
+        for row, node in enumerate(self._kept, start=1):
+            rows[node] = row
+        accepted = [self._kept[node] for node in path]
+        self.drafter.observe(StepResult(self._proposal, rows, accepted, new, logits, self._segment.hidden))
         kept = []
         for token in new:  # one at a time, so nothing after EOS or max_new_tokens leaks out
             kept.append(token)
@@ -161,6 +174,8 @@ class Sequence:
         return self.out.add(kept)
 
     def _complete_prefill(self, logits: torch.Tensor) -> str | None:
+        if self.capture:
+            self.drafter.prefilled(self.cache.length, self._segment.hidden)
         self.cache.commit(self._planned)
         self.stats.forward_passes += 1
         if self.prefilling or self.state is not None:  # more to read, or a preempted sequence caught up

@@ -3,12 +3,13 @@
 A drafter labels each proposed node with a feature key (say, match length and depth). The table
 estimates P(node accepted | its parent accepted) per key, a Beta-Bernoulli mean pulled towards a
 prior guess; the score of a node is the product of these rates along its path, so scores never
-increase from parent to child. The engine may verify a cut-down subtree of the proposal, with
-renumbered nodes, so the verified tree is mapped back to the proposal by (parent, token) pairs.
+increase from parent to child. Results come in the proposal's own node numbers (StepResult), so
+keys are simply indexed by proposed node.
 """
 from __future__ import annotations
 
 from ..runtime.tree import DraftTree
+from .base import StepResult
 
 
 class AcceptanceTable:
@@ -32,29 +33,20 @@ class AcceptanceTable:
     def trials(self, key: object) -> float:
         return self._table.get(key, (0.0, 0.0))[1]
 
-    def observe(self, verified: DraftTree, accepted: list[int], child_of: dict, keys: list) -> None:
-        """Record every verified node whose parent was accepted (a node under a rejected parent was
-        never really tried). child_of maps (proposed parent index, token) -> proposed node index and
-        keys[i] is the feature key of proposed node i."""
-        taken = set(accepted)
-        mine: list[int | None] = []
-        for i, (token, parent) in enumerate(zip(verified.tokens, verified.parents)):
-            my_parent = -1 if parent < 0 else mine[parent]
-            node = None if my_parent is None else child_of.get((my_parent, token))
-            mine.append(node)
-            if node is not None and (parent < 0 or parent in taken):
-                self.record(keys[node], i in taken)
+    def observe(self, result: StepResult, keys: list) -> None:
+        """Record every node the target judged; keys[i] is the feature key of proposed node i."""
+        taken = set(result.accepted)
+        for node in result.tried():
+            self.record(keys[node], node in taken)
 
 
-def ordered_tree(tokens: list[int], parents: list[int], scores: list[float], budget: int):
+def ordered_tree(tokens: list[int], parents: list[int], scores: list[float], budget: int) -> tuple[DraftTree, list[int]]:
     """The `budget` best nodes by score as a DraftTree (parents first on ties, so the kept set is
-    closed under parents), plus the (parent, token) -> new index map and old -> new index list."""
+    closed under parents), and the old index of each of its nodes."""
     depth: list[int] = []
     for p in parents:
         depth.append(1 if p < 0 else depth[p] + 1)
     order = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth[i], i))[:budget]
     new_index = {old: new for new, old in enumerate(order)}
     new_parents = [new_index[parents[i]] if parents[i] >= 0 else -1 for i in order]
-    tree = DraftTree([tokens[i] for i in order], new_parents, scores=[scores[i] for i in order])
-    child_of = {(p, t): i for i, (p, t) in enumerate(zip(new_parents, tree.tokens))}
-    return tree, child_of, order
+    return DraftTree([tokens[i] for i in order], new_parents, scores=[scores[i] for i in order]), order

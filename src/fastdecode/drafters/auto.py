@@ -7,8 +7,8 @@ the higher estimate), cut to the budget by score, and the engine then keeps the 
 this machine's cost curve. So the choice among drafters is made per step and per node by measured
 acceptance: the suffix history wins on repeated text, n-gram lookup on text that copies the prompt,
 recycling everywhere else, and a drafter that stops paying simply stops getting nodes verified.
-Every member sees every verify result (they map the merged tree back to their own proposals by
-(parent, token) pairs), so all of them keep learning whichever one won.
+Every member sees every verify result, translated into its own node numbers, so all of them keep
+learning whichever one won.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Auto:
             raise FastDecodeError(f"auto: members must be drafting methods among {', '.join(drafting)}, "
                                   f"not {', '.join(unknown) or 'nothing'}")
         self.members = [make_drafter(m) for m in names]
+        self._maps: list[tuple[DraftTree, list[int]]] = []
 
     def begin(self, prompt_ids: list[int]) -> None:
         for member in self.members:
@@ -44,6 +45,7 @@ class Auto:
         parents: list[int] = []
         scores: list[float] = []
         node_of: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+        self._maps = []  # per member: (its tree, the merged node of each of its nodes)
         for member in self.members:
             tree = member.propose(state, budget)
             if tree.draft_probs is not None:
@@ -59,12 +61,29 @@ class Auto:
                 else:
                     scores[node_of[key]] = max(scores[node_of[key]], score)
                 mapped.append(node_of[key])
+            self._maps.append((tree, mapped))
         merged = DraftTree(tokens, parents, scores=scores)
         if len(merged) <= budget:
             return merged
-        best = sorted(range(len(merged)), key=lambda i: (-scores[i], i))[:budget]
-        return merged.subtree(sorted(best))
+        best = sorted(sorted(range(len(merged)), key=lambda i: (-scores[i], i))[:budget])
+        renumber = {old: new for new, old in enumerate(best)}
+        self._maps = [(tree, [renumber.get(m, -1) for m in mapped]) for tree, mapped in self._maps]
+        return merged.subtree(best)
 
     def observe(self, result: StepResult) -> None:
-        for member in self.members:
-            member.observe(result)
+        for member, (tree, mapped) in zip(self.members, self._maps):
+            member.observe(member_result(result, tree, mapped))
+
+
+def member_result(result: StepResult, tree: DraftTree, mapped: list[int]) -> StepResult:
+    """The merged tree's result in one member's node numbers (mapped[i]: the merged node of its
+    node i, -1 if the budget cut dropped it). A member's nodes form a sub-trie of the merged tree,
+    so the accepted merged path restricted to them is a path from the root of the member's tree."""
+    own = {m: i for i, m in enumerate(mapped) if m >= 0}
+    rows = [result.rows[m] if m >= 0 else -1 for m in mapped]
+    accepted = []
+    for m in result.accepted:
+        if m not in own:
+            break
+        accepted.append(own[m])
+    return StepResult(tree, rows, accepted, result.new_tokens, result.logits, result.hidden)

@@ -44,10 +44,32 @@ class Target:
 
 @dataclass
 class StepResult:
-    tree: DraftTree
-    accepted: list[int]  # accepted node indices, root to leaf
+    """What the verifier made of a proposal, in the proposal's own node numbers.
+
+    The engine may verify only part of a proposal (the size cut, runtime/draft_size.py); `rows`
+    says which part: node i was verified in row rows[i] of the forward (row 0 is the root), or
+    was cut when rows[i] is -1. So a drafter reads its results by its own indices and keeps no map.
+    """
+
+    tree: DraftTree  # the tree as proposed
+    rows: list[int]  # verify row of each proposed node, -1 for nodes cut before the forward
+    accepted: list[int]  # accepted proposed nodes, root to leaf
     new_tokens: list[int]  # the accepted tokens plus the bonus token
-    logits: torch.Tensor  # [len(tree) + 1, vocab] target logits of the verify rows
+    logits: torch.Tensor  # [verified nodes + 1, vocab] target logits of the verify rows
+    hidden: torch.Tensor | None = None  # [verified nodes + 1, k, hidden]: states of the drafter's hidden_layers
+
+    @classmethod
+    def whole(cls, tree: DraftTree, accepted: list[int], new_tokens: list[int], logits: torch.Tensor,
+              hidden: torch.Tensor | None = None) -> "StepResult":
+        """The result of verifying all of `tree` (row i + 1 is node i)."""
+        return cls(tree, list(range(1, len(tree) + 1)), accepted, new_tokens, logits, hidden)
+
+    def tried(self) -> list[int]:
+        """Verified nodes whose parent was accepted (or is the root): the target really judged
+        them. A node under a rejected parent tells nothing about the node itself."""
+        taken = set(self.accepted)
+        return [i for i, (row, parent) in enumerate(zip(self.rows, self.tree.parents))
+                if row >= 0 and (parent < 0 or parent in taken)]
 
 
 def check_options(method: str, checks: list[tuple[Callable[[], bool], str]]) -> None:
@@ -61,9 +83,18 @@ class Drafter(Protocol):
     name: str
     summary: str  # one line for `fastdecode methods`
     lossless: bool  # False: its output may differ from plain decoding (labelled wherever chosen)
+    # Decoder layers whose output states the drafter reads (trained heads). The verify forward
+    # captures them for its rows (StepResult.hidden) and every prefill chunk for the prompt's
+    # rows (prefilled). Empty for drafters that read tokens only.
+    hidden_layers: tuple[int, ...] = ()
 
     def begin(self, prompt_ids: list[int]) -> None:
         """A new request starts."""
+
+    def prefilled(self, start: int, hidden: torch.Tensor) -> None:
+        """Prompt rows [start, start + n) went through the target; hidden [n, k, H] holds their
+        states at hidden_layers. Called only for drafters that read states; a preempted request
+        prefills again, so the same rows may come twice."""
 
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         """At most `budget` nodes continuing state.tokens."""

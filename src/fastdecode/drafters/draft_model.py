@@ -177,13 +177,11 @@ class DraftModel:
         return tree
 
     def observe(self, result: StepResult) -> None:
-        # The engine may have verified only a prefix of the chain; a node was tried when its parent
-        # was accepted, so the tried nodes are the accepted ones plus the first rejected one.
-        tried = min(len(result.accepted) + 1, len(result.tree))
-        for i in range(tried):
-            if i >= len(self.proposed) or result.tree.tokens[i] != self.proposed[i]:
-                break
-            self.calibration.record(self.greedy, self.confidences[i], i < len(result.accepted))
+        if result.tree.tokens != self.proposed:
+            return  # not this drafter's last proposal
+        taken = set(result.accepted)
+        for node in result.tried():
+            self.calibration.record(self.greedy, self.confidences[node], node in taken)
 
     def _catch_up(self, tokens: list[int], depth: int) -> torch.Tensor:
         """Sync the cache with `tokens` and return the draft's logits [vocab] after the root."""

@@ -127,7 +127,7 @@ class Lookahead:
             rate = self.stats.rate(keys[i], POOL_PRIOR if i in pool_nodes else WINDOW_PRIOR)
             scores.append(rate * (1.0 if parent < 0 else scores[parent]))
         scores = [max(score, floor) if i in window_nodes else score for i, score in enumerate(scores)]
-        self._proposal = (child, keys, pool_nodes, ends)
+        self._proposal = (keys, pool_nodes, ends)
         return DraftTree(tokens, parents, scores=scores, keep=[i in window_nodes for i in range(len(tokens))])
 
     def _window_floor(self, n_nodes: int) -> float:
@@ -142,25 +142,16 @@ class Lookahead:
         proposal, self._proposal = self._proposal, None
         if proposal is None or not len(result.tree):
             return
-        child, keys, pool_nodes, ends = proposal
-        self.stats.observe(result.tree, result.accepted, child, keys)
-        # Match the verified tree (possibly the engine's cut of the proposal) to proposed nodes.
-        row_of: dict[int, int] = {}  # proposed node -> verify row
-        mine: list[int | None] = []
-        for node, (token, parent) in enumerate(zip(result.tree.tokens, result.tree.parents)):
-            up = -1 if parent < 0 else mine[parent]
-            mine.append(None if up is None else child.get((up, token)))
-            if mine[-1] is not None:
-                row_of[mine[-1]] = node + 1
-        accepted = [mine[node] for node in result.accepted]
-        gain = sum(own in pool_nodes for own in accepted)
+        keys, pool_nodes, ends = proposal
+        self.stats.observe(result, keys)
+        gain = sum(node in pool_nodes for node in result.accepted)
         self.pool_gain = GAIN_DECAY * self.pool_gain + (1 - GAIN_DECAY) * gain
-        self.jacobi_update(ends, row_of, result)
+        self.jacobi_update(ends, result)
 
-    def jacobi_update(self, ends: list[int | None], row_of: dict[int, int], result: StepResult) -> None:
+    def jacobi_update(self, ends: list[int | None], result: StepResult) -> None:
         """One Jacobi iteration of the window from the target's argmax after each column's end."""
-        rows = [row_of.get(end) if end is not None else None for end in ends]
-        present = [i for i, row in enumerate(rows) if row is not None]
+        rows = [result.rows[end] if end is not None else -1 for end in ends]
+        present = [i for i, row in enumerate(rows) if row >= 0]
         if not present:
             return
         best = result.logits[[rows[i] for i in present]].argmax(-1).tolist()

@@ -77,7 +77,6 @@ class NGram:
     def begin(self, prompt_ids: list[int]) -> None:
         self.index = NGramIndex(self.min_ngram, self.max_ngram)
         self.index.update(prompt_ids)  # the prompt is known now: keep the first propose cheap
-        self._child_of: dict[tuple[int, int], int] = {}
         self._keys: list = []
 
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
@@ -85,7 +84,7 @@ class NGram:
         if len(tokens) < self.index.next_end + 1:  # not the sequence indexed so far: start again
             self.begin([])
         self.index.update(tokens)
-        self._child_of, self._keys = {}, []
+        self._keys = []
         if budget <= 0:
             return DraftTree()
         matches = self.index.matches(tokens, self.max_matches)
@@ -128,10 +127,10 @@ class NGram:
 
         keep = [i for i, s in enumerate(scores) if s >= self.min_score]  # closed under parents
         budget = min(budget, len(keep))
-        tree, self._child_of, order = ordered_tree(node_tokens, parents, scores, budget)
+        tree, order = ordered_tree(node_tokens, parents, scores, budget)
         self._keys = [keys[i] for i in order]
         return tree
 
     def observe(self, result: StepResult) -> None:
         if self._keys:
-            self.stats.observe(result.tree, result.accepted, self._child_of, self._keys)
+            self.stats.observe(result, self._keys)

@@ -80,15 +80,15 @@ class TokenRecycling:
         self.adjacency: torch.Tensor | None = None  # [vocab, TOP_K] int32, -1 = unknown; made on first observe
         self.stats = AcceptanceTable()  # keyed by template position; kept across requests
         self._root: int | None = None
-        self._proposal: tuple[dict[tuple[int, int], int], list[int]] | None = None
+        self._positions: list[int] | None = None  # template position of each proposed node
 
     def begin(self, prompt_ids: list[int]) -> None:
         self._root = prompt_ids[-1] if prompt_ids else None
-        self._proposal = None
+        self._positions = None
 
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         self._root = root = state.tokens[-1]
-        self._proposal = None
+        self._positions = None
         if budget <= 0 or self.adjacency is None:
             return DraftTree()
         vocab = self.adjacency.shape[0]
@@ -119,21 +119,23 @@ class TokenRecycling:
             rate = self.stats.rate(position, RANK_PRIOR[rank])
             scores.append(rate if parent < 0 else scores[parent] * rate)
             positions.append(position)
-        self._proposal = (child, positions)
+        self._positions = positions
         return DraftTree(tokens, parents, scores=scores)
 
     def observe(self, result: StepResult) -> None:
         tree, logits = result.tree, result.logits
         if self.adjacency is None:
             self.adjacency = torch.full((logits.shape[-1], TOP_K), -1, dtype=torch.int32)
-        if self._proposal is not None:  # the verified tree may be the engine's cut of the proposal
-            child, positions = self._proposal
-            self.stats.observe(tree, result.accepted, child, positions)
-            self._proposal = None
+        if self._positions is not None:
+            self.stats.observe(result, self._positions)
+            self._positions = None
         # Row r holds the target's prediction after the token of row r: row 0 is the root.
-        row_tokens = [self._root] + list(tree.tokens)
+        row_tokens = [self._root] + [None] * len(logits[1:])
+        for token, row in zip(tree.tokens, result.rows):
+            if row >= 0:
+                row_tokens[row] = token
         # One row per token; the rows on the accepted path (the real context) win over side branches.
-        order = list(range(len(row_tokens))) + [0] + [node + 1 for node in result.accepted]
+        order = list(range(len(row_tokens))) + [0] + [result.rows[node] for node in result.accepted]
         latest = {row_tokens[r]: r for r in order if row_tokens[r] is not None}
         if latest:
             # topk of all rows, then pick: cheaper than copying the chosen rows of [n, vocab] first.

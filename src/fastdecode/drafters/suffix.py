@@ -162,7 +162,6 @@ class SuffixDecoding:
         self.stats = AcceptanceTable()
         self._current: list[int] = []  # the current request's tokens in the trie
         self._live: list[int] | None = None  # the engine's state.tokens, read for the last tokens
-        self._child_of: dict[tuple[int, int], int] = {}
         self._keys: list = []
 
     def begin(self, prompt_ids: list[int]) -> None:
@@ -176,7 +175,7 @@ class SuffixDecoding:
                 self.trie.remove(oldest)
                 self.history_tokens -= len(oldest)
         self._current, self._live = [], None
-        self._child_of, self._keys = {}, []
+        self._keys = []
         self.trie.start()
         self._sync(prompt_ids)
 
@@ -188,7 +187,7 @@ class SuffixDecoding:
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         self._live = state.tokens
         self._sync(state.tokens)
-        self._child_of, self._keys = {}, []
+        self._keys = []
         if budget <= 0:
             return DraftTree()
         trie = self.trie
@@ -217,10 +216,10 @@ class SuffixDecoding:
                 keys.append(key)
                 heapq.heappush(heap, (-score, tie, child, context + 1, len(tokens) - 1))
                 tie += 1
-        tree, self._child_of, order = ordered_tree(tokens, parents, scores, budget)
+        tree, order = ordered_tree(tokens, parents, scores, budget)
         self._keys = [keys[i] for i in order]
         return tree
 
     def observe(self, result: StepResult) -> None:
         if self._keys:
-            self.stats.observe(result.tree, result.accepted, self._child_of, self._keys)
+            self.stats.observe(result, self._keys)

@@ -1,10 +1,14 @@
 """The native Llama-family transformer, written for a lean decode step of one or many sequences.
 
-forward(tokens [n], positions [n], cache, mask [n, n] | None, layers | None, output_hidden)
-    -> logits [n, vocab] float32 (and final hidden states [n, hidden])
-forward_batch([Segment(tokens, positions, cache, mask), ...], ...)
+forward(tokens [n], positions [n], cache, mask [n, n] | None, layers | None, capture)
+    -> logits [n, vocab] float32 (and, when `capture` names layers, their states [n, k, hidden])
+forward_batch([Segment(tokens, positions, cache, mask, last_only, capture), ...], ...)
     -> the same for several sequences in one pass: their rows are stacked (no padding) through the
        matrix products, and each attends only to its own cache. forward is its one-sequence case.
+       A segment that names layers in `capture` gets their states in `segment.hidden`: the
+       residual stream after each of those decoder layers (0-based), for every one of its rows
+       (also when only its last row's logits are wanted). Trained drafters read them (EAGLE reads
+       a low, a middle and a high layer), so the verify forward hands them over at no extra pass.
 
 The n new tokens attend to every committed cache row and, among themselves, to what `mask`
 allows (ancestor-or-self for a draft tree; causal when mask is None). Positions are explicit, so
@@ -41,6 +45,8 @@ class Segment:
     cache: KVCache
     mask: torch.Tensor | None = None
     last_only: bool = False  # logits of its last row only (a prefill chunk)
+    capture: tuple[int, ...] = ()  # decoder layers whose output states this segment wants
+    hidden: torch.Tensor | None = None  # set by the forward: [n, len(capture), hidden_size] float32
 
 
 class _Layer:
@@ -97,23 +103,25 @@ class LlamaModel:
         cache: KVCache,
         mask: torch.Tensor | None = None,
         layers: Sequence[int] | None = None,
-        output_hidden: bool = False,
         last_logits_only: bool = False,
         head: Linear | None = None,
+        capture: Sequence[int] = (),
     ):
-        return self.forward_batch([Segment(tokens, positions, cache, mask, last_logits_only)], layers, output_hidden, head)
+        segment = Segment(tokens, positions, cache, mask, last_logits_only, tuple(capture))
+        logits = self.forward_batch([segment], layers, head)
+        return (logits, segment.hidden) if capture else logits
 
     @torch.inference_mode()
     def forward_batch(
         self,
         segments: Sequence[Segment],
         layers: Sequence[int] | None = None,
-        output_hidden: bool = False,
         head: Linear | None = None,
     ):
-        """Logits [rows, vocab] of every segment's rows in order (only its last row when last_only).
-        Every kernel treats rows independently and each segment attends
-        only to its own cache, so a segment's results are bitwise those of forward() on it alone."""
+        """Logits [rows, vocab] of every segment's rows in order (only its last row when last_only),
+        and each capturing segment's `hidden`. Every kernel treats rows independently and each
+        segment attends only to its own cache, so a segment's results are bitwise those of
+        forward() on it alone."""
         c = self.config
         half = c.head_dim // 2
         pool = segments[0].cache.pool
@@ -135,6 +143,7 @@ class LlamaModel:
         offsets = slots[0][1] if one else torch.cat([o for _, o in slots])
         attend = self._attend_native(spans) if self.native is not None else self._attend_torch(spans)
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
+        captured = {i: None for seg in segments for i in seg.capture}
         for i in range(c.num_layers) if layers is None else layers:
             layer = self.layers[i]
             h = F.rms_norm(x, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
@@ -147,13 +156,17 @@ class LlamaModel:
             h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
             x += layer.down(F.silu(gate).mul_(up))
+            if i in captured:
+                captured[i] = x.float()  # a copy: x is updated in place by the next layer
+        for seg, row, _ in spans:
+            if seg.capture:
+                seg.hidden = torch.stack([captured[i][row : row + len(seg.tokens)] for i in seg.capture], dim=1)
         if any(seg.last_only for seg in segments):
             x = x[[r for seg, row, _ in spans
                    for r in (range(row + len(seg.tokens) - 1, row + len(seg.tokens)) if seg.last_only
                              else range(row, row + len(seg.tokens)))]]
         hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
-        logits = (head or self.lm_head)(hidden).float()
-        return (logits, hidden) if output_hidden else logits
+        return (head or self.lm_head)(hidden).float()
 
     def _attend_native(self, spans):
         """attend(layer, q [rows, heads, d]) -> [rows, q_size]: every segment over its own paged

@@ -20,11 +20,12 @@ from .cost_curve import CostCurve
 from .tree import DraftTree
 
 
-def best_subtree(tree: DraftTree, curve: CostCurve, other_rows: int = 0, other_tokens: float = 0.0) -> DraftTree:
-    """The most profitable part of `tree` to verify (all of it when it has no scores).
-    other_rows, other_tokens: rows and expected new tokens of the other sequences in the forward."""
+def best_nodes(tree: DraftTree, curve: CostCurve, other_rows: int = 0, other_tokens: float = 0.0) -> list[int]:
+    """The nodes of the most profitable part of `tree` to verify, increasing and closed under
+    parents (all of them when it has no scores). other_rows, other_tokens: rows and expected new
+    tokens of the other sequences in the forward."""
     if tree.scores is None or len(tree) == 0:
-        return tree
+        return list(range(len(tree)))
     scores: list[float] = []
     for parent, score in zip(tree.parents, tree.scores):  # enforce: a node is no likelier than its parent
         scores.append(min(max(score, 0.0), 1.0, scores[parent] if parent >= 0 else 1.0))
@@ -43,4 +44,4 @@ def best_subtree(tree: DraftTree, curve: CostCurve, other_rows: int = 0, other_t
         rate = expected / curve.cost(rows + size)
         if rate > best_rate:
             best_size, best_rate = size, rate
-    return tree.subtree(sorted(forced | set(order[:best_size])))
+    return sorted(forced | set(order[:best_size]))
