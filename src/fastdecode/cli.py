@@ -12,6 +12,7 @@ from .errors import FastDecodeError
 from .models.loader import DEFAULT_DTYPE, DTYPES
 from .models.registry import DEFAULT_MODEL, MODELS
 from .scheduler import KV_BUDGET_MB, STEP_TOKENS
+from .train import command as train_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed, exactness and acceptance of every method and of other engines, with reports")
     bench_command.add_arguments(b)
     b.set_defaults(run=bench_command.run)
+
+    t = sub.add_parser("train", help="train a drafter head (eagle, medusa, hydra) on the model's own answers")
+    train_command.add_arguments(t)
+    t.set_defaults(run=train_command.run)
     return p
 
 

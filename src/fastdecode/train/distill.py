@@ -1,0 +1,94 @@
+"""Self-distillation: the target answers the training prompts itself, batched, saved as it goes.
+
+A drafter is judged by how often the target accepts its guesses, so it should learn the target's
+own continuations, not the human or ChatGPT text the prompts came with. Most answers are greedy
+(what greedy decoding will later verify); a share is sampled at a moderate temperature with a
+seed of its own, which shows the head more of the target's distribution than its single argmax.
+
+Requests run through the continuous-batching scheduler (plain `ar` decoding, up to `max_batch`
+at once), so generation goes at the machine's batched throughput rather than one stream's.
+Each answer is appended to answers.jsonl (and flushed) as soon as it finishes: an interrupted
+run loses only the answers in flight, and a resumed one asks only for those still missing.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..drafters import make_drafter
+from ..runtime.sampling import SamplingParams
+from ..scheduler import Scheduler
+
+
+@dataclass
+class Answer:
+    index: int  # the prompt's line in prompts.jsonl
+    prompt_ids: list[int]
+    answer_ids: list[int]  # the target's answer, its EOS token included when it stopped on one
+    sampled: bool  # sampled at a temperature (else greedy)
+    finish: str  # "stop" or "length"
+
+
+def sampling(index: int, seed: int, sampled_share: float, temperature: float, max_new_tokens: int) -> SamplingParams:
+    """The sampling parameters of prompt `index`: sampled with probability `sampled_share`, decided
+    and seeded by (seed, index) alone, so a resumed run asks exactly what the first one would have."""
+    rng = random.Random(f"{seed}:{index}")
+    if rng.random() < sampled_share:
+        return SamplingParams(temperature=temperature, seed=rng.randrange(2**63), max_new_tokens=max_new_tokens)
+    return SamplingParams(max_new_tokens=max_new_tokens)
+
+
+def read_answers(path: Path) -> dict[int, Answer]:
+    """The answers saved so far, by prompt index. A line torn by an interruption (the last one) is
+    cut off the file, so that appending continues from a clean end."""
+    answers: dict[int, Answer] = {}
+    if not path.exists():
+        return answers
+    good = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                answer = Answer(**json.loads(line))
+            except (ValueError, TypeError):
+                break
+            answers[answer.index] = answer
+            good += len(line)
+    if good < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return answers
+
+
+def distill(llm, prompts: list[list[dict]], path: Path, max_new_tokens: int, sampled_share: float,
+            temperature: float, seed: int, max_batch: int = 8) -> list[Answer]:
+    """Every prompt's answer (in prompt order), generating only those not yet in `path`."""
+    answers = read_answers(path)
+    todo = [i for i in range(len(prompts)) if i not in answers]
+    scheduler = Scheduler(llm.engine, max_batch=max_batch)
+    pending = {}
+    for i in todo:
+        params = sampling(i, seed, sampled_share, temperature, max_new_tokens)
+        request = scheduler.submit(llm.prompt_ids(prompts[i]), params, make_drafter("ar"))
+        pending[id(request)] = (i, not params.greedy)
+    tokens, start = 0, time.perf_counter()
+    with open(path, "a", encoding="utf-8") as out, \
+            tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="answering", unit="prompt",
+                 file=sys.stderr, dynamic_ncols=True) as bar:
+        while not scheduler.idle:
+            for request in scheduler.step():
+                index, sampled = pending.pop(id(request))
+                result = request.result
+                answer = Answer(index, request.sequence.prompt, result.token_ids, sampled, result.finish_reason)
+                out.write(json.dumps(asdict(answer)) + "\n")
+                out.flush()
+                answers[index] = answer
+                tokens += len(result.token_ids)
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+                bar.update()
+    return [answers[i] for i in range(len(prompts))]

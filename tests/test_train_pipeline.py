@@ -1,0 +1,266 @@
+"""`fastdecode train` end to end on a tiny random-weight model: answers, features, training, files.
+
+The heads are replaced by a stand-in that follows the head contract (fastdecode.heads): layers,
+config(), loss(batch), evaluate(batch). It is a linear map from the last stored layer's state to
+the draft vocabulary, trained against the target's top-k distribution, so its loss can fall.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from fastdecode.api import LLM
+from fastdecode.cli import _parser
+from fastdecode.errors import FastDecodeError
+from fastdecode.models.config import ModelConfig
+from fastdecode.tokenizer import TokenizerInfo
+from fastdecode.train import command, distill, features, loop
+
+from conftest import TEST_COST_CURVE, tiny_weights
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PROMPTS = ["Hello there.", "Tell me a story about a fox.", "What is two plus two?", "Name three colours.",
+           "Why is the sky blue?", "Write a haiku.", "How do bees make honey?", "Say something kind."]
+# Two more prompts that a (made-up) Spec-Bench file holds: the first exactly, the second nearly.
+IN_SPEC_BENCH = ["What is the boiling point of water?", "Please write a short poem about the sea at night with stars"]
+SPEC_BENCH = [{"question_id": 1, "category": "qa", "turns": ["what is the BOILING point of water"]},
+              {"question_id": 2, "category": "writing", "turns": ["Write a short poem about the sea at night with stars, please."]}]
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A 4-layer random Llama with a byte-level tokenizer (256 bytes + 2 chat tokens) and a chat template."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    TokenizerInfo(bos_token=None, eos_token="<|im_end|>", bos_id=None, eos_ids=[257],
+                  chat_template=TEMPLATE).save(folder / "tokenizer_info.json")
+    config = ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    save_file(tiny_weights(config, seed=1), str(folder / "model.safetensors"))
+    return folder
+
+
+def prompts_file(path: Path, texts=PROMPTS) -> Path:
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
+
+
+class StandIn(torch.nn.Module):
+    """A head by the contract: reads the last layer, predicts the next token over the draft vocabulary."""
+
+    def __init__(self, model, draft_vocab: list[int], interrupt_at: int | None = None):
+        super().__init__()
+        self.layers = (model.config.num_layers - 1,)
+        self.register_buffer("draft_vocab", torch.tensor(draft_vocab))
+        self.position = torch.full((model.config.vocab_size,), -1, dtype=torch.long)  # token -> draft row
+        self.position[self.draft_vocab] = torch.arange(len(draft_vocab))
+        self.proj = torch.nn.Linear(model.config.hidden_size, len(draft_vocab))
+        self.calls, self.interrupt_at = 0, interrupt_at
+
+    def config(self) -> dict:
+        return {"kind": "standin", "layers": list(self.layers), "draft_vocab": len(self.draft_vocab)}
+
+    def _logits_and_target(self, batch):
+        logits = self.proj(batch["hidden"][:, :, 0])
+        rows = self.position[batch["top_ids"]]
+        target = torch.zeros_like(logits).scatter_add_(-1, rows.clamp(min=0), batch["top_probs"] * (rows >= 0))
+        return logits, target
+
+    def loss(self, batch):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of a step
+        logits, target = self._logits_and_target(batch)
+        mask = batch["mask"]
+        loss = -(target * F.log_softmax(logits, -1)).sum(-1)[mask].mean()
+        return loss, {}
+
+    def evaluate(self, batch):
+        logits, target = self._logits_and_target(batch)
+        mask = batch["mask"]
+        hit = (logits.argmax(-1) == target.argmax(-1))[mask].float().mean().item()
+        return {"accept@1": hit, "mean_accept_len": 1 + hit}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path / "cache"))  # cost curves, default run folders
+    spec_bench = tmp_path / "spec_bench.jsonl"
+    spec_bench.write_text("".join(json.dumps(q) + "\n" for q in SPEC_BENCH))
+    monkeypatch.setenv("FASTDECODE_SPEC_BENCH", str(spec_bench))
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_llm(env):
+    llm = LLM(str(tiny_model_folder(env / "tiny")), "float32")
+    llm.engine.cost_curve = TEST_COST_CURVE
+    return llm
+
+
+def train_args(*argv: str):
+    return _parser().parse_args(["train", *argv])
+
+
+def test_distill_answers_every_prompt_and_resumes_where_it_stopped(tiny_llm, env):
+    messages = [[{"role": "user", "content": t}] for t in PROMPTS]
+    path = env / "answers.jsonl"
+    first = distill.distill(tiny_llm, messages, path, max_new_tokens=12, sampled_share=0.5, temperature=0.7, seed=3)
+    assert [a.index for a in first] == list(range(len(PROMPTS)))
+    assert {a.sampled for a in first} == {True, False}  # both kinds at a share of one half
+    for a in first:
+        assert a.prompt_ids == tiny_llm.prompt_ids(messages[a.index])
+        assert 1 <= len(a.answer_ids) <= 12 and a.finish in ("stop", "length")
+
+    # An interruption: three answers missing, the last saved line torn in half.
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:4]) + lines[4][:20])
+    again = distill.distill(tiny_llm, messages, path, max_new_tokens=12, sampled_share=0.5, temperature=0.7, seed=3)
+    assert again == first  # greedy and seeded sampled answers come out the same
+    assert len(path.read_text().splitlines()) == len(PROMPTS)
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_features_hold_the_targets_states_and_distribution(tiny_llm, env):
+    model = tiny_llm.engine.model
+    messages = [[{"role": "user", "content": t}] for t in PROMPTS]
+    answers = distill.distill(tiny_llm, messages, env / "answers.jsonl", 10, sampled_share=0.0, temperature=0.7, seed=0)
+    sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
+    layers = features.capture_layers(model.config.num_layers)
+    assert layers == (1, 2, 3)  # 2, L/2, L-3 and L-1 for 4 layers
+    features.write_features(model, sequences, env / "features", layers, top_k=5)
+    features.write_index(env / "features", layers, 5, sequences, ["train"] * 6 + ["held_out"] * 2, list(range(8)),
+                         draft_vocab=list(range(258)))
+    data = features.FeatureSet(env / "features", "train")
+    assert len(data) == 6 and len(features.FeatureSet(env / "features", "held_out")) == 2
+
+    batch = data.batch([0, 1], (3, 1))
+    ids, prompt = sequences[1]
+    T = max(len(sequences[0][0]), len(ids))
+    assert batch["hidden"].shape == (2, T, 2, 32) and batch["top_ids"].shape == (2, T, 5)
+    assert batch["tokens"][1, : len(ids)].tolist() == ids
+    # The label rows: those whose next token is part of the answer, never padding.
+    assert batch["mask"][1].nonzero().flatten().tolist() == list(range(prompt - 1, len(ids) - 1))
+    # Each sequence alone through the target gives the stored states (bfloat16) and distribution.
+    logits, hidden = model.forward(torch.tensor(ids), torch.arange(len(ids)), model.new_cache(len(ids)), capture=(3, 1))
+    torch.testing.assert_close(batch["hidden"][1, : len(ids)], hidden.bfloat16().float())
+    probs, top = logits.softmax(-1).topk(5)
+    assert torch.equal(batch["top_ids"][1, : len(ids)], top)
+    torch.testing.assert_close(batch["top_probs"][1, : len(ids)], probs, atol=1e-3, rtol=1e-3)
+    # The answers are greedy, so at every label row the target's favourite is the answer's next token.
+    rows = batch["mask"][1]
+    assert torch.equal(batch["top_ids"][1, rows, 0], batch["tokens"][1, 1:][rows[:-1]])
+
+
+def test_draft_vocabulary_is_the_most_frequent_tokens_and_eos():
+    answers = [[5, 5, 5, 7, 7, 9], [7, 5, 3]]
+    assert features.draft_vocabulary(answers, 3, eos_ids={20}, vocab_size=30) == [5, 7, 20]
+    assert features.draft_vocabulary(answers, 5, eos_ids={20}, vocab_size=30) == [3, 5, 7, 9, 20]
+    assert len(features.draft_vocabulary(answers, 100, eos_ids={20}, vocab_size=30)) == 30  # capped at the vocabulary
+
+
+def test_batches_cover_every_sequence_once_within_the_token_budget():
+    lengths = [5, 40, 12, 7, 33, 60, 8, 8, 21, 90]
+    batches = loop.plan_batches(lengths, batch_tokens=64, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert all(len(b) * max(lengths[i] for i in b) <= 64 or len(b) == 1 for b in batches)
+    assert batches == loop.plan_batches(lengths, 64, seed=1, epoch=0) != loop.plan_batches(lengths, 64, seed=1, epoch=1)
+
+
+def _run_to_features(tiny_llm, env):
+    """A small dataset on disk, through the command's own stages."""
+    args = train_args("--model", "tiny", "--prompts-file", str(prompts_file(env / "p.jsonl")), "--prompts", "8",
+                      "--max-new-tokens", "24", "--draft-vocab", "64")
+    out = env / "run"
+    record = command._start_folder(out, {"test": 1})
+    train, held = command._prompts(tiny_llm, args, command.pr.file_prompts(args.prompts_file), out, record)
+    answers = command._answers(tiny_llm, args, train + held, out, record)
+    vocab = command._features(tiny_llm, args, answers, len(train), out)
+    return out, vocab
+
+
+def test_training_lowers_the_loss_and_resumes_exactly_after_ctrl_c(tiny_llm, env):
+    out, vocab = _run_to_features(tiny_llm, env)
+    data, held = features.FeatureSet(out / "features", "train"), features.FeatureSet(out / "features", "held_out")
+    assert len(vocab) == 64 and 257 in vocab  # EOS is always a draft token
+    settings = loop.TrainSettings(epochs=4, lr=3e-2, batch_tokens=128, seed=0)
+
+    torch.manual_seed(0)
+    straight = StandIn(tiny_llm.engine.model, vocab)
+    result = loop.train(straight, data, held, settings, env / "straight.pt", "standin")
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert all(0 <= h["accept@1"] <= 1 and h["mean_accept_len"] == 1 + h["accept@1"] for h in history)
+    steps_per_epoch = result["steps"] // 4
+
+    torch.manual_seed(0)
+    head = StandIn(tiny_llm.engine.model, vocab, interrupt_at=steps_per_epoch + 2)  # in epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(head, data, held, settings, env / "resumed.pt", "standin")
+    saved = torch.load(env / "resumed.pt", weights_only=True)["state"]
+    assert saved["step"] == steps_per_epoch + 2  # the interrupted step was finished, then saved
+    torch.manual_seed(123)  # the checkpoint's random state takes over
+    resumed = StandIn(tiny_llm.engine.model, vocab)
+    again = loop.train(resumed, data, held, settings, env / "resumed.pt", "standin")
+    assert again["history"] == history
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_the_command_writes_heads_and_cards_and_resumes(tiny_llm, env, capsys):
+    model = str(env / "tiny")
+    argv = ["--model", model, "--dtype", "float32", "--heads", "standin", "--prompts-file",
+            str(prompts_file(env / "p.jsonl", PROMPTS + IN_SPEC_BENCH)), "--prompts", "8", "--max-new-tokens", "16", "--draft-vocab", "48",
+            "--epochs", "2", "--batch-tokens", "256", "--lr", "1e-2"]
+    make_head = lambda kind, model, vocab: StandIn(model, vocab)  # noqa: E731
+    assert command.execute(train_args(*argv), ["standin"], make_head) == 0
+    out = command.default_folder(model)
+    assert out == env / "cache" / "train" / "tiny"
+    printed = capsys.readouterr()
+    assert f"{out}/standin.safetensors" in printed.out and "--method standin" in printed.out
+    assert str(out) in printed.err
+
+    card = json.loads((out / "standin.json").read_text())
+    assert card["kind"] == "standin" and card["layers"] == [3] and card["draft_vocab_size"] == 48
+    assert card["target"]["model"] == model and len(card["target"]["sha256"]) == 64
+    assert card["data"]["source"] == str(env / "p.jsonl") and card["data"]["train_prompts"] == 7
+    assert card["data"]["held_out_prompts"] == 1 and card["data"]["spec_bench_dropped"] == {"exact": 1, "near": 1}
+    chosen = [json.loads(line)["messages"][0]["content"] for line in (out / "prompts.jsonl").open()]
+    assert sorted(chosen) == sorted(PROMPTS)
+    assert card["training"]["epochs"] == 2 and card["training"]["steps"] > 0 and card["seed"] == 0
+    assert [h["epoch"] for h in card["acceptance"]] == [1, 2]
+    assert {"prompts", "answers", "features", "train standin"} <= set(card["wall_time_s"])
+    with safe_open(str(out / "standin.safetensors"), framework="pt") as f:
+        assert f.get_tensor("draft_vocab").tolist() == json.loads((out / "features" / "index.json").read_text())["draft_vocab"]
+        assert f.get_tensor("proj.weight").dtype == torch.float32
+
+    with pytest.raises(FastDecodeError, match="holds a training run already"):
+        command.execute(train_args(*argv), ["standin"], make_head)
+    with pytest.raises(FastDecodeError, match=r"other settings: epochs \(2 there, 3 now\)"):
+        command.execute(train_args(*argv, "--epochs", "3", "--resume"), ["standin"], make_head)
+
+    answers = (out / "answers.jsonl").read_text()
+    checkpoint_time = (out / "checkpoints" / "standin.pt").stat().st_mtime_ns
+    assert command.execute(train_args(*argv, "--resume"), ["standin"], make_head) == 0
+    assert (out / "answers.jsonl").read_text() == answers  # nothing asked again
+    assert (out / "checkpoints" / "standin.pt").stat().st_mtime_ns == checkpoint_time  # nor trained again
+    assert json.loads((out / "standin.json").read_text())["acceptance"] == card["acceptance"]
+
+    assert command.execute(train_args(*argv, "--overwrite", "--seed", "1"), ["standin"], make_head) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 1
