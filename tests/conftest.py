@@ -69,3 +69,17 @@ def tiny_weights(config: ModelConfig = TINY, seed: int = 0) -> dict[str, torch.T
 @pytest.fixture
 def tiny_model() -> LlamaModel:
     return LlamaModel(TINY, tiny_weights(), torch.float32)
+
+
+def byte_tokenizer(folder, vocab_size: int, eos_id: int):
+    """A tokenizer whose ids 0 .. vocab_size - 1 are single bytes (for tiny models in an Engine)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    from fastdecode.tokenizer import Tokenizer, TokenizerInfo
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())[:vocab_size]
+    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    return Tokenizer(folder / "tokenizer.json", TokenizerInfo(None, None, None, eos_ids=[eos_id]))

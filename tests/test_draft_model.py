@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from fastdecode import SamplingParams
 from fastdecode.drafters import make_drafter
 from fastdecode.drafters.base import DecodeState, StepResult
-from fastdecode.drafters.draft_model import Calibration, common_prefix
+from fastdecode.drafters.acceptance import Calibration
+from fastdecode.drafters.draft_model import common_prefix
 from fastdecode.errors import FastDecodeError
 from fastdecode.models.loader import load
 from fastdecode.models.truncate import make_truncated_checkpoint

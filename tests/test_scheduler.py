@@ -18,18 +18,18 @@ def test_batched_requests_equal_each_alone(llm_default):
              (SEASONS, "recycling", 32)]
     prompts = {text: llm.prompt_ids(text) for text, _, _ in cases}
     assert len(prompts[LONG]) > 3 * 128
-    alone = {text: llm.engine.generate(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method))
+    alone = {text: llm.engine.generate(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method, llm.target))
              for text, method, n in cases}
 
     scheduler = Scheduler(llm.engine, max_batch=3, step_tokens=128)  # 5 requests, 3 slots: two wait
-    requests = {text: scheduler.submit(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method))
+    requests = {text: scheduler.submit(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method, llm.target))
                 for text, method, n in cases[:4]}
     scheduler.step()
     assert len(scheduler.running) == 3 and len(scheduler.waiting) == 1
     for _ in range(5):
         scheduler.step()
     text, method, n = cases[4]  # joins while the others run
-    requests[text] = scheduler.submit(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method))
+    requests[text] = scheduler.submit(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method, llm.target))
     scheduler.run()
 
     for text, request in requests.items():
@@ -62,12 +62,12 @@ def test_a_small_kv_budget_queues_and_preempts_without_changing_outputs(llm_defa
     llm = llm_default
     cases = [(LIGHTHOUSE, "ngram", 64), (EXERCISE, "ar", 64), (FOX, "suffix", 64), (SEASONS, "ar", 48)]
     prompts = {text: llm.prompt_ids(text) for text, _, _ in cases}
-    alone = {text: llm.engine.generate(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method))
+    alone = {text: llm.engine.generate(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method, llm.target))
              for text, method, n in cases}
     biggest = max(len(prompts[text]) + n + 1 for text, _, n in cases)
     blocks = -(-biggest // BLOCK_ROWS) + 2  # room for the largest request alone, and little more
     scheduler = Scheduler(llm.engine, max_batch=4, kv_budget_bytes=blocks * llm.engine.model.new_pool().bytes_per_block)
-    requests = {text: scheduler.submit(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method))
+    requests = {text: scheduler.submit(prompts[text], SamplingParams(max_new_tokens=n), make_drafter(method, llm.target))
                 for text, method, n in cases}
     peak, held_back = 0, False
     while not scheduler.idle:

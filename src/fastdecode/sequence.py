@@ -162,7 +162,10 @@ class Sequence:
         for row, node in enumerate(self._kept, start=1):
             rows[node] = row
         accepted = [self._kept[node] for node in path]
-        self.drafter.observe(StepResult(self._proposal, rows, accepted, new, logits, self._segment.hidden))
+        hidden = self._segment.hidden
+        if hidden is not None:
+            hidden = hidden[[0] + [node + 1 for node in path]]
+        self.drafter.observe(StepResult(self._proposal, rows, accepted, new, logits, hidden))
         kept = []
         for token in new:  # one at a time, so nothing after EOS or max_new_tokens leaks out
             kept.append(token)

@@ -8,8 +8,11 @@ from .auto import Auto
 from .autoregressive import Autoregressive
 from .base import Drafter, Target
 from .draft_model import DraftModel
+from .eagle import Eagle
+from .hydra import Hydra
 from .layerskip import LayerSkip
 from .lookahead import Lookahead
+from .medusa import Medusa
 from .ngram import NGram
 from .recycling import TokenRecycling
 from .suffix import SuffixDecoding
@@ -23,6 +26,9 @@ METHODS = {
     "lookahead": Lookahead,
     "layerskip": LayerSkip,
     "draft": DraftModel,
+    "eagle": Eagle,
+    "medusa": Medusa,
+    "hydra": Hydra,
     "auto": Auto,
 }
 

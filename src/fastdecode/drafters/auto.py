@@ -1,68 +1,95 @@
-"""`auto`, the default method: every cheap drafter proposes, and one merged tree is verified.
+"""`auto`, the default method: several drafters propose, and one merged tree is verified.
 
-Each step the member drafters (n-gram lookup, suffix history, Token Recycling by default) propose
-trees whose nodes carry their own, empirically calibrated, acceptance estimates. The trees are
+Each step the member drafters propose trees whose nodes carry their own, empirically calibrated,
+acceptance estimates. The members are the trained `eagle` head when one exists for the loaded
+model, with `ngram` and `suffix` (SAMD's idea: the suffix history and prompt lookup take over on
+repeated text, the head everywhere else); without a head, `ngram` and `suffix`. The trees are
 merged into one trie (a token reached by the same path from two drafters is one node, scored by
 the higher estimate), cut to the budget by score, and the engine then keeps the part that pays on
 this machine's cost curve. So the choice among drafters is made per step and per node by measured
-acceptance: the suffix history wins on repeated text, n-gram lookup on text that copies the prompt,
-recycling everywhere else, and a drafter that stops paying simply stops getting nodes verified.
-Every member sees every verify result, translated into its own node numbers, so all of them keep
-learning whichever one won.
+acceptance, and a drafter that stops paying simply stops getting nodes verified. Every member sees
+every verify result, translated into its own node numbers, so all of them keep learning whichever
+one won.
+
+Sampling: a node keeps its draft probabilities q only when exactly one member proposed it and drew
+it from q; a node proposed by several members, or by a rule, is verified as a point mass. Both
+are exact (runtime/verify.py): what matters is that each q is what its token was drawn from.
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import FastDecodeError
+from ..heads import shipped_head
 from ..runtime.tree import DraftTree
-from .base import DecodeState, StepResult
+from .base import DecodeState, StepResult, Target
 
 DEFAULT_MEMBERS = ("ngram", "suffix")
 
 
 class Auto:
     name = "auto"
-    summary = "the default: the trees of ngram and suffix (its members) merged into one verified tree"
+    summary = "the default: the trees of eagle (when a head ships for the model), ngram and suffix merged into one verified tree"
     lossless = True
+    needs_target = True
 
-    def __init__(self, members: str | list[str] = DEFAULT_MEMBERS):
+    def __init__(self, target: Target | None = None, members: str | list[str] | None = None, head: str | None = None):
+        """members: comma list of drafting methods (default: eagle if a head ships for the model,
+        ngram, suffix); head: the eagle member's head file, when not the shipped one."""
         from . import METHODS, make_drafter  # the registry imports this module
 
+        if members is None:
+            with_head = head is not None or (target is not None and shipped_head("eagle", target.name) is not None)
+            members = ("eagle",) * with_head + DEFAULT_MEMBERS
         names = members.split(",") if isinstance(members, str) else list(members)
         unknown = [m for m in names if m not in METHODS or m in ("auto", "ar")]
         if unknown or not names:
             drafting = [m for m in METHODS if m not in ("auto", "ar")]
             raise FastDecodeError(f"auto: members must be drafting methods among {', '.join(drafting)}, "
                                   f"not {', '.join(unknown) or 'nothing'}")
-        self.members = [make_drafter(m) for m in names]
+        self.members = [make_drafter(m, target, **({"head": head} if m == "eagle" and head else {})) for m in names]
+        # The union of the members' layers is captured; each member reads its own columns.
+        self.hidden_layers = tuple(sorted({i for m in self.members for i in getattr(m, "hidden_layers", ())}))
+        self._columns = [[self.hidden_layers.index(i) for i in getattr(m, "hidden_layers", ())] for m in self.members]
         self._maps: list[tuple[DraftTree, list[int]]] = []
 
     def begin(self, prompt_ids: list[int]) -> None:
         for member in self.members:
             member.begin(prompt_ids)
 
+    def prefilled(self, start: int, hidden: torch.Tensor) -> None:
+        for member, columns in zip(self.members, self._columns):
+            if columns:
+                member.prefilled(start, hidden[:, columns])
+
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         tokens: list[int] = []
         parents: list[int] = []
         scores: list[float] = []
+        q_rows: list[torch.Tensor | None] = []  # a node's q, None for a point mass
         node_of: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
         self._maps = []  # per member: (its tree, the merged node of each of its nodes)
         for member in self.members:
             tree = member.propose(state, budget)
-            if tree.draft_probs is not None:
-                raise FastDecodeError(f"auto cannot merge {member.name}'s sampled drafts")
             mapped: list[int] = []
-            for token, parent, score in zip(tree.tokens, tree.parents, tree.scores or [0.0] * len(tree)):
+            for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+                score = tree.scores[i] if tree.scores else 0.0
                 key = (mapped[parent] if parent >= 0 else -1, token)
                 if key not in node_of:
                     node_of[key] = len(tokens)
                     tokens.append(token)
                     parents.append(key[0])
                     scores.append(score)
+                    q_rows.append(None if tree.draft_probs is None else tree.draft_probs[i])
                 else:
                     scores[node_of[key]] = max(scores[node_of[key]], score)
+                    q_rows[node_of[key]] = None  # two proposers: no single q drew it
                 mapped.append(node_of[key])
             self._maps.append((tree, mapped))
         merged = DraftTree(tokens, parents, scores=scores)
+        if any(q is not None for q in q_rows):
+            vocab = next(q for q in q_rows if q is not None).shape[-1]
+            merged.draft_probs = torch.stack([torch.zeros(vocab) if q is None else q for q in q_rows])
         if len(merged) <= budget:
             return merged
         best = sorted(sorted(range(len(merged)), key=lambda i: (-scores[i], i))[:budget])
@@ -71,14 +98,17 @@ class Auto:
         return merged.subtree(best)
 
     def observe(self, result: StepResult) -> None:
-        for member, (tree, mapped) in zip(self.members, self._maps):
-            member.observe(member_result(result, tree, mapped))
+        if not len(result.tree):  # nothing was proposed (no room left): members saw no proposal either
+            self._maps = [(DraftTree(), []) for _ in self.members]
+        for member, columns, (tree, mapped) in zip(self.members, self._columns, self._maps):
+            member.observe(member_result(result, tree, mapped, columns))
 
 
-def member_result(result: StepResult, tree: DraftTree, mapped: list[int]) -> StepResult:
+def member_result(result: StepResult, tree: DraftTree, mapped: list[int], columns: list[int]) -> StepResult:
     """The merged tree's result in one member's node numbers (mapped[i]: the merged node of its
     node i, -1 if the budget cut dropped it). A member's nodes form a sub-trie of the merged tree,
-    so the accepted merged path restricted to them is a path from the root of the member's tree."""
+    so the accepted merged path restricted to them is a path from the root of the member's tree.
+    The committed rows' states and tokens are the whole step's, whoever proposed them."""
     own = {m: i for i, m in enumerate(mapped) if m >= 0}
     rows = [result.rows[m] if m >= 0 else -1 for m in mapped]
     accepted = []
@@ -86,4 +116,5 @@ def member_result(result: StepResult, tree: DraftTree, mapped: list[int]) -> Ste
         if m not in own:
             break
         accepted.append(own[m])
-    return StepResult(tree, rows, accepted, result.new_tokens, result.logits, result.hidden)
+    hidden = result.hidden[:, columns] if columns and result.hidden is not None else None
+    return StepResult(tree, rows, accepted, result.new_tokens, result.logits, hidden)

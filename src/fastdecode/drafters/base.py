@@ -56,7 +56,9 @@ class StepResult:
     accepted: list[int]  # accepted proposed nodes, root to leaf
     new_tokens: list[int]  # the accepted tokens plus the bonus token
     logits: torch.Tensor  # [verified nodes + 1, vocab] target logits of the verify rows
-    hidden: torch.Tensor | None = None  # [verified nodes + 1, k, hidden]: states of the drafter's hidden_layers
+    # States at the drafter's hidden_layers of the rows this step committed: the root, then each
+    # accepted row in order ([len(accepted) + 1, k, hidden]); whoever proposed those nodes.
+    hidden: torch.Tensor | None = None
 
     @classmethod
     def whole(cls, tree: DraftTree, accepted: list[int], new_tokens: list[int], logits: torch.Tensor,

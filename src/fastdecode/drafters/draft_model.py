@@ -30,13 +30,11 @@ from ..models.loader import load
 from ..runtime.kv_cache import KVCache
 from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
+from .acceptance import Calibration
 from .base import DecodeState, StepResult, Target, check_options
 
 PREFILL_CHUNK = 512  # as in sequence.py (not imported: that module imports the drafters): bounds attention memory
 HEADROOM = 256  # cache rows allocated to begin with; the pool doubles when they run out
-BINS = 10  # draft probability bins of the calibration table
-PRIOR_WEIGHT = 2.0  # pseudo-counts that keep a young bin's correction near 1
-MAX_TRIALS = 2000.0  # beyond this a bin's counts are halved, so its correction can drift
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -66,33 +64,6 @@ def vocabulary_difference(target_tok, draft_tok) -> str | None:
     if target_tok.eos_ids != draft_tok.eos_ids:
         return f"the end-of-sequence ids differ ({sorted(target_tok.eos_ids)} vs {sorted(draft_tok.eos_ids)})"
     return None
-
-
-class Calibration:
-    """P(draft token accepted | parent accepted) from the draft's probability q of that token.
-
-    Per bin of q (and greedy vs sampling) it keeps the accepted count and the sum of q over the
-    same trials; their ratio scales q. A draft that is under- or over-confident gets corrected.
-    """
-
-    def __init__(self):
-        self._table: dict[tuple[bool, int], list[float]] = {}  # key -> [accepted, sum of q, trials]
-
-    @staticmethod
-    def key(greedy: bool, q: float) -> tuple[bool, int]:
-        return greedy, min(int(q * BINS), BINS - 1)
-
-    def rate(self, greedy: bool, q: float) -> float:
-        accepted, predicted, _ = self._table.get(self.key(greedy, q), (0.0, 0.0, 0.0))
-        return min(1.0, q * (accepted + PRIOR_WEIGHT) / (predicted + PRIOR_WEIGHT))
-
-    def record(self, greedy: bool, q: float, accepted: bool) -> None:
-        entry = self._table.setdefault(self.key(greedy, q), [0.0, 0.0, 0.0])
-        entry[0] += accepted
-        entry[1] += q
-        entry[2] += 1
-        if entry[2] > MAX_TRIALS:
-            entry[:] = [x / 2 for x in entry]
 
 
 class DraftModel:

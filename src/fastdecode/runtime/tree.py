@@ -15,9 +15,10 @@ import torch
 class DraftTree:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
-    # Optional [n, vocab]: the distribution q(. | ancestors) each node's token was sampled from
-    # (exact speculative sampling). Without it a node counts as a point mass on its token, which is
-    # exact for tokens chosen by any rule that does not look at the target's random draws.
+    # Optional [n, vocab]: the distribution q each node's token was drawn from, given everything the
+    # drafter knew (its ancestors, its earlier siblings): exact speculative sampling. Without it, or
+    # where a row is all zeros, a node counts as a point mass on its token, which is exact for
+    # tokens chosen by any rule that does not look at the verifier's random draws.
     draft_probs: torch.Tensor | None = None
     # Optional: the drafter's estimate of the probability that each node is accepted (its whole
     # path from the root). Non-increasing along a path. The engine uses it to cut the tree to the

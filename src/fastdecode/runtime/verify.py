@@ -45,8 +45,10 @@ def verify_sampling(
     and the next sibling is tried against it. A child without draft probabilities is a point mass
     (q = 1 at t): accepted with probability p(t), else t is removed from p. When no child is
     accepted the bonus token is sampled from what is left of p, so every emitted token is an exact
-    sample of the target given the tokens before it. Siblings with draft probabilities must be
-    independent draws from the same q.
+    sample of the target given the tokens before it. This holds whatever rule chose the children,
+    as long as it never looks at the verifier's random draws and a child's q is the distribution
+    its token was drawn from given what the drafter knew (its earlier siblings included: children
+    drawn without replacement carry q with the earlier ones removed). A row of zeros is a point mass.
     """
     path: list[int] = []
     node, row = -1, 0
@@ -56,6 +58,8 @@ def verify_sampling(
         for child in tree.children(node):
             token = tree.tokens[child]
             q = None if tree.draft_probs is None else tree.draft_probs[child]
+            if q is not None and not q[token] > 0:  # a point mass among sampled siblings
+                q = None
             ratio = p[token] if q is None else p[token] / q[token]
             if torch.rand((), generator=generator) < ratio:
                 accepted = child

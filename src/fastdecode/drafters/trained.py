@@ -1,0 +1,157 @@
+"""What the trained drafters (eagle, medusa, hydra) share: their head, and the tree they grow.
+
+The tree is EAGLE-2's dynamic tree (Li et al. 2024, "EAGLE-2: Faster Inference of Language Models
+with Dynamic Draft Trees"): the head's distribution at the root gives the first candidates; at
+each depth the `beam` best candidates so far (by score) are expanded, each into its `top_k` most
+likely children, for `depth` levels; the engine then keeps the part that pays on this machine's
+cost curve. A node's score estimates the probability that it is accepted: the product, along its
+path, of the head's probability of each token corrected by how often the target has accepted
+tokens of that probability at that depth (acceptance.Calibration, learned as it runs). Scores fall
+along every path, so any best-scored set of nodes holds its ancestors.
+
+Exactness. Greedy: any tree is verified against the target's argmax. Sampling: the head's logits
+over its vocabulary go through the request's temperature / top-k / top-p / min-p, giving q; a
+node's children are drawn from q without replacement, each child with its own conditional
+distribution (q with the earlier siblings removed) as its draft probabilities. Recursive
+rejection sampling is exact when each child's token was drawn from the distribution handed over
+with it, given everything the drafter knew, which holds here (runtime/verify.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import FastDecodeError
+from ..heads import load_head, shipped_head
+from ..models.loader import model_source
+from ..runtime.sampling import is_int, is_number, target_probabilities
+from ..runtime.tree import DraftTree
+from .acceptance import Calibration
+from .base import DecodeState, StepResult, Target, check_options
+
+DEPTH_KEYS = 4  # depths beyond this share the calibration of depth 4
+
+
+def _weights_file(model_name: str):
+    """The file (or folder) the target was loaded from, whose hash a head's card names; None for a
+    model built in memory (tests), which is then checked by its shape only."""
+    try:
+        return model_source(model_name)
+    except FastDecodeError:
+        return None
+
+
+class TrainedDrafter:
+    """A drafter reading a trained head; subclasses say how the head expands a node."""
+
+    kind = ""
+    lossless = True
+    needs_target = True
+
+    def __init__(self, target: Target, head: str | None = None, depth: int = 5, beam: int = 4,
+                 top_k: int = 4, min_score: float = 0.01):
+        check_options(self.kind, [
+            (lambda: is_int(depth) and 1 <= depth <= 16, "depth must be an integer in [1, 16]"),
+            (lambda: is_int(beam) and 1 <= beam <= 32, "beam must be an integer in [1, 32]"),
+            (lambda: is_int(top_k) and 1 <= top_k <= 32, "top_k must be an integer in [1, 32]"),
+            (lambda: is_number(min_score) and 0 <= min_score < 1, "min_score must be in [0, 1)"),
+        ])
+        path = head or shipped_head(self.kind, target.name)
+        if path is None:
+            raise FastDecodeError(
+                f"no {self.kind} head ships for model {target.name!r}; train one with "
+                f"`fastdecode train --model {target.name} --heads {self.kind}` and pass it with "
+                f"--option {self.kind}.head=PATH")
+        self.head, self.card = load_head(path, target.model, _weights_file(target.name))
+        if self.head.kind != self.kind:
+            raise FastDecodeError(f"{path} holds a {self.head.kind} head, not a {self.kind} head")
+        self.model = target.model
+        self.vocab_size = target.model.config.vocab_size
+        self.eos_ids = target.tokenizer.eos_ids
+        self.depth, self.beam, self.top_k, self.min_score = depth, beam, top_k, min_score
+        self.hidden_layers = tuple(self.head.layers)
+        self.draft_ids = self.head.draft_ids.tolist()
+        self.calibration = Calibration()  # kept across requests
+        self._contexts: list[tuple] = []  # calibration key of each proposed node
+        self._q: list[float] = []  # the head's probability of each proposed node's token
+
+    # ---- growing the tree ----------------------------------------------------------------------
+
+    def grow(self, root_logits: torch.Tensor, expand, params, budget: int) -> DraftTree:
+        """The dynamic tree: root_logits [draft_vocab] are the head's logits for the root's children;
+        expand(nodes, depth, tokens, parents) returns the logits [len(nodes), draft_vocab] for the
+        children of those nodes, all at `depth` (tokens: draft-vocabulary indices of every node so far)."""
+        greedy = params.greedy
+        tokens: list[int] = []  # draft-vocabulary indices until the end
+        parents: list[int] = []
+        scores: list[float] = []
+        q_token: list[float] = []
+        q_rows: list[torch.Tensor] = []  # sampling: each node's conditional draft distribution
+        contexts: list[tuple] = []
+        frontier = [(-1, root_logits)]
+        for depth in range(1, self.depth + 1):
+            level = []
+            for parent, logits in frontier:
+                for token, q, row in self._children(logits, params):
+                    context = (greedy, min(depth, DEPTH_KEYS))
+                    score = (1.0 if parent < 0 else scores[parent]) * self.calibration.rate(context, q)
+                    level.append(len(tokens))
+                    tokens.append(token)
+                    parents.append(parent)
+                    scores.append(score)
+                    q_token.append(q)
+                    contexts.append(context)
+                    if row is not None:
+                        q_rows.append(row)
+            if depth == self.depth:
+                break
+            grow = [n for n in sorted(level, key=lambda n: -scores[n])
+                    if scores[n] >= self.min_score and self.draft_ids[tokens[n]] not in self.eos_ids][: self.beam]
+            if not grow:
+                break
+            frontier = list(zip(grow, expand(grow, depth, tokens, parents)))
+        order = sorted(range(len(tokens)), key=lambda n: (-scores[n], n))[:budget]
+        order.sort()  # parents come before children, and a parent scores at least its child
+        keep = {old: new for new, old in enumerate(order)}
+        self._contexts = [contexts[n] for n in order]
+        self._q = [q_token[n] for n in order]
+        tree = DraftTree([self.draft_ids[tokens[n]] for n in order],
+                         [keep[parents[n]] if parents[n] >= 0 else -1 for n in order],
+                         scores=[scores[n] for n in order])
+        if q_rows:
+            probs = torch.zeros(len(order), self.vocab_size)
+            probs[:, self.draft_ids] = torch.stack([q_rows[n] for n in order])
+            tree.draft_probs = probs
+        return tree
+
+    def _children(self, logits: torch.Tensor, params):
+        """(draft index, its probability, its conditional distribution or None) of a node's children:
+        the top_k under greedy; top_k draws without replacement under sampling."""
+        if params.greedy:
+            probs = torch.softmax(logits.float(), -1)
+            top = probs.topk(min(self.top_k, len(probs)))
+            return [(int(i), float(p), None) for p, i in zip(top.values, top.indices)]
+        q = target_probabilities(logits.float()[None], params)[0]
+        children = []
+        for _ in range(self.top_k):
+            total = q.sum()
+            if total <= 0:
+                break
+            q = q / total
+            token = int(torch.multinomial(q, 1, generator=self.generator))
+            children.append((token, float(q[token]), q.clone()))
+            q[token] = 0.0
+        return children
+
+    def begin_sampling(self, params) -> None:
+        """The drafter's own random stream, derived from the request's seed (independent of the
+        verifier's stream, reproducible for a seeded request)."""
+        self.generator = torch.Generator().manual_seed(((params.seed or 0) * 7919 + 17) % 2**63)
+
+    # ---- learning from the verifier ------------------------------------------------------------
+
+    def observe_scores(self, result: StepResult) -> None:
+        if len(result.tree) != len(self._q):
+            return  # not this drafter's last proposal (nothing was proposed)
+        taken = set(result.accepted)
+        for node in result.tried():
+            self.calibration.record(self._contexts[node], self._q[node], node in taken)

@@ -1,0 +1,82 @@
+"""Pieces the trained heads share: RMSNorm, rotary embedding, soft-label loss, chain acceptance.
+
+The heads train in float32 PyTorch (autograd) against targets the pipeline stored (train/): the
+target's top-k next-token probabilities at each position, restricted to the head's draft
+vocabulary (the tokens the target emits most, FR-Spec / VocabTrim style).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(weight.clone().float() if weight is not None else torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of x [..., n, heads, d] at positions [..., n] (Hugging Face's half split)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    angles = positions.float()[..., None] * inv  # [..., n, d/2]
+    cos = torch.cat([angles.cos(), angles.cos()], -1).unsqueeze(-2)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).unsqueeze(-2)
+    half = d // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def draft_targets(top_ids: torch.Tensor, top_probs: torch.Tensor, to_draft: torch.Tensor):
+    """The target's distribution over the draft vocabulary from its stored top-k.
+
+    top_ids, top_probs [..., K]; to_draft [vocab] maps a token id to its draft index or -1.
+    Returns (draft indices [..., K] with -1 replaced by 0, weights [..., K] renormalised over the
+    in-vocabulary entries, and a bool [...] saying whether any mass fell inside the vocabulary)."""
+    index = to_draft[top_ids]
+    inside = index >= 0
+    weights = top_probs * inside
+    total = weights.sum(-1, keepdim=True)
+    return index.clamp(min=0), weights / total.clamp(min=1e-9), total.squeeze(-1) > 0
+
+
+def soft_cross_entropy(logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over valid positions of -sum_k w_k log softmax(logits)[index_k], and the count."""
+    logp = torch.log_softmax(logits, -1).gather(-1, index)
+    per_position = -(weights * logp).sum(-1)
+    count = valid.sum()
+    return (per_position * valid).sum() / count.clamp(min=1), count
+
+
+def top1_match(logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Whether the head's most likely draft token is the target's most likely token (bool [...])."""
+    target_best = index.gather(-1, weights.argmax(-1, keepdim=True)).squeeze(-1)
+    return logits.argmax(-1) == target_best
+
+
+def chain_acceptance(correct: list[torch.Tensor], valid: list[torch.Tensor]) -> dict[str, float]:
+    """Greedy acceptance of a draft chain, estimated teacher-forced. correct[j] and valid[j] are
+    bool [B, T], aligned so that entry t is depth j + 1 of the chain drafted at position t: its
+    token matches the target's argmax (inputs are the true tokens, which is what the target sees
+    when every earlier node was accepted). Only chains whose every depth is known are counted.
+
+    Returns accept@k (how often depth k is accepted when depth k - 1 was) and mean_accept_len
+    (1 + expected accepted nodes per chain, vLLM's definition)."""
+    counted = torch.stack(valid).all(0)
+    chains = max(1, int(counted.sum()))
+    out: dict[str, float] = {}
+    alive, expected = counted, 0.0
+    for j, ok in enumerate(correct):
+        survivors = alive & ok
+        out[f"accept@{j + 1}"] = float(survivors.sum()) / max(1, int(alive.sum()))
+        expected += float(survivors.sum()) / chains
+        alive = survivors
+    out["mean_accept_len"] = 1.0 + expected
+    return out

@@ -1,0 +1,175 @@
+"""An EAGLE-3-style draft head: one decoder layer that reads the target's own hidden states.
+
+EAGLE (Li et al. 2024, "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty";
+EAGLE-3, 2025, "Scaling up Inference Acceleration of Large Language Models via Training-Time
+Test") drafts at the feature level. For the pair at position t,
+
+    f_t = fc([h_low_t ; h_mid_t ; h_high_t])           the target's states after three layers, fused
+    g_t = layer(norm(embed(x_{t+1})) ; norm(f_t))        one decoder layer: attention over the pairs
+                                                          before it (its own KV cache), then an MLP
+    q(x_{t+2}) = softmax(head(norm(g_t)))                over the draft vocabulary only
+
+so the head sees what the target "thought" at t and the token it chose, and predicts the token
+after. To draft further it feeds its own output back: the pair at t + 1 is (g_t, the drafted
+token), since the target's state at t + 1 is not known until verification. Training-time test
+(TTT) trains exactly that: step 0 reads the target's states, step j reads the head's own outputs
+of step j - 1, and pair t at step j attends to the true pairs up to t - j plus its own chain of
+drafted pairs (t - j + 1 .. t, one per earlier step), as the drafting tree will. Later steps are
+weighted 0.8^j, as in EAGLE-3.
+
+Sizes for the default model (hidden 576): fc 1.0M, the layer 4.0M (its q/k/v read 2 x hidden),
+the head 8,192 x 576 = 4.7M (initialised from the target's output head rows): about 10M
+parameters, 19 MB in bfloat16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import RMSNorm, chain_acceptance, draft_targets, rotary, soft_cross_entropy, top1_match
+
+TTT_DECAY = 0.8
+
+
+class EagleHead(nn.Module):
+    kind = "eagle"
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = dict(cfg, kind=self.kind)
+        h, hd = cfg["hidden_size"], cfg["head_dim"]
+        self.heads, self.kv_heads, self.head_dim = cfg["num_heads"], cfg["num_kv_heads"], hd
+        self.layers = tuple(cfg["layers"])
+        eps = cfg["rms_norm_eps"]
+        self.fc = nn.Linear(len(self.layers) * h, h, bias=False)
+        self.embed_norm = RMSNorm(h, eps)
+        self.feature_norm = RMSNorm(h, eps)
+        self.q = nn.Linear(2 * h, self.heads * hd, bias=False)
+        self.k = nn.Linear(2 * h, self.kv_heads * hd, bias=False)
+        self.v = nn.Linear(2 * h, self.kv_heads * hd, bias=False)
+        self.o = nn.Linear(self.heads * hd, h, bias=False)
+        self.mlp_norm = RMSNorm(h, eps)
+        self.gate = nn.Linear(h, cfg["intermediate_size"], bias=False)
+        self.up = nn.Linear(h, cfg["intermediate_size"], bias=False)
+        self.down = nn.Linear(cfg["intermediate_size"], h, bias=False)
+        self.norm = RMSNorm(h, eps)
+        self.head = nn.Linear(h, cfg["draft_vocab_size"], bias=False)
+        self.register_buffer("draft_ids", torch.zeros(cfg["draft_vocab_size"], dtype=torch.long))
+        # The target's token embeddings: read, never trained, never saved (the target has them).
+        self.register_buffer("embed", torch.zeros(0), persistent=False)
+        for lin in (self.fc, self.q, self.k, self.v, self.o, self.gate, self.up, self.down):
+            nn.init.normal_(lin.weight, std=0.02)
+
+    @classmethod
+    def from_target(cls, model, draft_ids: list[int], ttt_steps: int = 4) -> "EagleHead":
+        c = model.config
+        n = c.num_layers
+        cfg = dict(hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                   head_dim=c.head_dim, intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps,
+                   rope_theta=c.rope_theta, vocab_size=c.vocab_size, draft_vocab_size=len(draft_ids),
+                   layers=[2, n // 2, n - 3] if n > 5 else list(range(n))[:3], ttt_steps=ttt_steps)
+        head = cls(cfg)
+        ids = torch.tensor(draft_ids, dtype=torch.long)
+        with torch.no_grad():
+            head.draft_ids.copy_(ids)
+            head.head.weight.copy_(model.head_rows(ids))
+            head.norm.weight.copy_(model.norm.float())
+        head.attach(model)
+        return head
+
+    def attach(self, model) -> None:
+        """Take the target's embeddings (needed to train; drafting asks the model for rows)."""
+        self.embed = model.embed_tokens(torch.arange(model.config.vocab_size)).float()
+
+    def config(self) -> dict:
+        return dict(self.cfg)
+
+    # ---- the computation, shared by training and drafting ---------------------------------------
+
+    def fuse(self, states: torch.Tensor) -> torch.Tensor:
+        """[..., len(layers), H] target states -> [..., H] feature."""
+        return self.fc(states.flatten(-2))
+
+    def project(self, feature: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor):
+        """The attention inputs of pairs (feature, embedding of the next token): q [..., n, heads, d],
+        k and v [..., n, kv_heads, d], with rotary embedding at `positions` applied to q and k."""
+        x = torch.cat([self.embed_norm(token_embeds), self.feature_norm(feature)], -1)
+        shape = x.shape[:-1]
+        q = self.q(x).view(*shape, self.heads, self.head_dim)
+        k = self.k(x).view(*shape, self.kv_heads, self.head_dim)
+        v = self.v(x).view(*shape, self.kv_heads, self.head_dim)
+        theta = self.cfg["rope_theta"]
+        return rotary(q, positions, theta), rotary(k, positions, theta), v
+
+    def finish(self, feature: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The layer's output g from its input feature and the attention result [..., heads * d]."""
+        x = feature + self.o(attended)
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (index j is token draft_ids[j])."""
+        return self.head(self.norm(g))
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def _unroll(self, batch: dict):
+        """Training-time test over a padded batch: per step j, the logits of every pair and the
+        pairs that count (the chain start t - j exists and the target of pair t is trained)."""
+        tokens, states, mask = batch["tokens"], batch["hidden"], batch["mask"]
+        B, T = tokens.shape
+        positions = torch.arange(T).expand(B, T)
+        next_embeds = self.embed[F.pad(tokens[:, 1:], (0, 1))]  # pair t reads token t + 1
+        # Pair t predicts token t + 2, whose target distribution is stored at position t + 1.
+        target_ids, target_probs = batch["top_ids"][:, 1:], batch["top_probs"][:, 1:]
+        to_draft = torch.full((self.cfg["vocab_size"],), -1, dtype=torch.long)
+        to_draft[self.draft_ids] = torch.arange(len(self.draft_ids))
+        index, weights, inside = draft_targets(target_ids, target_probs, to_draft)
+        index, weights = F.pad(index, (0, 0, 0, 1)), F.pad(weights, (0, 0, 0, 1))
+        trained = F.pad(mask[:, 1:] & inside, (0, 1))
+        group = self.heads // self.kv_heads
+        feature = self.fuse(states)
+        keys, values, outputs = [], [], []
+        for j in range(self.cfg["ttt_steps"]):
+            q, k, v = self.project(feature, next_embeds, positions)
+            q = q.transpose(1, 2)  # [B, heads, T, d]
+            keys.append(k.repeat_interleave(group, 2).transpose(1, 2))
+            values.append(v.repeat_interleave(group, 2).transpose(1, 2))
+            scale = self.head_dim ** -0.5
+            # The true pairs up to t - j ...
+            first = (q @ keys[0].transpose(-1, -2)) * scale
+            causal = torch.ones(T, T, dtype=torch.bool).tril(-j)
+            first = first.masked_fill(~causal, float("-inf"))
+            # ... and the chain of pairs drafted at steps 1..j, one each: step i's pair t - j + i.
+            chain = [(q * F.pad(keys[i], (0, 0, j - i, 0))[..., :T, :]).sum(-1, keepdim=True) * scale
+                     for i in range(1, j + 1)]
+            p = torch.softmax(torch.cat([first] + chain, -1), -1)
+            attended = p[..., :T] @ values[0]
+            for i in range(1, j + 1):
+                attended = attended + p[..., T + i - 1 : T + i] * F.pad(values[i], (0, 0, j - i, 0))[..., :T, :]
+            g = self.finish(feature, attended.transpose(1, 2).reshape(B, T, -1))
+            valid = trained & (positions >= j)
+            outputs.append((self.logits(g), valid))
+            feature = F.pad(g[:, :-1], (0, 0, 1, 0))  # pair t of the next step reads g of pair t - 1
+        return outputs, index, weights
+
+    def loss(self, batch: dict):
+        outputs, index, weights = self._unroll(batch)
+        total, metrics = 0.0, {}
+        for j, (logits, valid) in enumerate(outputs):
+            step_loss, _ = soft_cross_entropy(logits, index, weights, valid)
+            total = total + TTT_DECAY**j * step_loss
+            metrics[f"loss@{j + 1}"] = float(step_loss.detach())
+        return total, metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> dict[str, float]:
+        outputs, index, weights = self._unroll(batch)
+        # Step j's pair t is depth j + 1 of the chain drafted at pair t - j: align on the start.
+        correct, valid = [], []
+        for j, (logits, ok) in enumerate(outputs):
+            hit = top1_match(logits, index, weights)
+            correct.append(F.pad(hit[:, j:], (0, j)))
+            valid.append(F.pad(ok[:, j:], (0, j)))
+        return chain_acceptance(correct, valid)
