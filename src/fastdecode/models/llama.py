@@ -87,6 +87,14 @@ class LlamaModel:
         """An output head over only these tokens (logit j is token_ids[j]): a cheaper head for drafting."""
         return Linear(self.head_weight[token_ids])
 
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [n, hidden] float32 (trained drafters read them)."""
+        return self.embed[token_ids].float()
+
+    def head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Rows [n, hidden] float32 of the output head (a draft head starts from them)."""
+        return self.head_weight[token_ids].float()
+
     def new_pool(self, budget_bytes: int | None = None, rows: int = 0) -> KVPool:
         """A KV pool for this model: `budget_bytes` of blocks, fixed; else room for `rows`, growing."""
         c = self.config
