@@ -131,8 +131,6 @@ class Eagle(TrainedDrafter):
         q, k, v = head.project(feature, self.model.embed_tokens(ids), positions)
         self.cache.write(start, k, v)
         end = start + len(ids)
-        group = head.heads // head.kv_heads
-        keys = self.cache.k[:end].repeat_interleave(group, 1).transpose(0, 1)  # [heads, end, d]
-        values = self.cache.v[:end].repeat_interleave(group, 1).transpose(0, 1)
-        attended = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed)
+        keys, values = self.cache.k[:end].transpose(0, 1), self.cache.v[:end].transpose(0, 1)  # [kv_heads, end, d]
+        attended = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed, enable_gqa=True)
         return head.finish(feature, attended.transpose(0, 1).reshape(len(ids), -1))

@@ -87,12 +87,12 @@ class TrainedDrafter:
         q_token: list[float] = []
         q_rows: list[torch.Tensor] = []  # sampling: each node's conditional draft distribution
         contexts: list[tuple] = []
-        frontier = [(-1, root_logits)]
+        frontier, frontier_logits = [-1], root_logits[None]
         for depth in range(1, self.depth + 1):
             level = []
-            for parent, logits in frontier:
-                for token, q, row in self._children(logits, params):
-                    context = (greedy, min(depth, DEPTH_KEYS))
+            context = (greedy, min(depth, DEPTH_KEYS))
+            for parent, children in zip(frontier, self._children(frontier_logits, params)):
+                for token, q, row in children:
                     score = (1.0 if parent < 0 else scores[parent]) * self.calibration.rate(context, q)
                     level.append(len(tokens))
                     tokens.append(token)
@@ -104,11 +104,11 @@ class TrainedDrafter:
                         q_rows.append(row)
             if depth == self.depth:
                 break
-            grow = [n for n in sorted(level, key=lambda n: -scores[n])
-                    if scores[n] >= self.min_score and self.draft_ids[tokens[n]] not in self.eos_ids][: self.beam]
-            if not grow:
+            frontier = [n for n in sorted(level, key=lambda n: -scores[n])
+                        if scores[n] >= self.min_score and self.draft_ids[tokens[n]] not in self.eos_ids][: self.beam]
+            if not frontier:
                 break
-            frontier = list(zip(grow, expand(grow, depth, tokens, parents)))
+            frontier_logits = expand(frontier, depth, tokens, parents)
         order = sorted(range(len(tokens)), key=lambda n: (-scores[n], n))[:budget]
         order.sort()  # parents come before children, and a parent scores at least its child
         keep = {old: new for new, old in enumerate(order)}
@@ -123,24 +123,27 @@ class TrainedDrafter:
             tree.draft_probs = probs
         return tree
 
-    def _children(self, logits: torch.Tensor, params):
-        """(draft index, its probability, its conditional distribution or None) of a node's children:
-        the top_k under greedy; top_k draws without replacement under sampling."""
+    def _children(self, logits: torch.Tensor, params) -> list[list[tuple[int, float, torch.Tensor | None]]]:
+        """For each row of logits [n, draft_vocab] (one node each), its children as (draft index, its
+        probability, its conditional distribution or None): the top_k under greedy; top_k draws
+        without replacement under sampling."""
+        k = min(self.top_k, logits.shape[-1])
         if params.greedy:
-            probs = torch.softmax(logits.float(), -1)
-            top = probs.topk(min(self.top_k, len(probs)))
-            return [(int(i), float(p), None) for p, i in zip(top.values, top.indices)]
-        q = target_probabilities(logits.float()[None], params)[0]
-        children = []
-        for _ in range(self.top_k):
-            total = q.sum()
-            if total <= 0:
-                break
-            q = q / total
-            token = int(torch.multinomial(q, 1, generator=self.generator))
-            children.append((token, float(q[token]), q.clone()))
-            q[token] = 0.0
-        return children
+            top = torch.softmax(logits.float(), -1).topk(k)
+            return [[(i, p, None) for p, i in zip(ps, ids)] for ps, ids in zip(top.values.tolist(), top.indices.tolist())]
+        out = []
+        for q in target_probabilities(logits.float(), params):
+            children = []
+            for _ in range(k):
+                total = q.sum()
+                if total <= 0:
+                    break
+                q = q / total
+                token = int(torch.multinomial(q, 1, generator=self.generator))
+                children.append((token, float(q[token]), q.clone()))
+                q[token] = 0.0
+            out.append(children)
+        return out
 
     def begin_sampling(self, params) -> None:
         """The drafter's own random stream, derived from the request's seed (independent of the
