@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +19,12 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from fastdecode import heads
 from fastdecode.api import LLM
-from fastdecode.cli import _parser
+from fastdecode.cli import _parser, main
 from fastdecode.errors import FastDecodeError
 from fastdecode.models.config import ModelConfig
+from fastdecode.runtime.sampling import SamplingParams
 from fastdecode.tokenizer import TokenizerInfo
 from fastdecode.train import command, distill, features, loop
 
@@ -66,14 +69,14 @@ class StandIn(torch.nn.Module):
     def __init__(self, model, draft_vocab: list[int], interrupt_at: int | None = None):
         super().__init__()
         self.layers = (model.config.num_layers - 1,)
-        self.register_buffer("draft_vocab", torch.tensor(draft_vocab))
+        self.register_buffer("draft_ids", torch.tensor(draft_vocab))
         self.position = torch.full((model.config.vocab_size,), -1, dtype=torch.long)  # token -> draft row
-        self.position[self.draft_vocab] = torch.arange(len(draft_vocab))
+        self.position[self.draft_ids] = torch.arange(len(draft_vocab))
         self.proj = torch.nn.Linear(model.config.hidden_size, len(draft_vocab))
         self.calls, self.interrupt_at = 0, interrupt_at
 
     def config(self) -> dict:
-        return {"kind": "standin", "layers": list(self.layers), "draft_vocab": len(self.draft_vocab)}
+        return {"kind": "standin", "layers": list(self.layers), "draft_vocab": len(self.draft_ids)}
 
     def _logits_and_target(self, batch):
         logits = self.proj(batch["hidden"][:, :, 0])
@@ -95,6 +98,11 @@ class StandIn(torch.nn.Module):
         mask = batch["mask"]
         hit = (logits.argmax(-1) == target.argmax(-1))[mask].float().mean().item()
         return {"accept@1": hit, "mean_accept_len": 1 + hit}
+
+
+# What command.execute needs of fastdecode.heads, with the stand-in as the only kind.
+STAND_IN_HEADS = SimpleNamespace(HEAD_KINDS=("standin",), make_head=lambda kind, model, vocab: StandIn(model, vocab),
+                                 save_head=heads.save_head, fingerprint=heads.fingerprint)
 
 
 @pytest.fixture
@@ -141,8 +149,7 @@ def test_features_hold_the_targets_states_and_distribution(tiny_llm, env):
     messages = [[{"role": "user", "content": t}] for t in PROMPTS]
     answers = distill.distill(tiny_llm, messages, env / "answers.jsonl", 10, sampled_share=0.0, temperature=0.7, seed=0)
     sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
-    layers = features.capture_layers(model.config.num_layers)
-    assert layers == (1, 2, 3)  # 2, L/2, L-3 and L-1 for 4 layers
+    layers = (1, 2, 3)
     features.write_features(model, sequences, env / "features", layers, top_k=5)
     features.write_index(env / "features", layers, 5, sequences, ["train"] * 6 + ["held_out"] * 2, list(range(8)),
                          draft_vocab=list(range(258)))
@@ -190,7 +197,7 @@ def _run_to_features(tiny_llm, env):
     record = command._start_folder(out, {"test": 1})
     train, held = command._prompts(tiny_llm, args, command.pr.file_prompts(args.prompts_file), out, record)
     answers = command._answers(tiny_llm, args, train + held, out, record)
-    vocab = command._features(tiny_llm, args, answers, len(train), out)
+    vocab = command._features(tiny_llm, args, answers, len(train), out, STAND_IN_HEADS)
     return out, vocab
 
 
@@ -226,10 +233,9 @@ def test_training_lowers_the_loss_and_resumes_exactly_after_ctrl_c(tiny_llm, env
 def test_the_command_writes_heads_and_cards_and_resumes(tiny_llm, env, capsys):
     model = str(env / "tiny")
     argv = ["--model", model, "--dtype", "float32", "--heads", "standin", "--prompts-file",
-            str(prompts_file(env / "p.jsonl", PROMPTS + IN_SPEC_BENCH)), "--prompts", "8", "--max-new-tokens", "16", "--draft-vocab", "48",
-            "--epochs", "2", "--batch-tokens", "256", "--lr", "1e-2"]
-    make_head = lambda kind, model, vocab: StandIn(model, vocab)  # noqa: E731
-    assert command.execute(train_args(*argv), ["standin"], make_head) == 0
+            str(prompts_file(env / "p.jsonl", PROMPTS + IN_SPEC_BENCH)), "--prompts", "8", "--max-new-tokens", "16",
+            "--draft-vocab", "48", "--epochs", "2", "--batch-tokens", "256", "--lr", "1e-2"]
+    assert command.execute(train_args(*argv), ["standin"], STAND_IN_HEADS) == 0
     out = command.default_folder(model)
     assert out == env / "cache" / "train" / "tiny"
     printed = capsys.readouterr()
@@ -247,20 +253,46 @@ def test_the_command_writes_heads_and_cards_and_resumes(tiny_llm, env, capsys):
     assert [h["epoch"] for h in card["acceptance"]] == [1, 2]
     assert {"prompts", "answers", "features", "train standin"} <= set(card["wall_time_s"])
     with safe_open(str(out / "standin.safetensors"), framework="pt") as f:
-        assert f.get_tensor("draft_vocab").tolist() == json.loads((out / "features" / "index.json").read_text())["draft_vocab"]
-        assert f.get_tensor("proj.weight").dtype == torch.float32
+        assert f.get_tensor("draft_ids").tolist() == json.loads((out / "features" / "index.json").read_text())["draft_vocab"]
+        assert f.get_tensor("proj.weight").shape == (48, 32)
 
     with pytest.raises(FastDecodeError, match="holds a training run already"):
-        command.execute(train_args(*argv), ["standin"], make_head)
+        command.execute(train_args(*argv), ["standin"], STAND_IN_HEADS)
     with pytest.raises(FastDecodeError, match=r"other settings: epochs \(2 there, 3 now\)"):
-        command.execute(train_args(*argv, "--epochs", "3", "--resume"), ["standin"], make_head)
+        command.execute(train_args(*argv, "--epochs", "3", "--resume"), ["standin"], STAND_IN_HEADS)
 
     answers = (out / "answers.jsonl").read_text()
     checkpoint_time = (out / "checkpoints" / "standin.pt").stat().st_mtime_ns
-    assert command.execute(train_args(*argv, "--resume"), ["standin"], make_head) == 0
+    assert command.execute(train_args(*argv, "--resume"), ["standin"], STAND_IN_HEADS) == 0
     assert (out / "answers.jsonl").read_text() == answers  # nothing asked again
     assert (out / "checkpoints" / "standin.pt").stat().st_mtime_ns == checkpoint_time  # nor trained again
     assert json.loads((out / "standin.json").read_text())["acceptance"] == card["acceptance"]
 
-    assert command.execute(train_args(*argv, "--overwrite", "--seed", "1"), ["standin"], make_head) == 0
+    assert command.execute(train_args(*argv, "--overwrite", "--seed", "1"), ["standin"], STAND_IN_HEADS) == 0
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 1
+
+
+def test_fastdecode_train_trains_the_real_heads_and_they_draft_losslessly(tiny_llm, env, capsys):
+    """The CLI end to end with eagle, medusa and hydra: each head's loss falls, and the written file
+    loads into its drafter, which then gives exactly plain decoding's output."""
+    model, out = str(env / "tiny"), env / "run"
+    assert main(["train", "--model", model, "--dtype", "float32", "--prompts-file", str(prompts_file(env / "p.jsonl")),
+                 "--prompts", "8", "--max-new-tokens", "24", "--draft-vocab", "96", "--epochs", "3",
+                 "--batch-tokens", "512", "--lr", "3e-3", "--out", str(out)]) == 0
+    assert "--method eagle" in capsys.readouterr().out
+    index = json.loads((out / "features" / "index.json").read_text())
+    assert index["layers"] == [0, 1, 2, 3]  # eagle's three (all a 4-layer model has below its last) and the last
+    for kind in heads.HEAD_KINDS:
+        card = json.loads((out / f"{kind}.json").read_text())
+        losses = [h["train_loss"] for h in card["acceptance"]]
+        assert losses[-1] < losses[0], (kind, losses)
+        assert card["config"]["kind"] == kind and card["draft_vocab_size"] == 96
+
+    prompt = tiny_llm.prompt_ids([{"role": "user", "content": "Tell me about foxes."}])
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    plain = tiny_llm.engine.generate(prompt, params, tiny_llm.drafter("ar"))
+    for kind in heads.HEAD_KINDS:
+        drafter = tiny_llm.drafter(kind, head=str(out / f"{kind}.safetensors"))
+        result = tiny_llm.engine.generate(prompt, params, drafter)
+        assert result.token_ids == plain.token_ids, kind
+        assert result.stats.drafts > 0, kind  # it drafted, and what it drafted was verified

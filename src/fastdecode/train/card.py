@@ -1,45 +1,28 @@
-"""A trained head's files: `<name>.safetensors` (its weights) and `<name>.json` (its card).
+"""A trained head's card: what the head is for and how it came to be.
 
-The card says what the head is for and how it came to be: the target model and a hash of its
-weights (a head only drafts well for the exact model it was trained on), the head's config, the
-layers it reads, the draft vocabulary's size (the ids are the `draft_vocab` tensor of the weights
-file), the training data, steps, seed, commit, time per stage and the acceptance measured on
-held-out prompts after each epoch. Files are written under a temporary name and renamed into
-place, so an interruption never leaves a half-written head behind.
+The card (written beside the head's weights by heads.save_head) names the target model and the
+sha256 of its weights (a head only drafts well for the exact model it was trained on, and
+loading checks it), the head's config and the layers it reads, the draft vocabulary's size (the
+ids are in the weights file), the training data, steps, seed, commit, wall time per stage and
+the acceptance measured on held-out prompts after each epoch.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import datetime
 import os
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
-
-DRAFT_VOCAB = "draft_vocab"  # the tensor of the weights file holding the draft vocabulary's ids
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(temporary path), then rename it to `path`."""
+    """write(a temporary path), then rename it to `path`: an interruption never leaves half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def weights_sha256(source: Path) -> str:
-    """sha256 of a GGUF file, or of a checkpoint folder's weight files (in name order, as one stream)."""
-    files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def git_commit() -> str | None:
@@ -52,12 +35,36 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def write_head(head: torch.nn.Module, draft_vocab: list[int], folder: Path, name: str, card: dict) -> tuple[Path, Path]:
-    """Write the head's weights (float32, with the draft vocabulary) and its card; return both paths."""
-    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone(memory_format=torch.contiguous_format)
-               for k, v in head.state_dict().items()}
-    tensors.setdefault(DRAFT_VOCAB, torch.tensor(draft_vocab, dtype=torch.int64))
-    weights, card_path = folder / f"{name}.safetensors", folder / f"{name}.json"
-    atomic_write(weights, lambda p: save_file(tensors, str(p)))
-    atomic_write(card_path, lambda p: p.write_text(json.dumps(card, indent=1) + "\n"))
-    return weights, card_path
+def make_card(kind: str, head, model_name: str, model_config, run: dict, train_answer_tokens: int,
+              settings, result: dict) -> dict:
+    """The card of a head trained in a run: `run` is the run folder's record (run.json: settings,
+    data counts, wall times), `settings` the loop's TrainSettings, `result` what loop.train returned."""
+    fixed, data = run["settings"], run["data"]
+    answered = data["train_prompts"] + data["held_out_prompts"]
+    dropped = data["dropped"]
+    return {
+        "kind": kind,
+        "config": head.config(),
+        "layers": list(head.layers),
+        "target": {"model": model_name, "sha256": fixed["model_sha256"], "dtype": fixed["dtype"],
+                   "num_layers": model_config.num_layers, "hidden_size": model_config.hidden_size,
+                   "vocab_size": model_config.vocab_size},
+        "draft_vocab_size": len(head.draft_ids),
+        "data": {
+            "source": data["source"], "records": data["records"], "train_prompts": data["train_prompts"],
+            "held_out_prompts": data["held_out_prompts"], "train_answer_tokens": train_answer_tokens,
+            "greedy_share": round(1 - data["sampled_answers"] / answered, 4),
+            "sampled_share": round(data["sampled_answers"] / answered, 4), "temperature": fixed["temperature"],
+            "max_new_tokens": fixed["max_new_tokens"], "max_prompt_tokens": fixed["max_prompt_tokens"],
+            "spec_bench_dropped": ({"exact": dropped.get("spec-bench exact", 0), "near": dropped.get("spec-bench near", 0)}
+                                   if data["spec_bench_checked"] else None),
+            "dropped": dropped,
+        },
+        "training": {**{k: v for k, v in asdict(settings).items() if k != "checkpoint_minutes"},
+                     "steps": result["steps"], "tokens_per_s": result["tokens_per_s"]},
+        "seed": fixed["seed"],
+        "commit": git_commit(),
+        "wall_time_s": dict(run["wall_time_s"]),
+        "acceptance": result["history"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -16,13 +16,11 @@ an --out folder of another run) is refused with one line before any heavy work.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,9 +31,9 @@ from ..models.cache_dir import cache_root
 from ..models.loader import DEFAULT_DTYPE, DTYPES, model_source
 from ..models.registry import DEFAULT_MODEL, MODELS
 from . import prompts as pr
-from .card import atomic_write, git_commit, weights_sha256, write_head
+from .card import atomic_write, make_card
 from .distill import distill
-from .features import INDEX, FeatureSet, capture_layers, draft_vocabulary, write_features, write_index
+from .features import INDEX, FeatureSet, draft_vocabulary, write_features, write_index
 from .loop import TrainSettings, train
 
 # Defaults sized so that the whole default run (data, features, three heads) takes about an hour on
@@ -79,7 +77,7 @@ def run(args) -> int:
     check_arguments(args)
     from .. import heads
 
-    return execute(args, head_kinds(args.heads, heads.HEAD_KINDS), heads.make_head)
+    return execute(args, head_kinds(args.heads, heads.HEAD_KINDS), heads)
 
 
 def check_arguments(args) -> None:
@@ -117,13 +115,12 @@ def default_folder(model: str) -> Path:
     return cache_root() / "train" / re.sub(r"[^\w.-]+", "_", label)
 
 
-def execute(args, kinds: list[str], make_head) -> int:
-    """The pipeline, stage by stage, each skipped when the run folder already holds its result."""
-
+def execute(args, kinds: list[str], heads) -> int:
+    """The pipeline, stage by stage, each skipped when the run folder already holds its result.
+    `heads` provides HEAD_KINDS, make_head, save_head and fingerprint (the module fastdecode.heads)."""
     out = args.out or default_folder(args.model)
-    source = model_source(args.model)
     settings = {
-        "model": args.model, "model_sha256": weights_sha256(source), "dtype": args.dtype,
+        "model": args.model, "model_sha256": heads.fingerprint(model_source(args.model)), "dtype": args.dtype,
         "prompts_source": str(args.prompts_file.resolve()) if args.prompts_file else "sharegpt",
         "prompts": args.prompts, "max_prompt_tokens": args.max_prompt_tokens, "hold_out": HOLD_OUT,
         "max_new_tokens": args.max_new_tokens, "sampled_share": args.sampled_share, "temperature": args.temperature,
@@ -145,7 +142,7 @@ def execute(args, kinds: list[str], make_head) -> int:
     with stage("answers"):
         answers = _answers(llm, args, train_prompts + held_prompts, out, run_info)
     with stage("features"):
-        draft_vocab = _features(llm, args, answers, len(train_prompts), out)
+        draft_vocab = _features(llm, args, answers, len(train_prompts), out, heads)
     data, held_out = FeatureSet(out / "features", "train"), FeatureSet(out / "features", "held_out")
     settings_train = TrainSettings(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed,
                                    device=args.device, checkpoint_minutes=args.checkpoint_minutes)
@@ -153,15 +150,16 @@ def execute(args, kinds: list[str], make_head) -> int:
     written = []
     for kind in kinds:
         torch.manual_seed(args.seed)  # each head starts the same whichever heads were trained before it
-        head = make_head(kind, llm.engine.model, draft_vocab)
+        head = heads.make_head(kind, llm.engine.model, draft_vocab)
         missing = sorted(set(head.layers) - set(data.layers))
         if missing:
             raise FastDecodeError(f"head {kind!r} reads layers {missing}, which {out / 'features'} does not hold "
                                   f"(it holds {list(data.layers)}); train it in a new --out folder")
         with stage(f"train {kind}"):
             result = train(head, data, held_out, settings_train, out / "checkpoints" / f"{kind}.pt", kind)
-        card = _card(kind, head, llm, draft_vocab, data, run_info, settings_train, result)
-        written.append((kind, *write_head(head, draft_vocab, out, kind, card), result["history"][-1]))
+        card = make_card(kind, head, llm.model_name, llm.engine.model.config, run_info, data.answer_tokens,
+                         settings_train, result)
+        written.append((kind, heads.save_head(head, out / kind, card), result["history"][-1]))
     _summary(out, written)
     return 0
 
@@ -271,15 +269,17 @@ def _answers(llm, args, prompts, out: Path, record: dict):
     return answers
 
 
-def _features(llm, args, answers, n_train: int, out: Path) -> list[int]:
-    """The draft vocabulary, after making sure the feature shards and their index exist."""
+def _features(llm, args, answers, n_train: int, out: Path, heads) -> list[int]:
+    """The draft vocabulary, after making sure the feature shards and their index exist. The
+    states of every layer that any kind of head reads are stored, so that a later run in the same
+    folder can train any of them."""
     folder = out / "features"
     if (folder / INDEX).exists():
         return json.loads((folder / INDEX).read_text())["draft_vocab"]
     model = llm.engine.model
     vocab = draft_vocabulary([a.answer_ids for a in answers[:n_train]], args.draft_vocab,
                              llm.tokenizer.eos_ids, model.config.vocab_size)
-    layers = capture_layers(model.config.num_layers)
+    layers = tuple(sorted({i for kind in heads.HEAD_KINDS for i in heads.make_head(kind, model, vocab).layers}))
     sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
     write_features(model, sequences, folder, layers, TOP_K)
     splits = ["train" if i < n_train else "held_out" for i in range(len(answers))]
@@ -287,44 +287,12 @@ def _features(llm, args, answers, n_train: int, out: Path) -> list[int]:
     return vocab
 
 
-def _card(kind, head, llm, draft_vocab, data, record, s, result) -> dict:
-    settings, info = record["settings"], record["data"]
-    answered = info["train_prompts"] + info["held_out_prompts"]
-    dropped = info["dropped"]
-    return {
-        "kind": kind,
-        "config": head.config(),
-        "layers": list(head.layers),
-        "target": {"model": llm.model_name, "sha256": settings["model_sha256"], "dtype": settings["dtype"],
-                   "num_layers": llm.engine.model.config.num_layers, "hidden_size": llm.engine.model.config.hidden_size,
-                   "vocab_size": llm.engine.model.config.vocab_size},
-        "draft_vocab_size": len(draft_vocab),
-        "data": {
-            "source": info["source"], "records": info["records"], "train_prompts": info["train_prompts"],
-            "held_out_prompts": info["held_out_prompts"], "train_answer_tokens": data.answer_tokens,
-            "greedy_share": round(1 - info["sampled_answers"] / answered, 4),
-            "sampled_share": round(info["sampled_answers"] / answered, 4), "temperature": settings["temperature"],
-            "max_new_tokens": settings["max_new_tokens"], "max_prompt_tokens": settings["max_prompt_tokens"],
-            "spec_bench_dropped": ({"exact": dropped.get("spec-bench exact", 0), "near": dropped.get("spec-bench near", 0)}
-                                   if info["spec_bench_checked"] else None),
-            "dropped": dropped,
-        },
-        "training": {**{k: v for k, v in asdict(s).items() if k != "checkpoint_minutes"},
-                     "steps": result["steps"], "tokens_per_s": result["tokens_per_s"]},
-        "seed": settings["seed"],
-        "commit": git_commit(),
-        "wall_time_s": dict(record["wall_time_s"]),
-        "acceptance": result["history"],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _summary(out: Path, written) -> None:
     print(f"\nHeads written to {out}:")
-    for kind, weights, card, last in written:
+    for kind, weights, last in written:
         length = last.get("mean_accept_len")
         shown = f", held-out mean acceptance length {length:.2f}" if length is not None else ""
-        print(f"  {kind:<8}{weights} (card {card.name}){shown}")
+        print(f"  {kind:<8}{weights} (card {weights.with_suffix('.json').name}){shown}")
     kind, weights = written[0][0], written[0][1]
     print(f"Use one: fastdecode generate \"...\" --method {kind} --option head={weights}\n"
           f"     or: fastdecode bench --methods {kind} --option {kind}.head={weights}")

@@ -1,15 +1,14 @@
 """Features and labels: the target's hidden states and next-token distribution over its own answers.
 
 One teacher-forced forward of the target over each prompt + answer gives, for every row, the
-residual stream after the layers the heads read (EAGLE-3's low, middle and high layer, and the
-last layer for Medusa and Hydra) and the target's distribution of the next token, of which the
-`top_k` most likely ids and their probabilities are kept (the rest of the mass is tiny). Short
-sequences share a forward (up to CHUNK_ROWS rows); a longer one runs in chunks of CHUNK_ROWS over
-its own KV cache.
+residual stream after the layers the heads read (the union over head kinds: EAGLE-3's low, middle
+and high layer, the last layer for Medusa and Hydra) and the target's distribution of the next
+token, of which the `top_k` most likely ids and their probabilities are kept (the rest of the mass
+is small). Short sequences share a forward (up to CHUNK_ROWS rows); a longer one runs in chunks of
+CHUNK_ROWS over its own KV cache.
 
 They are computed once and stored, not recomputed each epoch: the target forward is the costly
-part of the whole pipeline (measured here: about 1 ms a row for SmolLM2-135M on 2 cores, while
-reading a stored row back takes microseconds). A shard holds SHARD_SEQUENCES sequences
+part of the whole pipeline (see MEASURED below), while reading a stored row back is a copy. A shard holds SHARD_SEQUENCES sequences
 (safetensors; hidden states in bfloat16, the target's own dtype by default, so nothing is lost):
 
     tokens int32 [R]   hidden bfloat16 [R, layers, H]   top_ids int32 [R, K]   top_probs float16 [R, K]
@@ -40,13 +39,6 @@ from .card import atomic_write
 CHUNK_ROWS = 512  # rows per target forward
 SHARD_SEQUENCES = 64
 INDEX = "index.json"
-
-
-def capture_layers(num_layers: int) -> tuple[int, ...]:
-    """The layers stored for every head kind: EAGLE-3's low, middle and high (2, L/2, L-3) and the
-    last (Medusa, Hydra), clipped to the model (a tiny test model has fewer than 3 layers)."""
-    wanted = {2, num_layers // 2, num_layers - 3, num_layers - 1}
-    return tuple(sorted({min(max(i, 0), num_layers - 1) for i in wanted}))
 
 
 def draft_vocabulary(answers: list[list[int]], size: int, eos_ids, vocab_size: int) -> list[int]:
