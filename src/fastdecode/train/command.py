@@ -232,7 +232,7 @@ def _prompts(llm, args, source, out: Path, record: dict):
     """(train, held-out) prompts: read back from prompts.jsonl, or chosen now and written there."""
     path = out / "prompts.jsonl"
     if source is None:
-        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
         pick = lambda split: [pr.Prompt(x["id"], x["messages"]) for x in lines if x["split"] == split]  # noqa: E731
         return pick("train"), pick("held_out")
     overlap = pr.spec_bench_overlap()
