@@ -7,8 +7,9 @@ token, of which the `top_k` most likely ids and their probabilities are kept (th
 is small). Short sequences share a forward (up to CHUNK_ROWS rows); a longer one runs in chunks of
 CHUNK_ROWS over its own KV cache.
 
-They are computed once and stored, not recomputed each epoch: the target forward is the costly
-part of the whole pipeline (see MEASURED below), while reading a stored row back is a copy. A shard holds SHARD_SEQUENCES sequences
+They are computed once and stored, not recomputed each epoch. Measured on the 2-core machine
+(SmolLM2-135M, bfloat16, one thread, CPU seconds): the forward with capture and top-k costs 3.8 ms
+a row, reading a stored row back into a training batch 0.01 ms; storing costs 4.5 KB a row. A shard holds SHARD_SEQUENCES sequences
 (safetensors; hidden states in bfloat16, the target's own dtype by default, so nothing is lost):
 
     tokens int32 [R]   hidden bfloat16 [R, layers, H]   top_ids int32 [R, K]   top_probs float16 [R, K]
