@@ -144,13 +144,23 @@ def test_distill_answers_every_prompt_and_resumes_where_it_stopped(tiny_llm, env
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
-def test_features_hold_the_targets_states_and_distribution(tiny_llm, env):
+def test_features_hold_the_targets_states_and_distribution(tiny_llm, env, monkeypatch):
     model = tiny_llm.engine.model
     messages = [[{"role": "user", "content": t}] for t in PROMPTS]
     answers = distill.distill(tiny_llm, messages, env / "answers.jsonl", 10, sampled_share=0.0, temperature=0.7, seed=0)
     sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
     layers = (1, 2, 3)
+    monkeypatch.setattr(features, "SHARD_SEQUENCES", 3)
     features.write_features(model, sequences, env / "features", layers, top_k=5)
+    shards = sorted((env / "features").glob("shard-*.safetensors"))
+    assert [p.name for p in shards] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    # An interrupted run lost its second shard: a rerun writes that one alone, the same as before.
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in shards}
+    shards[1].unlink()
+    features.write_features(model, sequences, env / "features", layers, top_k=5)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((env / "features").glob("shard-*"))}
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+    assert [after[k][1] == before[k][1] for k in sorted(before)] == [True, False, True]
     features.write_index(env / "features", layers, 5, sequences, ["train"] * 6 + ["held_out"] * 2, list(range(8)),
                          draft_vocab=list(range(258)))
     data = features.FeatureSet(env / "features", "train")

@@ -56,8 +56,8 @@ def make_card(kind: str, head, model_name: str, model_config, run: dict, train_a
             "greedy_share": round(1 - data["sampled_answers"] / answered, 4),
             "sampled_share": round(data["sampled_answers"] / answered, 4), "temperature": fixed["temperature"],
             "max_new_tokens": fixed["max_new_tokens"], "max_prompt_tokens": fixed["max_prompt_tokens"],
-            "spec_bench_dropped": ({"exact": dropped.get("spec-bench exact", 0), "near": dropped.get("spec-bench near", 0)}
-                                   if data["spec_bench_checked"] else None),
+            "spec_bench_dropped": {"exact": dropped.get("spec-bench exact", 0),
+                                   "near": dropped.get("spec-bench near", 0)} if data["spec_bench_checked"] else None,
             "dropped": dropped,
         },
         "training": {**{k: v for k, v in asdict(settings).items() if k != "checkpoint_minutes"},

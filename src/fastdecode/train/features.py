@@ -9,8 +9,10 @@ CHUNK_ROWS over its own KV cache.
 
 They are computed once and stored, not recomputed each epoch. Measured on the 2-core machine
 (SmolLM2-135M, bfloat16, one thread, CPU seconds): the forward with capture and top-k costs 3.8 ms
-a row, reading a stored row back into a training batch 0.01 ms; storing costs 4.5 KB a row. A shard holds SHARD_SEQUENCES sequences
-(safetensors; hidden states in bfloat16, the target's own dtype by default, so nothing is lost):
+a row, reading a stored row back into a training batch 0.01 ms; storing costs 4.5 KB a row.
+
+A shard holds SHARD_SEQUENCES sequences (safetensors; hidden states in bfloat16, the target's own
+dtype by default, so nothing is lost):
 
     tokens int32 [R]   hidden bfloat16 [R, layers, H]   top_ids int32 [R, K]   top_probs float16 [R, K]
     mask bool [R]: the next token (t + 1) is an answer token, i.e. row t's distribution is a label
@@ -86,8 +88,8 @@ def _forward_all(model, pool, sequences: list[list[int]], layers, top_k, bar) ->
     for i, begin in chunks + [(None, 0)]:
         n = 0 if i is None else min(CHUNK_ROWS, len(sequences[i]) - begin)
         if batch and (i is None or rows + n > CHUNK_ROWS):
-            segments = [Segment(torch.tensor(sequences[j][b : b + m]), torch.arange(b, b + m), caches[j], capture=layers)
-                        for j, b, m in batch]
+            segments = [Segment(torch.tensor(sequences[j][b : b + m]), torch.arange(b, b + m), caches[j],
+                                capture=layers) for j, b, m in batch]
             logits = model.forward_batch(segments)
             at = 0
             for (j, b, m), seg in zip(batch, segments):
@@ -114,7 +116,8 @@ def write_index(folder: Path, layers, top_k: int, sequences: list[tuple[list[int
                 prompt_indices: list[int], draft_vocab: list[int]) -> None:
     index = {
         "layers": list(layers), "top_k": top_k, "draft_vocab": draft_vocab,
-        "sequences": [{"prompt": p, "split": split, "shard": k // SHARD_SEQUENCES, "length": len(ids), "prompt_length": n}
+        "sequences": [{"prompt": p, "split": split, "shard": k // SHARD_SEQUENCES, "length": len(ids),
+                       "prompt_length": n}
                       for k, ((ids, n), split, p) in enumerate(zip(sequences, splits, prompt_indices))],
     }
     atomic_write(folder / INDEX, lambda p: p.write_text(json.dumps(index)))

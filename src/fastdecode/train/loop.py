@@ -115,6 +115,11 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+def _stop(name: str, state: dict):
+    print(f"\n{name}: checkpoint saved at step {state['step']}; --resume continues from it", file=sys.stderr)
+    raise KeyboardInterrupt
+
+
 def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: TrainSettings, checkpoint: Path,
           name: str) -> dict:
     """Train `head` (continuing from `checkpoint` when it exists) to the end of s.epochs.
@@ -127,7 +132,8 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
     total = sum(map(len, epochs))
     warmup = max(1, round(s.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
-    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "epoch_loss": 0.0}
+    # epoch_sums: this epoch's sums of the loss and of the head's own training metrics (loss per depth)
+    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "epoch_sums": {}}
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
         head.load_state_dict(saved["head"])
@@ -137,14 +143,13 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         state = saved["state"]
-        done = state["epoch"] >= s.epochs
-        print(f"{name}: " + ("trained already" if done else f"resuming at epoch {state['epoch'] + 1}, step {state['step']} of {total}"),
-              file=sys.stderr)
+        where = f"resuming at epoch {state['epoch'] + 1}, step {state['step']} of {total}"
+        print(f"{name}: {'trained already' if state['epoch'] >= s.epochs else where}", file=sys.stderr)
 
     def save() -> None:
         obj = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-               "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-               "state": state}
+               "rng": torch.get_rng_state(), "state": state,
+               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         atomic_write(checkpoint, lambda p: torch.save(obj, p))
 
     saved_at = time.monotonic()
@@ -152,8 +157,9 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
         while state["epoch"] < s.epochs:
             batches = epochs[state["epoch"]]
             head.train()
-            with tqdm(total=len(batches), initial=state["batch"], desc=f"{name} epoch {state['epoch'] + 1}/{s.epochs}",
-                      unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+            desc = f"{name} epoch {state['epoch'] + 1}/{s.epochs}"
+            with tqdm(total=len(batches), initial=state["batch"], desc=desc, unit="step", file=sys.stderr,
+                      dynamic_ncols=True) as bar:
                 while state["batch"] < len(batches):
                     began = time.perf_counter()
                     batch = _to(data.batch(batches[state["batch"]], head.layers), device)
@@ -169,26 +175,27 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
                     state["tokens"] += tokens
                     state["train_time_s"] += time.perf_counter() - began
                     loss = loss.item()
-                    state["epoch_loss"] += loss
+                    for k, v in {"loss": loss, **metrics}.items():
+                        state["epoch_sums"][k] = state["epoch_sums"].get(k, 0.0) + float(v)
                     bar.set_postfix_str(f"loss {loss:.3f}, {state['tokens'] / state['train_time_s']:.0f} tok/s",
                                         refresh=False)
                     bar.update()
                     if interrupted[0]:
                         save()
-                        print(f"\n{name}: checkpoint saved at step {state['step']}; --resume continues from it",
-                              file=sys.stderr)
-                        raise KeyboardInterrupt
+                        _stop(name, state)
                     if time.monotonic() - saved_at > s.checkpoint_minutes * 60:
                         save()
                         saved_at = time.monotonic()
             accept = evaluate(head, held_out, s.batch_tokens, device)
-            state["history"].append({"epoch": state["epoch"] + 1, "step": state["step"],
-                                     "train_loss": state["epoch_loss"] / max(len(batches), 1), **accept})
-            state.update(epoch=state["epoch"] + 1, batch=0, epoch_loss=0.0)
+            means = {f"train_{k}": v / max(len(batches), 1) for k, v in state["epoch_sums"].items()}
+            state["history"].append({"epoch": state["epoch"] + 1, "step": state["step"], **means, **accept})
+            state.update(epoch=state["epoch"] + 1, batch=0, epoch_sums={})
             save()
             saved_at = time.monotonic()
             shown = ", ".join(f"{k} {v:.3f}" for k, v in accept.items())
             print(f"{name} epoch {state['epoch']}: {shown} (held out)", file=sys.stderr)
+            if interrupted[0]:  # Ctrl-C while measuring: the epoch's checkpoint is saved
+                _stop(name, state)
     return {"steps": state["step"], "epochs": s.epochs, "train_time_s": round(state["train_time_s"], 1),
             "tokens_per_s": round(state["tokens"] / max(state["train_time_s"], 1e-9)),
             "history": state["history"]}

@@ -154,7 +154,8 @@ def file_prompts(path: str | Path) -> PromptSource:
 
 
 def _parse_line(line: str, where: str) -> list[dict]:
-    shapes = 'expected {"prompt": "..."}, {"messages": [{"role", "content"}, ...]} or {"conversations": [{"from", "value"}, ...]}'
+    shapes = ('expected {"prompt": "..."}, {"messages": [{"role", "content"}, ...]} '
+              'or {"conversations": [{"from", "value"}, ...]}')
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -236,7 +237,8 @@ def drop_overlap(source: PromptSource, overlap: BenchOverlap) -> None:
     source.prompts = kept
 
 
-def select(source: PromptSource, n: int, seed: int, count_tokens, max_tokens: int, holdout: int) -> tuple[list[Prompt], list[Prompt]]:
+def select(source: PromptSource, n: int, seed: int, count_tokens, max_tokens: int,
+           holdout: int) -> tuple[list[Prompt], list[Prompt]]:
     """(train, held out): `n` prompts in a seeded random order, skipping those whose chat-formatted
     prompt is over `max_tokens` (counted into source.dropped); the first `holdout` are held out."""
     order = list(source.prompts)
