@@ -151,6 +151,8 @@ def test_features_hold_the_targets_states_and_distribution(tiny_llm, env, monkey
     sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
     layers = (1, 2, 3)
     monkeypatch.setattr(features, "SHARD_SEQUENCES", 3)
+    monkeypatch.setattr(features, "CHUNK_ROWS", 16)  # every sequence is read in chunks, some forwards shared
+    assert min(len(ids) for ids, _ in sequences) > 16
     features.write_features(model, sequences, env / "features", layers, top_k=5)
     shards = sorted((env / "features").glob("shard-*.safetensors"))
     assert [p.name for p in shards] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
@@ -182,6 +184,12 @@ def test_features_hold_the_targets_states_and_distribution(tiny_llm, env, monkey
     # The answers are greedy, so at every label row the target's favourite is the answer's next token.
     rows = batch["mask"][1]
     assert torch.equal(batch["top_ids"][1, rows, 0], batch["tokens"][1, 1:][rows[:-1]])
+
+
+def test_forwards_pack_short_sequences_and_chunk_long_ones(monkeypatch):
+    monkeypatch.setattr(features, "CHUNK_ROWS", 10)
+    forwards = features._pack([[0] * 3, [0] * 4, [0] * 25, [0] * 2, [0] * 10])
+    assert forwards == [[(0, 0, 3), (1, 0, 4)], [(2, 0, 10)], [(2, 10, 10)], [(2, 20, 5), (3, 0, 2)], [(4, 0, 10)]]
 
 
 def test_draft_vocabulary_is_the_most_frequent_tokens_and_eos():

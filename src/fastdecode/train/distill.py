@@ -31,6 +31,7 @@ from ..scheduler import Scheduler
 BATCH = 32  # sequences decoding at once: about 1 GB of KV cache at 1,300 tokens each for SmolLM2
 PREFILL_TOKENS = 256  # prompt tokens a step may read
 
+
 @dataclass
 class Answer:
     index: int  # the prompt's line in prompts.jsonl
@@ -96,7 +97,7 @@ def distill(llm, prompts: list[list[dict]], path: Path, max_new_tokens: int, sam
                 finished_tokens += len(result.token_ids)
                 bar.update()
             now = time.perf_counter()
-            if now - shown > 1:  # the answers in flight count too: 32 of them finish late, and together
+            if now - shown > 1:  # the tokens of answers still in flight count too
                 tokens = finished_tokens + sum(len(r.sequence.generated) for r in scheduler.running)
                 bar.set_postfix_str(f"{tokens / (now - start):.0f} tok/s")
                 shown = now

@@ -79,33 +79,40 @@ def _label_mask(length: int, prompt: int) -> torch.Tensor:
 
 
 def _forward_all(model, pool, sequences: list[list[int]], layers, top_k, bar) -> list[dict]:
-    """Per sequence: its tokens, hidden states at `layers` and top-k next-token distribution.
-    Chunks are packed into forwards of at most CHUNK_ROWS rows; a sequence's chunks go in order."""
+    """Per sequence: its tokens, hidden states at `layers` and top-k next-token distribution."""
     caches = [KVCache(pool, len(ids)) for ids in sequences]
     parts: list[list[dict]] = [[] for _ in sequences]
-    chunks = [(i, b) for i, ids in enumerate(sequences) for b in range(0, len(ids), CHUNK_ROWS)]
-    batch, rows = [], 0
-    for i, begin in chunks + [(None, 0)]:
-        n = 0 if i is None else min(CHUNK_ROWS, len(sequences[i]) - begin)
-        if batch and (i is None or rows + n > CHUNK_ROWS):
-            segments = [Segment(torch.tensor(sequences[j][b : b + m]), torch.arange(b, b + m), caches[j],
-                                capture=layers) for j, b, m in batch]
-            logits = model.forward_batch(segments)
-            at = 0
-            for (j, b, m), seg in zip(batch, segments):
-                probs, ids = logits[at : at + m].softmax(-1).topk(top_k, dim=-1)
-                parts[j].append({"tokens": seg.tokens.int(), "hidden": seg.hidden.bfloat16(),
-                                 "top_ids": ids.int(), "top_probs": probs.half()})
-                caches[j].commit(m)
-                at += m
-            bar.update(rows)
-            batch, rows = [], 0
-        if i is not None:
-            batch.append((i, begin, n))
-            rows += n
-    for cache in caches:
-        cache.release()
+    for group in _pack(sequences):
+        segments = [Segment(torch.tensor(sequences[i][b : b + n]), torch.arange(b, b + n), caches[i], capture=layers)
+                    for i, b, n in group]
+        logits = model.forward_batch(segments)
+        at = 0
+        for (i, b, n), seg in zip(group, segments):
+            probs, ids = logits[at : at + n].softmax(-1).topk(top_k, dim=-1)
+            parts[i].append({"tokens": seg.tokens.int(), "hidden": seg.hidden.bfloat16(),
+                             "top_ids": ids.int(), "top_probs": probs.half()})
+            caches[i].commit(n)
+            if b + n == len(sequences[i]):
+                caches[i].release()  # its blocks go to the next sequences
+            at += n
+        bar.update(at)
     return [{k: torch.cat([p[k] for p in seq_parts]) for k in seq_parts[0]} for seq_parts in parts]
+
+
+def _pack(sequences: list[list[int]]) -> list[list[tuple[int, int, int]]]:
+    """The forwards, each a list of chunks (sequence, first row, rows) of at most CHUNK_ROWS rows in
+    all: short sequences share a forward, a long one is cut into CHUNK_ROWS chunks. A sequence's
+    chunks are in successive forwards, in order (its first chunks fill a forward each)."""
+    forwards, current, rows = [], [], 0
+    for i, ids in enumerate(sequences):
+        for begin in range(0, len(ids), CHUNK_ROWS):
+            n = min(CHUNK_ROWS, len(ids) - begin)
+            if current and rows + n > CHUNK_ROWS:
+                forwards.append(current)
+                current, rows = [], 0
+            current.append((i, begin, n))
+            rows += n
+    return forwards + [current] if current else forwards
 
 
 def _shard_path(folder: Path, shard: int) -> Path:

@@ -58,9 +58,10 @@ class PromptSource:
 
 def json_array_items(text: IO[str], chunk_chars: int = 1 << 20) -> Iterator[object]:
     """The elements of a JSON list, one at a time, reading `chunk_chars` at a time; a list cut
-    off mid-element ends quietly after its last complete element."""
+    off mid-element ends quietly after its last complete element (as would one with a malformed
+    element: what follows it is not read)."""
     decoder = json.JSONDecoder()
-    buf, pos = text.read(chunk_chars).lstrip(), 0
+    buf = text.read(chunk_chars).lstrip()
     if not buf.startswith("["):
         raise ValueError("not a JSON list")
     pos = 1
