@@ -22,6 +22,7 @@ import torch
 
 from ..errors import FastDecodeError
 from ..heads import load_head, shipped_head
+from ..heads.blocks import pack_for_drafting
 from ..models.loader import model_source
 from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
@@ -29,6 +30,9 @@ from .acceptance import Calibration
 from .base import DecodeState, StepResult, Target, check_options
 
 DEPTH_KEYS = 4  # depths beyond this share the calibration of depth 4
+# The head's matrices in bfloat16 for drafting (trained in float32): half the bytes to stream per
+# draft step, and a draft's precision changes only what is proposed, never what is accepted.
+DRAFT_DTYPE = torch.bfloat16
 
 
 def _weights_file(model_name: str):
@@ -64,6 +68,7 @@ class TrainedDrafter:
         self.head, self.card = load_head(path, target.model, _weights_file(target.name))
         if self.head.kind != self.kind:
             raise FastDecodeError(f"{path} holds a {self.head.kind} head, not a {self.kind} head")
+        pack_for_drafting(self.head, DRAFT_DTYPE)
         self.model = target.model
         self.vocab_size = target.model.config.vocab_size
         self.eos_ids = target.tokenizer.eos_ids
