@@ -36,10 +36,11 @@ from .distill import distill
 from .features import INDEX, FeatureSet, draft_vocabulary, write_features, write_index
 from .loop import TrainSettings, train
 
-# Defaults sized so that the whole default run (data, features, three heads) takes about 70 minutes
-# on 2 Zen 4 cores with SmolLM2-135M, by each stage's cost measured on a small run: answering
-# 200 tokens a prompt at about 270 tokens/s, a target forward of 1-2 ms a row for the features,
-# and per epoch over 1,150 training sequences about 11 minutes for eagle and 5 each for medusa and hydra.
+# Defaults sized so that the whole default run (data, features, three heads) should take about 70
+# minutes on 2 Zen 4 cores with SmolLM2-135M. Estimated, not timed end to end (the machine was
+# shared): from the stored cost curve (answers at about 270 tokens/s with 32 streams, 200 tokens a
+# prompt) and one-thread CPU seconds of a 40-prompt run (features 1-2 ms a row; per epoch over
+# 1,150 sequences about 11 minutes for eagle and 5 each for medusa and hydra).
 PROMPTS = 1200
 EPOCHS = 2
 HOLD_OUT = 0.04  # share of the prompts held out to measure acceptance (at least one)
@@ -242,7 +243,7 @@ def _prompts(llm, args, source, out: Path, record: dict):
     overlap = pr.spec_bench_overlap()
     if overlap is not None:
         pr.drop_overlap(source, overlap)
-    hold = max(1, round(args.prompts * HOLD_OUT))
+    hold = max(1, round(min(args.prompts, len(source.prompts)) * HOLD_OUT))
     train, held = pr.select(source, args.prompts, args.seed, lambda m: len(llm.prompt_ids(m)),
                             args.max_prompt_tokens, hold)
     if len(train) + len(held) < args.prompts:

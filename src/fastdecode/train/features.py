@@ -138,7 +138,6 @@ class FeatureSet:
         index = json.loads((folder / INDEX).read_text())
         self.folder = folder
         self.layers: tuple[int, ...] = tuple(index["layers"])
-        self.draft_vocab: list[int] = index["draft_vocab"]
         entries = index["sequences"]
         position = Counter()  # place of each sequence inside its shard
         self.where, self.lengths, self.answer_tokens = [], [], 0
