@@ -52,14 +52,14 @@ def test_cuda_without_a_gpu(tiny, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("", "holds no prompts"),
-    ('{"prompt": "ok"}\n{"prompt": \n', "line 2: not valid JSON"),
+    ("", "{path} holds no prompts"),
+    ('{"prompt": "ok"}\n{"prompt": \n', "{path}, line 2: not valid JSON"),
 ])
 def test_unusable_prompt_files(tiny, tmp_path, capsys, content, message):
     path = tmp_path / "prompts.jsonl"
     path.write_text(content)
     out = tmp_path / "run"
-    fails(capsys, ["--model", tiny, "--prompts-file", str(path), "--out", str(out)], f"{path}{', ' if 'line' in message else ' '}{message}")
+    fails(capsys, ["--model", tiny, "--prompts-file", str(path), "--out", str(out)], message.format(path=path))
     assert not out.exists()  # nothing written: the corrected command can simply be run again
 
 
