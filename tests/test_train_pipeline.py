@@ -33,7 +33,8 @@ from conftest import TEST_COST_CURVE, tiny_weights
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPTS = ["Hello there.", "Tell me a story about a fox.", "What is two plus two?", "Name three colours.",
-           "Why is the sky blue?", "Write a haiku.", "How do bees make honey?", "Say something kind."]
+           "Why is the sky blue?", "Write a haiku.", "How do bees make honey?",
+           "Say something kind.\u2028On a line of its own."]  # U+2028 is a line break to str.splitlines
 # Two more prompts that a (made-up) Spec-Bench file holds: the first exactly, the second nearly.
 IN_SPEC_BENCH = ["What is the boiling point of water?", "Please write a short poem about the sea at night with stars"]
 SPEC_BENCH = [{"question_id": 1, "category": "qa", "turns": ["what is the BOILING point of water"]},
