@@ -46,19 +46,26 @@ def draft_targets(top_ids: torch.Tensor, top_probs: torch.Tensor, to_draft: torc
     return index.clamp(min=0), weights / total.clamp(min=1e-9), total.squeeze(-1) > 0
 
 
-def soft_cross_entropy(logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over valid positions of -sum_k w_k log softmax(logits)[index_k], and the count."""
+def soft_cross_entropy(logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_k w_k log softmax(logits)[index_k] (logits [N, V], index/weights [N, K])."""
     logp = torch.log_softmax(logits, -1).gather(-1, index)
-    per_position = -(weights * logp).sum(-1)
-    count = valid.sum()
-    return (per_position * valid).sum() / count.clamp(min=1), count
+    return -(weights * logp).sum(-1).mean() if len(logits) else logits.sum()
 
 
 def top1_match(logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Whether the head's most likely draft token is the target's most likely token (bool [...])."""
+    """Whether the head's most likely draft token is the target's most likely token (bool [N])."""
     target_best = index.gather(-1, weights.argmax(-1, keepdim=True)).squeeze(-1)
     return logits.argmax(-1) == target_best
+
+
+def at_rows(valid: torch.Tensor, logits_of, index: torch.Tensor, weights: torch.Tensor):
+    """The output head runs only where a label exists (a third to a half of the rows of a padded
+    batch hold one; the head is the largest matrix). Returns (soft cross-entropy over the labelled
+    rows, bool [...] of top-1 hits in valid's shape)."""
+    logits = logits_of(valid)
+    hits = torch.zeros_like(valid)
+    hits[valid] = top1_match(logits, index[valid], weights[valid])
+    return soft_cross_entropy(logits, index[valid], weights[valid]), hits
 
 
 def chain_acceptance(correct: list[torch.Tensor], valid: list[torch.Tensor]) -> dict[str, float]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import RMSNorm, chain_acceptance, draft_targets, rotary, soft_cross_entropy, top1_match
+from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets, rotary
 
 TTT_DECAY = 0.8
 
@@ -115,16 +115,17 @@ class EagleHead(nn.Module):
     # ---- training --------------------------------------------------------------------------------
 
     def _unroll(self, batch: dict):
-        """Training-time test over a padded batch: per step j, the logits of every pair and the
-        pairs that count (the chain start t - j exists and the target of pair t is trained)."""
+        """Training-time test over a padded batch: per step j, the layer's output at every pair, and
+        the pairs that count (the chain start t - j exists and the target of pair t is trained)."""
         tokens, states, mask = batch["tokens"], batch["hidden"], batch["mask"]
         B, T = tokens.shape
-        positions = torch.arange(T).expand(B, T)
+        device = tokens.device
+        positions = torch.arange(T, device=device).expand(B, T)
         next_embeds = self.embed[F.pad(tokens[:, 1:], (0, 1))]  # pair t reads token t + 1
         # Pair t predicts token t + 2, whose target distribution is stored at position t + 1.
         target_ids, target_probs = batch["top_ids"][:, 1:], batch["top_probs"][:, 1:]
-        to_draft = torch.full((self.cfg["vocab_size"],), -1, dtype=torch.long)
-        to_draft[self.draft_ids] = torch.arange(len(self.draft_ids))
+        to_draft = torch.full((self.cfg["vocab_size"],), -1, dtype=torch.long, device=device)
+        to_draft[self.draft_ids] = torch.arange(len(self.draft_ids), device=device)
         index, weights, inside = draft_targets(target_ids, target_probs, to_draft)
         index, weights = F.pad(index, (0, 0, 0, 1)), F.pad(weights, (0, 0, 0, 1))
         trained = F.pad(mask[:, 1:] & inside, (0, 1))
@@ -139,7 +140,7 @@ class EagleHead(nn.Module):
             scale = self.head_dim ** -0.5
             # The true pairs up to t - j ...
             first = (q @ keys[0].transpose(-1, -2)) * scale
-            causal = torch.ones(T, T, dtype=torch.bool).tril(-j)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril(-j)
             first = first.masked_fill(~causal, float("-inf"))
             # ... and the chain of pairs drafted at steps 1..j, one each: step i's pair t - j + i.
             chain = [(q * F.pad(keys[i], (0, 0, j - i, 0))[..., :T, :]).sum(-1, keepdim=True) * scale
@@ -150,26 +151,27 @@ class EagleHead(nn.Module):
                 attended = attended + p[..., T + i - 1 : T + i] * F.pad(values[i], (0, 0, j - i, 0))[..., :T, :]
             g = self.finish(feature, attended.transpose(1, 2).reshape(B, T, -1))
             valid = trained & (positions >= j)
-            outputs.append((self.logits(g), valid))
+            outputs.append((g, valid))
             feature = F.pad(g[:, :-1], (0, 0, 1, 0))  # pair t of the next step reads g of pair t - 1
         return outputs, index, weights
 
-    def loss(self, batch: dict):
+    def _scored(self, batch: dict):
+        """Per step: its loss and its top-1 hits, the output head run at labelled pairs only."""
         outputs, index, weights = self._unroll(batch)
+        return [at_rows(valid, lambda rows, g=g: self.logits(g[rows]), index, weights) + (valid,) for g, valid in outputs]
+
+    def loss(self, batch: dict):
         total, metrics = 0.0, {}
-        for j, (logits, valid) in enumerate(outputs):
-            step_loss, _ = soft_cross_entropy(logits, index, weights, valid)
+        for j, (step_loss, _, _) in enumerate(self._scored(batch)):
             total = total + TTT_DECAY**j * step_loss
             metrics[f"loss@{j + 1}"] = float(step_loss.detach())
         return total, metrics
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, float]:
-        outputs, index, weights = self._unroll(batch)
         # Step j's pair t is depth j + 1 of the chain drafted at pair t - j: align on the start.
         correct, valid = [], []
-        for j, (logits, ok) in enumerate(outputs):
-            hit = top1_match(logits, index, weights)
-            correct.append(F.pad(hit[:, j:], (0, j)))
+        for j, (_, hits, ok) in enumerate(self._scored(batch)):
+            correct.append(F.pad(hits[:, j:], (0, j)))
             valid.append(F.pad(ok[:, j:], (0, j)))
         return chain_acceptance(correct, valid)

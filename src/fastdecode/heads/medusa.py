@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import RMSNorm, chain_acceptance, draft_targets, soft_cross_entropy, top1_match
+from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets
 
 
 class MedusaHeads(nn.Module):
@@ -73,42 +73,43 @@ class MedusaHeads(nn.Module):
         x = hidden if not self.sequential else torch.cat([hidden, path_embeds.flatten(-2)], -1)
         return self.head(hidden + F.silu(self.blocks[k](x)))
 
-    def _unroll(self, batch: dict):
+    def _scored(self, batch: dict):
+        """Per head: its loss, its top-1 hits and the positions that count, aligned on the position
+        each head drafts from; the output head runs at labelled positions only."""
         tokens, mask = batch["tokens"], batch["mask"]
         B, T = tokens.shape
-        to_draft = torch.full((self.cfg["vocab_size"],), -1, dtype=torch.long)
-        to_draft[self.draft_ids] = torch.arange(len(self.draft_ids))
+        to_draft = torch.full((self.cfg["vocab_size"],), -1, dtype=torch.long, device=tokens.device)
+        to_draft[self.draft_ids] = torch.arange(len(self.draft_ids), device=tokens.device)
         hidden = self.base(batch["hidden"])
-        outputs = []
+        out = []
         for k in range(len(self.blocks)):
             # Head k at position t predicts token t + k + 2, whose distribution is stored at t + k + 1.
             shift = k + 1
             index, weights, inside = draft_targets(batch["top_ids"][:, shift:], batch["top_probs"][:, shift:], to_draft)
-            valid = mask[:, shift:] & inside
-            path = None
-            if self.sequential:  # tokens t + 1 .. t + k + 1
-                path = torch.stack([self.embed[tokens[:, 1 + i : T - shift + 1 + i]] for i in range(k + 1)], -2)
-            logits = self.ahead(k, hidden[:, : T - shift], path)
-            outputs.append((logits, index, weights, valid))
-        return outputs
+            valid = F.pad(mask[:, shift:] & inside, (0, shift))
+            index, weights = F.pad(index, (0, 0, 0, shift)), F.pad(weights, (0, 0, 0, shift))
+
+            def logits_of(rows, k=k):
+                path = None
+                if self.sequential:  # tokens t + 1 .. t + k + 1 of each labelled position t
+                    b, t = rows.nonzero(as_tuple=True)
+                    path = torch.stack([self.embed[tokens[b, (t + 1 + i).clamp(max=T - 1)]] for i in range(k + 1)], -2)
+                return self.ahead(k, hidden[rows], path)
+
+            out.append(at_rows(valid, logits_of, index, weights) + (valid,))
+        return out
 
     def loss(self, batch: dict):
         total, metrics = 0.0, {}
-        for k, (logits, index, weights, valid) in enumerate(self._unroll(batch)):
-            head_loss, _ = soft_cross_entropy(logits, index, weights, valid)
+        for k, (head_loss, _, _) in enumerate(self._scored(batch)):
             total = total + head_loss
             metrics[f"loss@{k + 1}"] = float(head_loss.detach())
         return total, metrics
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, float]:
-        T = batch["tokens"].shape[1]
-        correct, valid = [], []
-        for logits, index, weights, ok in self._unroll(batch):
-            pad = T - logits.shape[1]  # every head is aligned on the position it drafts from
-            correct.append(F.pad(top1_match(logits, index, weights), (0, pad)))
-            valid.append(F.pad(ok, (0, pad)))
-        return chain_acceptance(correct, valid)
+        scored = self._scored(batch)
+        return chain_acceptance([hits for _, hits, _ in scored], [valid for _, _, valid in scored])
 
 
 class HydraHeads(MedusaHeads):
