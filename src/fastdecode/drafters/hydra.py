@@ -15,5 +15,8 @@ class Hydra(Medusa):
     name = kind = "hydra"
     summary = "Hydra heads: Medusa heads that also read the drafted path (needs a trained head)"
 
-    def ahead(self, k: int, hidden: torch.Tensor, path: list[int]) -> torch.Tensor:
-        return self.head.ahead(k, hidden, self.model.embed_tokens(torch.tensor(path)))
+    def ahead(self, k: int, hidden: torch.Tensor, paths: list[list[int]]) -> torch.Tensor:
+        """Logits of head k for each node, from the embeddings of its path (root first): one batch."""
+        ids = torch.tensor(paths)
+        embeds = self.model.embed_tokens(ids.flatten()).view(*ids.shape, -1)
+        return self.head.ahead(k, hidden.expand(len(paths), -1), embeds)

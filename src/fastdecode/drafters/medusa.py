@@ -43,11 +43,13 @@ class Medusa(TrainedDrafter):
         if not state.params.greedy and self.generator is None:
             self.begin_sampling(state.params)
         hidden = self.head.base(self.last_state.float())
-        return self.grow(self.ahead(0, hidden, [state.tokens[-1]]), self._expander(hidden, state.tokens[-1]),
-                         state.params, budget)
+        root = state.tokens[-1]
+        return self.grow(self.ahead(0, hidden, [[root]])[0], self._expander(hidden, root), state.params, budget)
 
-    def ahead(self, k: int, hidden: torch.Tensor, path: list[int]) -> torch.Tensor:
-        return self.head.ahead(k, hidden)
+    def ahead(self, k: int, hidden: torch.Tensor, paths: list[list[int]]) -> torch.Tensor:
+        """Logits [len(paths), draft_vocab] of head k for nodes whose paths (root first) are given:
+        Medusa's heads ignore the path, so one evaluation serves them all."""
+        return self.head.ahead(k, hidden)[None].expand(len(paths), -1)
 
     def _expander(self, hidden: torch.Tensor, root: int):
         def expand(nodes: list[int], depth: int, tokens: list[int], parents: list[int]) -> torch.Tensor:
@@ -58,5 +60,5 @@ class Medusa(TrainedDrafter):
                     path.append(self.draft_ids[tokens[n]])
                     n = parents[n]
                 paths.append([root] + path[::-1])
-            return torch.stack([self.ahead(depth, hidden, path) for path in paths])
+            return self.ahead(depth, hidden, paths)
         return expand
