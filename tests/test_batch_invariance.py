@@ -1,5 +1,8 @@
 """A token's logits must not depend on how many other tokens share its forward (bitwise): that is
-what makes speculative decoding give exactly the plain decoding output, not only in theory."""
+what makes speculative decoding give exactly the plain decoding output, not only in theory. Checked
+for the real model in every dtype and weight format (the GGUF file's own Q4_1 / Q8_0, dequantized
+bfloat16 and float32, and Q8_0 quantized at load); tests/test_kernels.py checks every block format's
+product on its own."""
 from __future__ import annotations
 
 import pytest
@@ -12,11 +15,16 @@ from fastdecode.runtime.tree import DraftTree
 needs_kernel = pytest.mark.skipif(native_lib() is None, reason="no C compiler: the kernels could not be built")
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+FORMATS = [("float32", "gguf"), ("bfloat16", "gguf"), ("float32", "float32"), ("bfloat16", "bfloat16"),
+           ("bfloat16", "q8_0")]
+
+
+@pytest.fixture(scope="module", params=FORMATS, ids=[f"{d}-{w}" for d, w in FORMATS])
 def model(request):
     from fastdecode.models.loader import load
 
-    return load("smollm2-135m-instruct", request.param).model
+    dtype, weights = request.param
+    return load("smollm2-135m-instruct", dtype, weights).model
 
 
 def _prefilled(model, length: int, seed: int = 0, pool=None):

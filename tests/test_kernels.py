@@ -1,39 +1,129 @@
-"""The packed GEMM kernel: right products, and a row's result independent of the other rows."""
+"""The matrix-product kernel in every weight format: right products (against float64 built from the
+gguf package's own dequantization of the same blocks), and a row's result independent of the
+other rows (bitwise)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
 
-from fastdecode.kernels import native_lib, pack_weight, skinny_gemm
+from fastdecode.kernels import matmul, matrix, native_lib
 from fastdecode.models.linear import Linear
+from fastdecode.models.quant import KERNEL_TYPES, from_gguf, pack_dense, quantize_q8_0
+from fastdecode.models.registry import MODELS
 
 LIB = native_lib()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="no C compiler: the kernel could not be built")
+ACTIVATIONS = [torch.float32, torch.bfloat16]
+
+
+def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random GGUF blocks of a type: random integer bytes, float16 scales of a sane size."""
+    per_block, nbytes = KERNEL_TYPES[type_name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // per_block, nbytes), dtype=np.uint8)
+    halves = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[type_name]
+    for at in halves:  # every float16 field: a scale (or minimum) in [-0.1, 0.1]
+        raw[..., at : at + 2] = (rng.uniform(-0.1, 0.1, raw.shape[:2]).astype(np.float16)
+                                 .view(np.uint8).reshape(*raw.shape[:2], 2))
+    return raw.reshape(rows, -1)
+
+
+def reference(type_name: str, raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name])).reshape(raw.shape[0], -1)
+
+
+def check_product(packed, w: torch.Tensor, dtype: torch.dtype) -> None:
+    """The kernel's x @ W.T against float64, relative to sum |x| |w| (the size of float32 rounding)."""
+    x = torch.randn(9, w.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = matmul(LIB, packed, matrix(packed), x)
+    assert y.dtype == torch.float32 and y.shape == (9, w.shape[0])
+    exact = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    assert ((y.double() - exact).abs() / scale.clamp(min=1e-30)).max() < 1e-6
+
+
+@pytest.mark.parametrize("type_name", list(KERNEL_TYPES))
+def test_packing_keeps_every_value_exactly(type_name):
+    raw = random_blocks(type_name, 40, 512)
+    packed = from_gguf(type_name, raw)
+    w = reference(type_name, raw)
+    assert torch.equal(packed.dequantize(), w)  # the gguf package's dequantize, bitwise
+    ids = torch.tensor([39, 0, 17, 16, 5])
+    assert torch.equal(packed.rows(ids), w[ids])
+    assert torch.equal(packed.select(ids).dequantize(), w[ids])
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("out_features, in_features", [(576, 576), (1001, 577), (3, 40)])
-def test_products_match_float64(dtype, tolerance, out_features, in_features):
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(out_features, in_features, generator=g).to(dtype)
-    x = torch.randn(7, in_features, generator=g).to(dtype)
-    y = skinny_gemm(LIB, pack_weight(w), out_features, x)
-    assert y.dtype == dtype and y.shape == (7, out_features)
-    ref = x.double() @ w.double().T
-    assert ((y.double() - ref).abs() / ref.abs().clamp(min=1)).max() < tolerance
+@pytest.mark.parametrize("dtype", ACTIVATIONS)
+@pytest.mark.parametrize("type_name", list(KERNEL_TYPES))
+def test_products_in_every_block_format(type_name, dtype):
+    raw = random_blocks(type_name, 37, 512)  # 37 rows: two whole groups of 16 and a partial one
+    check_product(from_gguf(type_name, raw), reference(type_name, raw), dtype)
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_does_not_depend_on_the_others(dtype):
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(300, 576, generator=g).to(dtype)
-    x = torch.randn(100, 576, generator=g).to(dtype)
-    linear = Linear(w)
+@pytest.mark.parametrize("dtype", ACTIVATIONS)
+@pytest.mark.parametrize("name, tensor", [
+    ("smollm2-135m-instruct", "blk.0.ffn_gate.weight"),  # Q4_1
+    ("smollm2-135m-instruct", "token_embd.weight"),  # Q8_0
+    ("gemma-3-270m", "blk.0.attn_output.weight"),  # Q4_K
+    ("gemma-3-270m", "blk.0.ffn_down.weight"),  # Q6_K
+    ("gemma-3-270m", "blk.0.attn_q.weight"),  # Q5_0
+])
+def test_products_on_real_tensors(name, tensor, dtype):
+    from fastdecode.models.gguf_file import GGUFFile, read_raw
+
+    entry = MODELS[name]
+    if not entry.installed:
+        pytest.skip(f"{name} is not installed ({entry.pip_install})")
+    gguf = GGUFFile(entry.gguf_path())
+    info = next(t for t in gguf.tensor_infos() if t.name == tensor)
+    raw = read_raw(gguf.path, info)[:300]
+    check_product(from_gguf(info.type_name, raw), reference(info.type_name, raw), dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ACTIVATIONS)
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features, in_features", [(576, 576), (1001, 578), (3, 40)])
+def test_products_in_dense_formats(weight_dtype, dtype, out_features, in_features):
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)).to(weight_dtype)
+    check_product(pack_dense(w), w, dtype)
+
+
+def test_q8_0_rounds_as_llama_cpp():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    theirs = quantize(w.numpy(), GGMLQuantizationType.Q8_0)
+    assert torch.equal(quantize_q8_0(w).dequantize(), reference("Q8_0", theirs))
+
+
+FORMATS = ["float32", "bfloat16", *KERNEL_TYPES]
+
+
+def packed_matrix(fmt: str, out: int = 300, inp: int = 512):
+    if fmt in ("float32", "bfloat16"):
+        return pack_dense(torch.randn(out, inp, generator=torch.Generator().manual_seed(3)).to(getattr(torch, fmt)))
+    return from_gguf(fmt, random_blocks(fmt, out, inp, seed=3))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ACTIVATIONS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_row_does_not_depend_on_the_others(fmt, dtype):
+    linear = Linear([packed_matrix(fmt)], dtype)
+    x = torch.randn(100, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
     alone = torch.cat([linear(x[r : r + 1]) for r in range(100)])
-    for n in (2, 7, 8, 13, 65, 100):  # whole tiles of rows and partial ones
+    for n in (2, 5, 7, 8, 13, 65, 100):  # whole tiles of rows and partial ones
         assert torch.equal(linear(x[:n]), alone[:n])  # bitwise
+
+
+def test_parts_of_one_layout_are_merged():
+    q, k, v = (packed_matrix("Q4_1", out) for out in (64, 32, 32))
+    assert len(Linear([q, k, v], torch.float32).parts) == 1
+    assert len(Linear([q, packed_matrix("Q8_0", 32)], torch.float32).parts) == 2
 
 
 def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, capsys):
@@ -49,10 +139,12 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "using PyTorch's kernels" in err and "not batch-invariant" in err and "near-lossless" in err
     w, x = torch.randn(40, 32), torch.randn(3, 32)
-    linear = Linear(w)
+    linear = Linear([pack_dense(w)], torch.float32)
     assert linear.native is None
     torch.testing.assert_close(linear(x), x @ w.T, rtol=1e-5, atol=1e-5)
-    # The whole forward (PyTorch attention instead of ours) still computes the same logits.
+    quantized = Linear([packed_matrix("Q4_1", 40, 64)], torch.float32)  # dequantized at load
+    torch.testing.assert_close(quantized(x.repeat(1, 2)), x.repeat(1, 2) @ quantized.weight.T)
+    # The whole forward (PyTorch operations instead of the fused layer) computes the same logits.
     from conftest import TINY, tiny_weights
     from fastdecode.models.llama import LlamaModel
 

@@ -1,12 +1,17 @@
 """Native kernels, compiled on first use with the system C compiler and cached.
 
-`skinny_gemm` multiplies a few rows by a float32 or bfloat16 weight matrix in one pass over the weights
-(see skinny_gemm.c). On this machine it streams the 576-wide matrices of the default model at
-30-34 GB/s where oneDNN reaches 22-26 GB/s. `attention` attends new query rows over the KV cache
-(see attention.c). Both give each row a result independent of the other rows in the call, which
-is what keeps speculative decoding token-for-token equal to plain decoding. When no compiler is
-available the callers fall back to PyTorch's own kernels (slower, results that may differ in the
-last bits between a row alone and a row among others) and say so once on stderr.
+matmul.c   every matrix product, with the weights in their stored format (float32, bfloat16, or
+           GGUF blocks of 4- and 8-bit integers expanded in registers: kernels.h tells the layouts)
+attention.c attention of new rows over the paged KV cache
+layer.c    one whole decoder layer as one call (norms, products, rotary embedding, cache writes,
+           attention, SiLU, residuals): a decode step is one native call per layer
+threads.c  the threads they share the work on, with barriers that yield the core while waiting
+
+Each gives every row a result independent of the other rows in the call (bitwise), which is
+what keeps speculative decoding token-for-token equal to plain decoding. When no compiler is
+available the model runs on PyTorch's own operations instead (slower, with weights dequantized
+at load, and results that may differ in the last bits between a row alone and a row among
+others) and says so once on stderr.
 """
 from __future__ import annotations
 
@@ -24,10 +29,17 @@ import torch
 
 from ..models.cache_dir import cache_root
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("skinny_gemm.c", "attention.c")]
-_FALLBACK = ("using PyTorch's kernels: slower, and not batch-invariant, so speculative methods become "
-             "near-lossless (their greedy output may differ from plain decoding in rare tokens)")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / name for name in ("threads.c", "matmul.c", "attention.c", "layer.c")]
+_HEADERS = [_HERE / "kernels.h"]
+_FALLBACK = ("using PyTorch's kernels: slower, quantized weights dequantized at load, and not batch-invariant, "
+             "so speculative methods become near-lossless (their greedy output may differ from plain decoding "
+             "in rare tokens)")
+# -ffp-contract=off: a multiply and an add stay two roundings wherever they are written so; fused
+# differently in two inlined copies of a loop, they would give a row different bits in two tiles.
+_FLAGS = ["-O3", "-march=native", "-pthread", "-ffp-contract=off", "-shared", "-fPIC"]
+
+FORMATS = {"f32": 0, "bf16": 1, "q4": 2, "q8": 3}  # kernels.h FMT_*
 
 
 def cpu_flags() -> bytes:
@@ -41,8 +53,40 @@ def cpu_flags() -> bytes:
 def build_key() -> str:
     """Identifies the kernels' build: their sources, flags and this CPU (-march=native ties the
     binary to its feature flags). Measurements of the kernels' speed are stored under it too."""
-    sources = b"".join(source.read_bytes() for source in _SOURCES)
+    sources = b"".join(source.read_bytes() for source in _SOURCES + _HEADERS)
     return hashlib.sha256(sources + " ".join(_FLAGS).encode() + cpu_flags()).hexdigest()[:12]
+
+
+class Matrix(ctypes.Structure):
+    """kernels.h Matrix: a packed weight matrix (models/quant.py PackedMatrix)."""
+    _fields_ = [("data", ctypes.c_void_p), ("out", ctypes.c_long), ("in_", ctypes.c_long), ("block", ctypes.c_long),
+                ("format", ctypes.c_int), ("half_scales", ctypes.c_int), ("has_min", ctypes.c_int),
+                ("signed_q4", ctypes.c_int)]
+
+
+class Product(ctypes.Structure):
+    """layer.c Product: one product whose output rows come in up to 3 parts (q, k, v)."""
+    _fields_ = [("part", Matrix * 3), ("at", ctypes.c_long * 3), ("parts", ctypes.c_long)]
+
+
+class LayerWeights(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("qkv", Product), ("o", Product), ("gate_up", Product), ("down", Product)]
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_long) for name in
+                ("hidden", "q_size", "kv_size", "inter", "heads", "kv_heads", "head_dim", "block_shift")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("act_bf16", ctypes.c_int)]
+
+
+class Step(ctypes.Structure):
+    """layer.c Step: one forward's rows (positions, cache slots, attention) and scratch space."""
+    _fields_ = [("rows", ctypes.c_long), ("positions", ctypes.c_void_p), ("slot_block", ctypes.c_void_p),
+                ("slot_offset", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("nseg", ctypes.c_long), ("seg", ctypes.c_void_p), ("tables", ctypes.c_void_p),
+                ("masks", ctypes.c_void_p), ("h", ctypes.c_void_p), ("xsum", ctypes.c_void_p),
+                ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p)]
 
 
 def _build() -> ctypes.CDLL | None:
@@ -66,12 +110,13 @@ def _build() -> ctypes.CDLL | None:
             return None
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))
-    for fn in (lib.skinny_gemm_f32, lib.skinny_gemm_bf16):
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+    p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    lib.matmul.argtypes = [ctypes.POINTER(Matrix), p, i, n, p, i]
+    lib.attention.argtypes = [p, p, p, i, n, p, p, p, p, n, n, n, n, f]
+    lib.decoder_layer.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(LayerWeights), ctypes.POINTER(Step), p, p, p]
+    lib.rms_norm.argtypes = [p, n, n, p, f, p, i]
+    for fn in (lib.matmul, lib.attention, lib.decoder_layer, lib.rms_norm):
         fn.restype = None
-    lib.attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
-                              + [ctypes.c_long] * 4 + [ctypes.c_float])
-    lib.attention.restype = None
     return lib
 
 
@@ -81,28 +126,27 @@ def native_lib() -> ctypes.CDLL | None:
     return _build()
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] float32 or bfloat16 -> the kernel's layout: 16 output features per vector
-    (float32 [out/16, in, 16]; bfloat16 [out/16, in/2, 16, 2]), zero-padded to whole vectors."""
-    out, inp = weight.shape
-    padded = torch.zeros((out + 15) // 16 * 16, inp + inp % 2 * (weight.dtype == torch.bfloat16), dtype=weight.dtype)
-    padded[:out, :inp] = weight
-    blocks, width = padded.shape[0] // 16, padded.shape[1]
-    if weight.dtype == torch.bfloat16:
-        return padded.view(blocks, 16, width // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return padded.view(blocks, 16, width).permute(0, 2, 1).contiguous()
+def matrix(packed) -> Matrix:
+    """The kernel's view of a models.quant.PackedMatrix (which must outlive it)."""
+    return Matrix(packed.data.data_ptr(), packed.out_features, packed.block if packed.kind in ("f32", "bf16")
+                  else packed.in_features, packed.block, FORMATS[packed.kind], int(packed.half_scales),
+                  int(packed.has_min), int(packed.signed))
 
 
-def skinny_gemm(lib: ctypes.CDLL, packed: torch.Tensor, out_features: int, x: torch.Tensor) -> torch.Tensor:
-    """packed: pack_weight(W) of a [out_features, in] W; x [n, in] in W's dtype -> x @ W.T [n, out_features]."""
-    n, inp = x.shape
-    width = packed.shape[1] * (2 if packed.dtype == torch.bfloat16 else 1)
-    if width != inp:  # bfloat16 pairs: an odd input width was padded with a zero column
-        x = torch.nn.functional.pad(x, (0, width - inp))
+def matmul(lib: ctypes.CDLL, packed, m: Matrix, x: torch.Tensor) -> torch.Tensor:
+    """x [n, in] (float32, or bfloat16) @ W.T -> float32 [n, out] (matmul.c); m = matrix(packed)."""
+    if x.shape[1] != m.in_:  # bfloat16 pairs: an odd input width was padded with a zero column
+        x = torch.nn.functional.pad(x, (0, m.in_ - x.shape[1]))
     x = x.contiguous()
-    out = torch.empty(n, out_features, dtype=packed.dtype)
-    fn = lib.skinny_gemm_f32 if packed.dtype == torch.float32 else lib.skinny_gemm_bf16
-    fn(packed.data_ptr(), x.data_ptr(), out.data_ptr(), out_features, width, n)
+    out = torch.empty(x.shape[0], packed.out_features)
+    lib.matmul(ctypes.byref(m), x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], out.data_ptr(), 0)
+    return out
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x float32 [n, d] -> x / sqrt(mean(x^2) + eps) * weight, in `dtype` (layer.c)."""
+    out = torch.empty(x.shape, dtype=dtype)
+    lib.rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr(), int(dtype == torch.bfloat16))
     return out
 
 

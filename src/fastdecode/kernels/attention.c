@@ -16,48 +16,7 @@
  * never straddles two blocks), and values row-major, [kv_heads, B, D]. Storage is float32 or
  * bfloat16, math float32. One call attends every sequence of a batched forward.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
-static inline float load_scalar(const void *base, long i, int bf16) {
-    if (!bf16)
-        return ((const float *)base)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-#ifdef __AVX512F__
-static inline __m512 load16(const void *base, long i, int bf16, __mmask16 m) {
-    if (!bf16)
-        return _mm512_maskz_loadu_ps(m, (const float *)base + i);
-    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* exp(x) for 16 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2; ~2 ulp, -inf -> 0. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
+#include "kernels.h"
 
 /* One sequence's rows of one layer and key/value head in the paged pool. */
 typedef struct {
@@ -85,7 +44,7 @@ static inline float score_one(const float *q, const Paged *p, long D, long j) {
     long B = 1L << p->shift;
     float acc = 0.0f;
     for (long d = 0; d < D; d++)
-        acc = fmaf(q[d], load_scalar(kt, d * B + (j & 15), p->bf16), acc);
+        acc = fmaf(q[d], act_at(kt, d * B + (j & 15), p->bf16), acc);
     return acc;
 }
 
@@ -105,7 +64,7 @@ static inline __attribute__((always_inline)) void slot_scores(const float *const
         for (long i = 0; i < QB; i++)
             acc[i] = _mm512_setzero_ps();
         for (long d = 0; d < D; d++) {
-            __m512 k = load16(kt, d * B, p->bf16, m);
+            __m512 k = act_load16(kt, d * B, p->bf16, m);
             for (long i = 0; i < QB; i++)
                 if (i < nq)
                     acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qs[i][d]), k, acc[i]);
@@ -175,7 +134,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
         for (long k = 0; k < start; k++) {
             __m512 val[VD];
             for (long c = 0; c < VD; c++)
-                val[c] = load16(value_at(pg, k, D), d0 + 16 * c, bf16, m[c]);
+                val[c] = act_load16(value_at(pg, k, D), d0 + 16 * c, bf16, m[c]);
             for (long i = 0; i < QB; i++)
                 if (i < nq) {
                     __m512 w = _mm512_set1_ps(p[i][k]);
@@ -196,7 +155,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
             for (long k = start; k < counts[i]; k++) {
                 __m512 w = _mm512_set1_ps(p[i][k]);
                 for (long c = 0; c < VD; c++)
-                    o[c] = _mm512_fmadd_ps(w, load16(value_at(pg, slots[i][k - start], D), d0 + 16 * c, bf16, m[c]), o[c]);
+                    o[c] = _mm512_fmadd_ps(w, act_load16(value_at(pg, slots[i][k - start], D), d0 + 16 * c, bf16, m[c]), o[c]);
             }
             for (long c = 0; c < VD; c++)
                 _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], o[c]);
@@ -209,90 +168,101 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
         for (long k = 0; k < counts[i]; k++) {
             long slot = k < start ? k : slots[i][k - start];
             for (long d = 0; d < D; d++)
-                out[i][d] = fmaf(p[i][k], load_scalar(value_at(pg, slot, D), d, bf16), out[i][d]);
+                out[i][d] = fmaf(p[i][k], act_at(value_at(pg, slot, D), d, bf16), out[i][d]);
         }
     }
 #endif
 }
 
-/* q, out: [rows, heads, D] float32, the rows of every sequence in order. kpool, vpool: one layer's
- * pools, [blocks, kv_heads, D, B] and [blocks, kv_heads, B, D] (bfloat16 when bf16 != 0).
- * Sequence s is seg[5s .. 5s+4] = {first row, n new rows, start (committed rows), offset of its
- * block table in tables, offset of its [n, n] mask in masks or -1 for causal}. */
-void attention(const float *q, const void *kpool, const void *vpool, int bf16, long nseg, const long *seg,
-               const long *tables, const uint8_t *masks, float *out, long heads, long kv_heads, long D,
-               long shift, float scale) {
-    long group = heads / kv_heads, B = 1L << shift, stride = kv_heads * D * B;
-    long first_item[nseg + 1], qbs[nseg], most = 0, most_n = 0, rows = 0;
-    for (long s = 0; s < nseg; s++)
+/* The (sequence, kv head, block of queries) items of one call; first_item and qbs: nseg + 1 and
+ * nseg longs of the caller's. Returns the number of items. */
+long attention_plan(Attention *a, long *first_item, long *qbs) {
+    const long *seg = a->seg, group = a->heads / a->kv_heads;
+    long rows = 0;
+    a->first_item = first_item, a->qbs = qbs, a->most = 0, a->most_n = 0;
+    for (long s = 0; s < a->nseg; s++)
         rows += seg[5 * s + 1];
     first_item[0] = 0;
-    for (long s = 0; s < nseg; s++) {
+    for (long s = 0; s < a->nseg; s++) {
         long n = seg[5 * s + 1], start = seg[5 * s + 2];
         /* Queries of one kv head in blocks of qb; a single query each when the whole call has
          * few, so that both cores get work. The block size changes the speed only, never a result. */
-        qbs[s] = rows * heads >= 4 * QB ? QB : 1;
-        first_item[s + 1] = first_item[s] + kv_heads * ((n * group + qbs[s] - 1) / qbs[s]);
-        most = start + n > most ? start + n : most;
-        most_n = n > most_n ? n : most_n;
+        qbs[s] = rows * a->heads >= 4 * QB ? QB : 1;
+        first_item[s + 1] = first_item[s] + a->kv_heads * ((n * group + qbs[s] - 1) / qbs[s]);
+        a->most = start + n > a->most ? start + n : a->most;
+        a->most_n = n > a->most_n ? n : a->most_n;
     }
-#pragma omp parallel
-    {
-        float *score_mem = malloc(sizeof(float) * QB * (most + 16));
-        long *slot_mem = malloc(sizeof(long) * QB * (most_n + 1));
-#pragma omp for schedule(static)
-        for (long item = 0; item < first_item[nseg]; item++) {
-            long s = 0;
-            while (item >= first_item[s + 1])
-                s++;
-            long row0 = seg[5 * s], n = seg[5 * s + 1], start = seg[5 * s + 2], qb = qbs[s];
-            const uint8_t *mask = seg[5 * s + 4] < 0 ? NULL : masks + seg[5 * s + 4];
-            long per_head = n * group, blocks = (per_head + qb - 1) / qb, local = item - first_item[s];
-            long g = local / blocks, first = (local % blocks) * qb;
-            long nq = per_head - first < qb ? per_head - first : qb;
-            Paged pg = {(const char *)kpool + g * D * B * (bf16 ? 2 : 4), (const char *)vpool + g * B * D * (bf16 ? 2 : 4),
-                        tables + seg[5 * s + 3], shift, stride, bf16};
-            const float *qs[QB];
-            float *score[QB], *outs[QB];
-            long *slots[QB], counts[QB];
-            for (long i = 0; i < nq; i++) {
-                long r = (first + i) / group, h = g * group + (first + i) % group;
-                qs[i] = q + ((row0 + r) * heads + h) * D;
-                outs[i] = out + ((row0 + r) * heads + h) * D;
-                score[i] = score_mem + i * (most + 16);
-                slots[i] = slot_mem + i * (most_n + 1);
-                counts[i] = start;
-                for (long c = 0; c <= (mask ? n - 1 : r); c++)
-                    if (!mask || mask[r * n + c])
-                        slots[i][counts[i]++ - start] = start + c;
-            }
-            /* constant block sizes let the compiler keep the accumulators in registers */
-            /* Scores against every slot the block may see (vectorised, shared loads), then each
-             * query's visible new rows moved into rank order (slots only grow, so in place). */
-            long span = start + (mask ? n : (first + nq - 1) / group + 1);
-            if (nq == QB)
-                slot_scores(qs, QB, &pg, D, span, score);
-            else if (nq == 1)
-                slot_scores(qs, 1, &pg, D, span, score);
-            else
-                slot_scores(qs, nq, &pg, D, span, score);
-            float inv[QB];
-            for (long i = 0; i < nq; i++) {
-                for (long k = start; k < counts[i]; k++)
-                    score[i][k] = score[i][slots[i][k - start]];
-                inv[i] = 1.0f / softmax_numerators(score[i], counts[i], scale);
-            }
-            if (nq == QB)
-                weighted_values(QB, &pg, D, start, score, (const long *const *)slots, counts, outs);
-            else if (nq == 1)
-                weighted_values(1, &pg, D, start, score, (const long *const *)slots, counts, outs);
-            else
-                weighted_values(nq, &pg, D, start, score, (const long *const *)slots, counts, outs);
-            for (long i = 0; i < nq; i++)
-                for (long d = 0; d < D; d++)
-                    outs[i][d] *= inv[i];
+    return first_item[a->nseg];
+}
+
+void attention_items(void *arg, long lo, long hi) {
+    const Attention *a = arg;
+    const long D = a->D, heads = a->heads, group = heads / a->kv_heads, B = 1L << a->shift;
+    const long stride = a->kv_heads * D * B, most = a->most, most_n = a->most_n;
+    const long *seg = a->seg;
+    const int bf16 = a->bf16;
+    float *score_mem = malloc(sizeof(float) * QB * (most + 16));
+    long *slot_mem = malloc(sizeof(long) * QB * (most_n + 1));
+    for (long item = lo; item < hi; item++) {
+        long s = 0;
+        while (item >= a->first_item[s + 1])
+            s++;
+        long row0 = seg[5 * s], n = seg[5 * s + 1], start = seg[5 * s + 2], qb = a->qbs[s];
+        const uint8_t *mask = seg[5 * s + 4] < 0 ? NULL : a->masks + seg[5 * s + 4];
+        long per_head = n * group, blocks = (per_head + qb - 1) / qb, local = item - a->first_item[s];
+        long g = local / blocks, first = (local % blocks) * qb;
+        long nq = per_head - first < qb ? per_head - first : qb;
+        Paged pg = {(const char *)a->kpool + g * D * B * (bf16 ? 2 : 4), (const char *)a->vpool + g * B * D * (bf16 ? 2 : 4),
+                    a->tables + seg[5 * s + 3], a->shift, stride, bf16};
+        const float *qs[QB];
+        float *score[QB], *outs[QB];
+        long *slots[QB], counts[QB];
+        for (long i = 0; i < nq; i++) {
+            long r = (first + i) / group, h = g * group + (first + i) % group;
+            qs[i] = a->q + (row0 + r) * a->ldq + h * D;
+            outs[i] = a->out + ((row0 + r) * heads + h) * D;
+            score[i] = score_mem + i * (most + 16);
+            slots[i] = slot_mem + i * (most_n + 1);
+            counts[i] = start;
+            for (long c = 0; c <= (mask ? n - 1 : r); c++)
+                if (!mask || mask[r * n + c])
+                    slots[i][counts[i]++ - start] = start + c;
         }
-        free(score_mem);
-        free(slot_mem);
+        /* Scores against every slot the block may see (vectorised, shared loads), then each
+         * query's visible new rows moved into rank order (slots only grow, so in place).
+         * Constant block sizes let the compiler keep the accumulators in registers. */
+        long span = start + (mask ? n : (first + nq - 1) / group + 1);
+        if (nq == QB)
+            slot_scores(qs, QB, &pg, D, span, score);
+        else if (nq == 1)
+            slot_scores(qs, 1, &pg, D, span, score);
+        else
+            slot_scores(qs, nq, &pg, D, span, score);
+        float inv[QB];
+        for (long i = 0; i < nq; i++) {
+            for (long k = start; k < counts[i]; k++)
+                score[i][k] = score[i][slots[i][k - start]];
+            inv[i] = 1.0f / softmax_numerators(score[i], counts[i], a->scale);
+        }
+        if (nq == QB)
+            weighted_values(QB, &pg, D, start, score, (const long *const *)slots, counts, outs);
+        else if (nq == 1)
+            weighted_values(1, &pg, D, start, score, (const long *const *)slots, counts, outs);
+        else
+            weighted_values(nq, &pg, D, start, score, (const long *const *)slots, counts, outs);
+        for (long i = 0; i < nq; i++)
+            for (long d = 0; d < D; d++)
+                outs[i][d] *= inv[i];
     }
+    free(score_mem);
+    free(slot_mem);
+}
+
+/* The same as one call of its own (q rows contiguous), for tests. */
+void attention(const float *q, const void *kpool, const void *vpool, int bf16, long nseg, const long *seg,
+               const long *tables, const uint8_t *masks, float *out, long heads, long kv_heads, long D,
+               long shift, float scale) {
+    Attention a = {q, heads * D, kpool, vpool, bf16, nseg, seg, tables, masks, out, heads, kv_heads, D, shift, scale};
+    long first_item[nseg + 1], qbs[nseg];
+    run_items(attention_items, &a, attention_plan(&a, first_item, qbs), 1);
 }

@@ -1,9 +1,12 @@
-"""Convert a GGUF file once into a cache folder that later loads in a few seconds.
+"""Convert a GGUF file's metadata once into a cache folder that later loads in a second.
 
 <cache>/models/<file stem>-<key>/
     config.json                   ModelConfig
+    tensors.json                  where each tensor's blocks are in the file (gguf_file.TensorInfo)
     tokenizer.json, tokenizer_info.json
-    weights-<dtype>.safetensors   dequantized weights, written the first time a dtype is asked for
+    weights-<dtype>.safetensors   dequantized weights, written the first time a dense weight format
+                                  (--weights bfloat16 | float32) is asked for; the file's own
+                                  formats are read from the GGUF file itself (models/weights.py)
 
 The key hashes the file's path, size and modification time, so a changed file converts again.
 Every file is written under a temporary name and renamed into place: an interrupted conversion
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from ..tokenizer import TokenizerInfo
 from .cache_dir import cache_root
 from .config import ModelConfig
-from .gguf_file import GGUFFile, llama_state_dict
+from .gguf_file import GGUFFile, TensorInfo, llama_state_dict
 
 
 def cache_folder(gguf_path: Path) -> Path:
@@ -42,11 +45,13 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def prepare(gguf_path: Path, dtype: torch.dtype) -> Path:
-    """Make sure the cache folder holds config, tokenizer and weights in `dtype`; return it."""
+def prepare(gguf_path: Path, dtype: torch.dtype | None) -> Path:
+    """Make sure the cache folder holds config, tokenizer and (unless dtype is None) weights in
+    `dtype`; return it."""
     folder = cache_folder(gguf_path)
     weights = folder / f"weights-{str(dtype).removeprefix('torch.')}.safetensors"
-    needed = [weights, folder / "config.json", folder / "tokenizer.json", folder / "tokenizer_info.json"]
+    needed = [folder / "config.json", folder / "tensors.json", folder / "tokenizer.json", folder / "tokenizer_info.json"]
+    needed += [weights] if dtype is not None else []
     if all(p.exists() for p in needed):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,12 +59,15 @@ def prepare(gguf_path: Path, dtype: torch.dtype) -> Path:
     config = gguf.llama_config()
     if not (folder / "config.json").exists():
         _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=1)))
+    if not (folder / "tensors.json").exists():
+        table = [t.to_dict() for t in gguf.tensor_infos()]
+        _atomic_write(folder / "tensors.json", lambda p: p.write_text(json.dumps(table)))
     if not (folder / "tokenizer.json").exists() or not (folder / "tokenizer_info.json").exists():
         _convert_tokenizer(gguf, folder)
-    if not weights.exists():
+    if dtype is not None and not weights.exists():
         tensors = {}
         bar = tqdm(
-            llama_state_dict(gguf, config), total=len(gguf.tensor_names()), file=sys.stderr,
+            llama_state_dict(gguf, config), total=len(gguf.tensor_infos()), file=sys.stderr,
             desc=f"Converting {gguf_path.name} to {dtype} (first load only)", unit="tensor",
         )
         for name, arr in bar:
@@ -84,3 +92,8 @@ def _convert_tokenizer(gguf: GGUFFile, folder: Path) -> None:
     )
     _atomic_write(folder / "tokenizer_info.json", info.save)
     _atomic_write(folder / "tokenizer.json", lambda p: hf.backend_tokenizer.save(str(p)))
+
+
+def tensor_table(folder: Path) -> list[TensorInfo]:
+    """The tensors of the GGUF file a cache folder was made from (prepare writes them)."""
+    return [TensorInfo.from_dict(d) for d in json.loads((folder / "tensors.json").read_text())]

@@ -16,24 +16,30 @@ tree nodes at the same depth share a rotary position. `layers` runs only a subse
 layers (self-speculation); only those layers' cache rows are written. `head` replaces the output
 head (a partial_head over part of the vocabulary, for drafting).
 
-Per decode step the hot path is about twenty tensor ops per layer: q, k and v come out of one
-fused projection and get their rotary embedding together, and gate and up share one projection.
-The matrix products and attention run on kernels (kernels/) whose result for a token does not
-depend on the other tokens in the forward: a token's logits are bitwise the same alone, in a
-chain or in a draft tree, which keeps speculative decoding exactly equal to plain decoding.
+A forward is: the embedding rows (float32: the residual stream), one native call per decoder
+layer (kernels/layer.c: norms, products, rotary embedding, cache writes, attention, SiLU and
+residuals in one OpenMP region), the final norm and the head. The weights stay in the format
+they were loaded in (models/quant.py: the GGUF file's own blocks, bfloat16 or float32); `dtype`
+is the activations' dtype, that of the products' inputs and of the KV cache, while sums, the
+residual stream, rotary embeddings and attention are float32. Every kernel gives a token a result
+that does not depend on the other tokens in the forward: a token's logits are bitwise the same
+alone, in a chain or in a draft tree, which keeps speculative decoding exactly equal to plain
+decoding. Without a C compiler the same layer runs as PyTorch operations (not batch-invariant).
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention, native_lib
-from ..runtime.kv_cache import KVCache, KVPool
+from ..kernels import Dims, LayerWeights, Step, native_lib, rms_norm
+from ..runtime.kv_cache import BLOCK_ROWS, KVCache, KVPool
 from .config import ModelConfig, rope_inverse_frequencies
 from .linear import Linear
+from .quant import PackedMatrix, pack_dense
 
 
 @dataclass
@@ -49,51 +55,107 @@ class Segment:
     hidden: torch.Tensor | None = None  # set by the forward: [n, len(capture), hidden_size] float32
 
 
+def _packed(w: torch.Tensor | PackedMatrix) -> PackedMatrix:
+    """A dense float tensor is kept in its own dtype (float32, or bfloat16)."""
+    if isinstance(w, PackedMatrix):
+        return w
+    return pack_dense(w if w.dtype == torch.bfloat16 else w.float())
+
+
 class _Layer:
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str):
-        self.attn_norm = w[f"{prefix}.input_layernorm.weight"]
-        self.mlp_norm = w[f"{prefix}.post_attention_layernorm.weight"]
-        self.qkv = Linear(torch.cat([w.pop(f"{prefix}.self_attn.{p}_proj.weight") for p in "qkv"]))
-        self.o = Linear(w.pop(f"{prefix}.self_attn.o_proj.weight"))
-        self.gate_up = Linear(torch.cat([w.pop(f"{prefix}.mlp.{p}_proj.weight") for p in ("gate", "up")]))
-        self.down = Linear(w.pop(f"{prefix}.mlp.down_proj.weight"))
+    def __init__(self, w: dict, prefix: str, dtype: torch.dtype):
+        self.attn_norm = w.pop(f"{prefix}.input_layernorm.weight").float().contiguous()
+        self.mlp_norm = w.pop(f"{prefix}.post_attention_layernorm.weight").float().contiguous()
+        self.qkv = Linear([_packed(w.pop(f"{prefix}.self_attn.{p}_proj.weight")) for p in "qkv"], dtype)
+        self.o = Linear([_packed(w.pop(f"{prefix}.self_attn.o_proj.weight"))], dtype)
+        self.gate_up = Linear([_packed(w.pop(f"{prefix}.mlp.{p}_proj.weight")) for p in ("gate", "up")], dtype)
+        self.down = Linear([_packed(w.pop(f"{prefix}.mlp.down_proj.weight"))], dtype)
+        if self.qkv.native is not None:  # the kernel's view of the layer, built once
+            self.weights = LayerWeights(self.attn_norm.data_ptr(), self.mlp_norm.data_ptr(), self.qkv.product(),
+                                        self.o.product(), self.gate_up.product(), self.down.product())
+
+
+class _Rows:
+    """The rows of one forward: the segments' tokens and positions stacked, the cache slot of each
+    row, and the attention kernel's description of the sequences (kernels/attention.c)."""
+
+    def __init__(self, segments: Sequence[Segment]):
+        self.pool = segments[0].cache.pool
+        self.spans, total = [], 0  # (segment, first row, start in its cache)
+        for seg in segments:
+            if seg.cache.pool is not self.pool:
+                raise ValueError("the segments of one forward must share a KV pool")
+            seg.cache.check_room(len(seg.tokens))
+            self.spans.append((seg, total, seg.cache.length))
+            total += len(seg.tokens)
+        self.total = total
+        one = len(segments) == 1
+        self.tokens = segments[0].tokens if one else torch.cat([seg.tokens for seg in segments])
+        self.positions = (segments[0].positions if one else torch.cat([seg.positions for seg in segments])).long().contiguous()
+        slots = [seg.cache.slots(start, len(seg.tokens)) for seg, _, start in self.spans]
+        self.blocks = (slots[0][0] if one else torch.cat([b for b, _ in slots])).contiguous()
+        self.offsets = (slots[0][1] if one else torch.cat([o for _, o in slots])).contiguous()
+        meta, tables, masks, table_at, mask_at = [], [], [], 0, 0
+        for seg, row, start in self.spans:
+            n = len(seg.tokens)
+            meta.append([row, n, start, table_at, -1 if seg.mask is None else mask_at])
+            tables.append(seg.cache.table)
+            table_at += len(seg.cache.table)
+            if seg.mask is not None:
+                masks.append(seg.mask.to(torch.uint8).flatten())
+                mask_at += n * n
+        self.meta = torch.tensor(meta, dtype=torch.long)
+        self.tables = torch.cat(tables) if len(tables) > 1 else tables[0]
+        self.masks = torch.cat(masks) if masks else None
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype):
-        """weights: Hugging Face names, already in `dtype`; consumed (packed copies replace them)."""
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | PackedMatrix], dtype: torch.dtype):
+        """weights: Hugging Face names; dense tensors (float32 or bfloat16, kept in their dtype) or
+        PackedMatrix (models/quant.py); consumed. dtype: the activations' and the KV cache's dtype."""
         self.config = config
         self.dtype = dtype
         c = config
-        self.embed = weights["model.embed_tokens.weight"]
-        self.layers = [_Layer(weights, f"model.layers.{i}") for i in range(c.num_layers)]
-        self.norm = weights["model.norm.weight"]
-        self.head_weight = self.embed if c.tie_word_embeddings else weights.pop("lm_head.weight")
-        self.lm_head = Linear(self.head_weight)
+        self.native = native_lib()
+        self.embedding = _packed(weights.pop("model.embed_tokens.weight"))
+        self.layers = [_Layer(weights, f"model.layers.{i}", dtype) for i in range(c.num_layers)]
+        self.norm = weights.pop("model.norm.weight").float().contiguous()
+        self.head_matrix = self.embedding if c.tie_word_embeddings else _packed(weights.pop("lm_head.weight"))
+        self.lm_head = Linear([self.head_matrix], dtype)
+        sources = {s for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                   for s in lin.sources} | {self.head_matrix.source}
+        # what the matrices are stored as, e.g. "Q4_1+Q8_0" (the cost curve is kept per format)
+        self.weight_format = "+".join(sorted(sources))
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self.group = c.num_heads // c.num_kv_heads
         self.scale = c.head_dim**-0.5
-        # Rotary tables [max_positions, head_dim] in the model dtype, as Hugging Face computes them.
+        # Rotary tables [max_positions, head_dim] float32, as Hugging Face computes them.
         angles = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float64), rope_inverse_frequencies(c))
         angles = torch.cat([angles, angles], dim=-1).float()
         # rotate_half(x) * sin == cat(x2, x1) * sin_signed, with the first half of sin negated.
         sin = angles.sin()
         sin[:, : c.head_dim // 2] *= -1
-        self.cos, self.sin_signed = angles.cos().to(dtype), sin.to(dtype)
-        self.native = native_lib()
+        self.cos, self.sin_signed = angles.cos().contiguous(), sin.contiguous()
+        self.dims = Dims(c.hidden_size, self.q_size, self.kv_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+                         c.head_dim, BLOCK_ROWS.bit_length() - 1, c.rms_norm_eps, self.scale, int(dtype == torch.bfloat16))
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The whole embedding, dequantized: float32 [vocab, hidden] (a copy; embed_tokens reads rows)."""
+        return self.embedding.dequantize()
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [n, hidden] float32, dequantized (trained drafters read them)."""
+        return self.embedding.rows(token_ids)
+
+    def head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Rows [n, hidden] float32 of the output head, dequantized (a draft head starts from them)."""
+        return self.head_matrix.rows(token_ids)
 
     def partial_head(self, token_ids: torch.Tensor) -> Linear:
         """An output head over only these tokens (logit j is token_ids[j]): a cheaper head for drafting."""
-        return Linear(self.head_weight[token_ids])
-
-    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Embedding rows [n, hidden] float32 (trained drafters read them)."""
-        return self.embed[token_ids].float()
-
-    def head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Rows [n, hidden] float32 of the output head (a draft head starts from them)."""
-        return self.head_weight[token_ids].float()
+        return Linear([self.head_matrix.select(token_ids)], self.dtype)
 
     def new_pool(self, budget_bytes: int | None = None, rows: int = 0) -> KVPool:
         """A KV pool for this model: `budget_bytes` of blocks, fixed; else room for `rows`, growing."""
@@ -131,75 +193,51 @@ class LlamaModel:
         segment attends only to its own cache, so a segment's results are bitwise those of
         forward() on it alone."""
         c = self.config
-        half = c.head_dim // 2
-        pool = segments[0].cache.pool
-        spans, total = [], 0  # (segment, first row, start in its cache)
-        for seg in segments:
-            if seg.cache.pool is not pool:
-                raise ValueError("the segments of one forward must share a KV pool")
-            seg.cache.check_room(len(seg.tokens))
-            spans.append((seg, total, seg.cache.length))
-            total += len(seg.tokens)
-        one = len(segments) == 1
-        tokens = segments[0].tokens if one else torch.cat([seg.tokens for seg in segments])
-        positions = segments[0].positions if one else torch.cat([seg.positions for seg in segments])
-        cos = self.cos[positions].unsqueeze(1)  # [rows, 1, head_dim]
-        sin = self.sin_signed[positions].unsqueeze(1)
-        # Where each new row's key and value go: (block, offset) in the pool.
-        slots = [seg.cache.slots(start, len(seg.tokens)) for seg, _, start in spans]
-        blocks = slots[0][0] if one else torch.cat([b for b, _ in slots])
-        offsets = slots[0][1] if one else torch.cat([o for _, o in slots])
-        attend = self._attend_native(spans) if self.native is not None else self._attend_torch(spans)
-        x = F.embedding(tokens, self.embed)  # [rows, hidden]
+        rows = _Rows(segments)
+        run_layer = _NativeLayers(self, rows) if self.native is not None else self._torch_layers(rows)
+        x = self.embed_tokens(rows.tokens)  # float32 [rows, hidden]: the residual stream
         captured = {i: None for seg in segments for i in seg.capture}
         for i in range(c.num_layers) if layers is None else layers:
-            layer = self.layers[i]
-            h = F.rms_norm(x, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = layer.qkv(h)
-            qk = qkv[:, : self.q_size + self.kv_size].view(total, c.num_heads + c.num_kv_heads, c.head_dim)
-            qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin)
-            pool.k[i, blocks, :, :, offsets] = qk[:, c.num_heads :]
-            pool.v[i, blocks, :, offsets] = qkv[:, self.q_size + self.kv_size :].view(total, c.num_kv_heads, c.head_dim)
-            x += layer.o(attend(i, qk[:, : c.num_heads]))
-            h = F.rms_norm(x, (c.hidden_size,), layer.mlp_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(h).split(c.intermediate_size, dim=-1)
-            x += layer.down(F.silu(gate).mul_(up))
+            run_layer(i, x)  # x updated in place
             if i in captured:
-                captured[i] = x.float()  # a copy: x is updated in place by the next layer
-        for seg, row, _ in spans:
+                captured[i] = x.clone()
+        for seg, row, _ in rows.spans:
             if seg.capture:
                 seg.hidden = torch.stack([captured[i][row : row + len(seg.tokens)] for i in seg.capture], dim=1)
         if any(seg.last_only for seg in segments):
-            x = x[[r for seg, row, _ in spans
+            x = x[[r for seg, row, _ in rows.spans
                    for r in (range(row + len(seg.tokens) - 1, row + len(seg.tokens)) if seg.last_only
                              else range(row, row + len(seg.tokens)))]]
-        hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps)
-        return (head or self.lm_head)(hidden).float()
+        if self.native is not None:
+            hidden = rms_norm(self.native, x.contiguous(), self.norm, c.rms_norm_eps, self.dtype)
+        else:
+            hidden = F.rms_norm(x, (c.hidden_size,), self.norm, c.rms_norm_eps).to(self.dtype)
+        return (head or self.lm_head)(hidden)
 
-    def _attend_native(self, spans):
-        """attend(layer, q [rows, heads, d]) -> [rows, q_size]: every segment over its own paged
-        cache, in one kernel call per layer (kernels/attention.c)."""
-        meta, tables, masks, table_at, mask_at = [], [], [], 0, 0
-        for seg, row, start in spans:
-            n = len(seg.tokens)
-            meta.append([row, n, start, table_at, -1 if seg.mask is None else mask_at])
-            tables.append(seg.cache.table)
-            table_at += len(seg.cache.table)
-            if seg.mask is not None:
-                masks.append(seg.mask.to(torch.uint8).flatten())
-                mask_at += n * n
-        meta = torch.tensor(meta, dtype=torch.long)
-        tables = torch.cat(tables) if len(tables) > 1 else tables[0]
-        masks = torch.cat(masks) if masks else None
-        pool = spans[0][0].cache.pool
+    def _torch_layers(self, rows: _Rows):
+        """run(layer, x): the same layer as PyTorch operations (without a compiler; not batch-invariant)."""
+        c, n, pool = self.config, rows.total, rows.pool
+        half, d = c.head_dim // 2, c.head_dim
+        cos, sin = self.cos[rows.positions].unsqueeze(1), self.sin_signed[rows.positions].unsqueeze(1)
+        attend = self._attend_torch(rows.spans)
 
-        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
-            o = attention(self.native, q.float().contiguous(), pool.k[layer], pool.v[layer], meta, tables, masks, self.scale)
-            return o.to(self.dtype).view(len(q), self.q_size)
-        return attend
+        def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return F.rms_norm(x, (c.hidden_size,), weight, c.rms_norm_eps).to(self.dtype)
+
+        def run(i: int, x: torch.Tensor) -> None:
+            layer = self.layers[i]
+            qkv = layer.qkv(norm(x, layer.attn_norm))
+            qk = qkv[:, : self.q_size + self.kv_size].view(n, c.num_heads + c.num_kv_heads, d)
+            qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
+            pool.k[i, rows.blocks, :, :, rows.offsets] = qk[:, c.num_heads :].to(self.dtype)
+            pool.v[i, rows.blocks, :, rows.offsets] = qkv[:, self.q_size + self.kv_size :].view(n, c.num_kv_heads, d).to(self.dtype)
+            x += layer.o(attend(i, qk[:, : c.num_heads]).to(self.dtype))
+            gate, up = layer.gate_up(norm(x, layer.mlp_norm)).split(c.intermediate_size, dim=-1)
+            x += layer.down((F.silu(gate) * up).to(self.dtype))
+        return run
 
     def _attend_torch(self, spans):
-        """The same with PyTorch's fused attention (without a compiler): fast, but not batch-invariant."""
+        """attend(layer, q [rows, heads, d] float32) -> [rows, q_size] float32 with PyTorch's fused attention."""
         c = self.config
         masks = [self._attention_mask(len(seg.tokens), start, seg.mask) for seg, _, start in spans]
 
@@ -210,8 +248,8 @@ class LlamaModel:
                 # [n, heads, d] -> [kv_heads, group * n, d]: each kv head attends for its whole group.
                 qs = q[row : row + n].reshape(n, c.num_kv_heads, self.group, c.head_dim)
                 qs = qs.permute(1, 2, 0, 3).reshape(1, c.num_kv_heads, self.group * n, c.head_dim)
-                keys = seg.cache.keys(layer, start + n).transpose(-1, -2).unsqueeze(0)
-                values = seg.cache.values(layer, start + n).unsqueeze(0)
+                keys = seg.cache.keys(layer, start + n).transpose(-1, -2).unsqueeze(0).float()
+                values = seg.cache.values(layer, start + n).unsqueeze(0).float()
                 # 4-d inputs take PyTorch's fused CPU attention kernel; 3-d ones a slower generic path.
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scale)
                 outs.append(o.view(c.num_kv_heads, self.group, n, c.head_dim).permute(2, 0, 1, 3).reshape(n, self.q_size))
@@ -227,3 +265,29 @@ class LlamaModel:
         else:
             full = torch.cat([torch.ones(n, start, dtype=torch.bool), mask], dim=1)
         return full.repeat(self.group, 1)
+
+
+class _NativeLayers:
+    """run(layer, x): kernels/layer.c's decoder_layer over one forward's rows. The step it passes
+    holds their positions, cache slots and attention plan, and scratch space for every phase."""
+
+    def __init__(self, model: LlamaModel, rows: _Rows):
+        c, n = model.config, rows.total
+        widest = -(-max(c.hidden_size, model.q_size, c.intermediate_size) // 32) * 32
+        self.scratch = [torch.empty(n, widest, dtype=model.dtype), torch.empty(n, widest // 32),
+                        torch.empty(n, model.q_size + 2 * model.kv_size), torch.empty(n, model.q_size),
+                        torch.empty(n, 2 * c.intermediate_size)]  # h, xsum, qkv, att, gu
+        self.rows = rows
+        self.step = Step(n, rows.positions.data_ptr(), rows.blocks.data_ptr(), rows.offsets.data_ptr(),
+                         model.cos.data_ptr(), model.sin_signed.data_ptr(), len(rows.meta), rows.meta.data_ptr(),
+                         rows.tables.data_ptr(), None if rows.masks is None else rows.masks.data_ptr(),
+                         *(t.data_ptr() for t in self.scratch))
+        self.model = model
+        k, v = rows.pool.k, rows.pool.v  # [layers, ...]: layer i's pool starts i * stride(0) elements on
+        self.k, self.v = k.data_ptr(), v.data_ptr()
+        self.k_layer, self.v_layer = k.stride(0) * k.element_size(), v.stride(0) * v.element_size()
+
+    def __call__(self, i: int, x: torch.Tensor) -> None:
+        m = self.model
+        m.native.decoder_layer(ctypes.byref(m.dims), ctypes.byref(m.layers[i].weights), ctypes.byref(self.step),
+                               self.k + i * self.k_layer, self.v + i * self.v_layer, x.data_ptr())

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import FastDecodeError
 from ..tokenizer import Tokenizer
-from . import gguf_cache
+from . import gguf_cache, weights as formats
 from .checkpoint import read_config, read_tokenizer, read_weights
 from .llama import LlamaModel
 from .registry import MODELS
@@ -18,6 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The fastest dtype whose forward is batch-invariant (tests/test_batch_invariance.py): speculative
 # decoding in it gives token-for-token the plain decoding output of the same dtype.
 DEFAULT_DTYPE = "bfloat16"
+WEIGHT_FORMATS = formats.WEIGHT_FORMATS
 
 
 @dataclass
@@ -26,6 +27,7 @@ class LoadedModel:
     model: LlamaModel
     tokenizer: Tokenizer
     load_time_s: float
+    weights: str = "gguf"  # the weight format it was loaded in (models/weights.py)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -52,12 +54,16 @@ def model_source(name_or_path: str | Path) -> Path:
     )
 
 
-def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
-    """A folder holding config.json, tokenizer files and safetensors weights for this model."""
+def _supported_source(name_or_path: str | Path) -> Path:
     entry = MODELS.get(str(name_or_path))
     if entry is not None and not entry.supported:
         raise FastDecodeError(f"model {entry.name!r} is not supported yet: {entry.unsupported_reason}")
-    source = model_source(name_or_path)
+    return model_source(name_or_path)
+
+
+def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
+    """A folder holding config.json, tokenizer files and safetensors weights for this model."""
+    source = _supported_source(name_or_path)
     return gguf_cache.prepare(source, dtype) if source.is_file() else source
 
 
@@ -71,10 +77,25 @@ def weight_files(folder: Path, dtype: torch.dtype) -> list[Path]:
     return files
 
 
-def load(name_or_path: str | Path, dtype: str | torch.dtype = DEFAULT_DTYPE) -> LoadedModel:
+def load(name_or_path: str | Path, dtype: str | torch.dtype = DEFAULT_DTYPE, weights: str | None = None) -> LoadedModel:
+    """dtype: the activations' and KV cache's; weights: the weight format (models/weights.py),
+    None for the source's default (a GGUF file's own formats; a checkpoint's weights in dtype)."""
     start = time.perf_counter()
     dtype = parse_dtype(dtype)
-    folder = model_folder(name_or_path, dtype)
-    config = read_config(folder)
-    model = LlamaModel(config, read_weights(weight_files(folder, dtype), dtype), dtype)
-    return LoadedModel(str(name_or_path), model, read_tokenizer(folder), time.perf_counter() - start)
+    source = _supported_source(name_or_path)
+    weights = formats.resolve(source, weights, dtype)
+    dense = formats.DENSE.get(weights)
+    if source.is_file():
+        folder = gguf_cache.prepare(source, dense)  # config and tokenizer; dequantized weights for a dense format
+        config = read_config(folder)
+        if dense is None:
+            tensors = formats.gguf_weights(source, gguf_cache.tensor_table(folder), config, requantize=weights == "q8_0")
+        else:
+            tensors = read_weights(weight_files(folder, dense), dense)
+    else:
+        folder, config = source, read_config(source)
+        tensors = read_weights(weight_files(folder, dense or torch.float32), dense or torch.float32)
+        if weights == "q8_0":
+            tensors = formats.quantize_matrices(tensors)
+    model = LlamaModel(config, tensors, dtype)
+    return LoadedModel(str(name_or_path), model, read_tokenizer(folder), time.perf_counter() - start, weights)

@@ -1,0 +1,271 @@
+/* One Llama decoder layer as one native call, for every row of a batched forward:
+ *
+ *   h = rms_norm(x) * attn_norm               (rounded to the activation dtype: the products' input)
+ *   q, k, v = h @ Wqkv.T                      (float32)
+ *   q, k = rotary(q, k); cache[slot] = k, v   (in the cache's dtype)
+ *   a = attention(q, cache)                   (attention.c)
+ *   x = x + a @ Wo.T
+ *   h = rms_norm(x) * mlp_norm
+ *   g, u = h @ Wgate_up.T
+ *   x = x + (silu(g) * u) @ Wdown.T
+ *
+ * x, the residual stream, stays float32 [rows, hidden] from the embedding to the final norm. The
+ * phases run one after another, each shared among the kernel threads (threads.c) as items: rows
+ * for the norms, the rotary embedding and the SiLU product; tiles of output rows for a product
+ * (matmul.c); (sequence, kv head) for attention. Every row goes through the same operations in
+ * the same order whatever the other rows are and whichever thread computes it, so the layer is
+ * batch-invariant like its parts.
+ */
+#include "kernels.h"
+
+typedef struct {
+    long hidden, q_size, kv_size, inter, heads, kv_heads, head_dim, block_shift;
+    float eps, scale;
+    int act_bf16; /* the products' inputs and the KV cache in bfloat16, else float32 */
+} Dims;
+
+/* A product whose output rows come in up to 3 parts, each in its own format (q, k, v of a file
+ * that stores them differently), at columns `at` of the output. */
+typedef struct {
+    Matrix part[3];
+    long at[3];
+    long parts;
+} Product;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    Product qkv, o, gate_up, down;
+} LayerWeights;
+
+/* One forward's rows: where they go in the cache, whom they attend, and scratch space. */
+typedef struct {
+    long rows;
+    const long *positions, *slot_block, *slot_offset;
+    const float *cos, *sin; /* rotary tables [positions, head_dim]; sin's first half negated */
+    long nseg;
+    const long *seg, *tables; /* attention.c's description of the sequences */
+    const uint8_t *masks;
+    void *h;     /* [rows, W] in the activation dtype, W = max(hidden, inter, q_size) rounded up to 32 */
+    float *xsum; /* [rows, W / 32] */
+    float *qkv;  /* [rows, q_size + 2 kv_size] */
+    float *att;  /* [rows, q_size] */
+    float *gu;   /* [rows, 2 inter] */
+} Step;
+
+static int needs_sums(const Product *p) {
+    for (long i = 0; i < p->parts; i++)
+        if (p->part[i].has_min)
+            return 1;
+    return 0;
+}
+
+/* out[i] = x[i] * w[i] / sqrt(mean(x^2) + eps), in the activation dtype. */
+static void rms_norm_row(const float *x, long n, const float *w, float eps, void *out, int bf16) {
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < n; i += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(lanes(n - i), x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / n + eps);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = lanes(n - i);
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(inv)),
+                                 _mm512_maskz_loadu_ps(m, w + i));
+        if (bf16)
+            _mm256_mask_storeu_epi16((uint16_t *)out + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+        else
+            _mm512_mask_storeu_ps((float *)out + i, m, v);
+    }
+#else
+    float ss = 0.0f;
+    for (long i = 0; i < n; i++)
+        ss = fmaf(x[i], x[i], ss);
+    float inv = 1.0f / sqrtf(ss / n + eps);
+    for (long i = 0; i < n; i++)
+        act_store(out, i, x[i] * inv * w[i], bf16);
+#endif
+}
+
+/* float32 -> the activation dtype, n values. */
+static void to_act(const float *x, long n, void *out, int bf16) {
+#ifdef __AVX512F__
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = lanes(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        if (bf16)
+            _mm256_mask_storeu_epi16((uint16_t *)out + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+        else
+            _mm512_mask_storeu_ps((float *)out + i, m, v);
+    }
+#else
+    for (long i = 0; i < n; i++)
+        act_store(out, i, x[i], bf16);
+#endif
+}
+
+/* out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, in the activation dtype. */
+static void silu_mul(const float *g, const float *u, long n, void *out, int bf16) {
+#ifdef __AVX512F__
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = lanes(n - i);
+        __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 v = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_maskz_loadu_ps(m, u + i));
+        if (bf16)
+            _mm256_mask_storeu_epi16((uint16_t *)out + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+        else
+            _mm512_mask_storeu_ps((float *)out + i, m, v);
+    }
+#else
+    for (long i = 0; i < n; i++)
+        act_store(out, i, g[i] / (1.0f + expf(-g[i])) * u[i], bf16);
+#endif
+}
+
+/* Rotary embedding of one head in place: x * cos + cat(x2, x1) * sin (sin's first half negated). */
+static void rotate(float *x, const float *cos, const float *sin, long D) {
+    float t[D];
+    long half = D / 2;
+    for (long d = 0; d < D; d++)
+        t[d] = x[d] * cos[d] + x[d < half ? d + half : d - half] * sin[d];
+    memcpy(x, t, sizeof(float) * D);
+}
+
+/* One forward's phases over one layer; each is a function over a range of items. */
+typedef struct {
+    const Dims *c;
+    const LayerWeights *w;
+    const Step *s;
+    void *kpool, *vpool;
+    float *x;
+    long width, width_h, nsum; /* qkv's row; h's row (and xsum's, / 32) */
+    const Product *product;    /* of the product phase */
+    const void *in;
+    float *out;
+    long ldout;
+    int add;
+    long tiles[4]; /* tiles of each of the product's parts */
+} Layer;
+
+static void *h_row(const Layer *L, long r) { return (char *)L->s->h + r * L->width_h * (L->c->act_bf16 ? 2 : 4); }
+
+/* items: rows. h = norm(x) * weight, and h's block sums where the next product has minimums. */
+static void norm_rows(const Layer *L, const float *weight, const Product *next, long lo, long hi) {
+    for (long r = lo; r < hi; r++) {
+        rms_norm_row(L->x + r * L->c->hidden, L->c->hidden, weight, L->c->eps, h_row(L, r), L->c->act_bf16);
+        if (needs_sums(next))
+            row_block_sums(h_row(L, r), L->c->act_bf16, L->c->hidden, L->s->xsum + r * L->nsum);
+    }
+}
+
+static void attn_norm_items(void *arg, long lo, long hi) {
+    const Layer *L = arg;
+    norm_rows(L, L->w->attn_norm, &L->w->qkv, lo, hi);
+}
+
+static void mlp_norm_items(void *arg, long lo, long hi) {
+    const Layer *L = arg;
+    norm_rows(L, L->w->mlp_norm, &L->w->gate_up, lo, hi);
+}
+
+/* items: tiles of the product's parts, one after another. */
+static void product_items(void *arg, long lo, long hi) {
+    const Layer *L = arg;
+    const Product *p = L->product;
+    long first = 0;
+    for (long i = 0; i < p->parts; first += L->tiles[i++]) {
+        long a = lo > first ? lo - first : 0, b = hi - first < L->tiles[i] ? hi - first : L->tiles[i];
+        if (a < b) /* xsum rows are as far apart as h's, / 32 */
+            matmul_run(&p->part[i], L->in, L->c->act_bf16, L->width_h, L->s->rows, L->s->xsum, L->nsum,
+                       L->out + p->at[i], L->ldout, L->add, a, b);
+    }
+}
+
+static void product(Layer *L, const Product *p, float *out, long ldout, int add) {
+    long tiles = 0;
+    for (long i = 0; i < p->parts; i++)
+        tiles += L->tiles[i] = matmul_tiles(&p->part[i], L->s->rows);
+    L->product = p, L->in = L->s->h, L->out = out, L->ldout = ldout, L->add = add;
+    run_items(product_items, L, tiles, 1);
+}
+
+/* items: rows. Rotary embedding of q and k; the new keys and values into their cache slots. */
+static void rotary_items(void *arg, long lo, long hi) {
+    const Layer *L = arg;
+    const Dims *c = L->c;
+    const Step *s = L->s;
+    const long D = c->head_dim, Q = c->q_size, KV = c->kv_size, B = 1L << c->block_shift;
+    for (long r = lo; r < hi; r++) {
+        float *row = s->qkv + r * L->width;
+        const float *cos = s->cos + s->positions[r] * D, *sin = s->sin + s->positions[r] * D;
+        for (long h = 0; h < c->heads + c->kv_heads; h++)
+            rotate(row + h * D, cos, sin, D);
+        long blk = s->slot_block[r], off = s->slot_offset[r];
+        for (long g = 0; g < c->kv_heads; g++)
+            for (long d = 0; d < D; d++) {
+                act_store(L->kpool, ((blk * c->kv_heads + g) * D + d) * B + off, row[Q + g * D + d], c->act_bf16);
+                act_store(L->vpool, ((blk * c->kv_heads + g) * B + off) * D + d, row[Q + KV + g * D + d], c->act_bf16);
+            }
+    }
+}
+
+/* items: rows. The attention's output in the activation dtype (o's input). */
+static void attention_out_items(void *arg, long lo, long hi) {
+    const Layer *L = arg;
+    for (long r = lo; r < hi; r++) {
+        to_act(L->s->att + r * L->c->q_size, L->c->q_size, h_row(L, r), L->c->act_bf16);
+        if (needs_sums(&L->w->o))
+            row_block_sums(h_row(L, r), L->c->act_bf16, L->c->q_size, L->s->xsum + r * L->nsum);
+    }
+}
+
+/* items: rows. silu(g) * u in the activation dtype (down's input). */
+static void silu_items(void *arg, long lo, long hi) {
+    const Layer *L = arg;
+    const long I = L->c->inter;
+    for (long r = lo; r < hi; r++) {
+        silu_mul(L->s->gu + r * 2 * I, L->s->gu + r * 2 * I + I, I, h_row(L, r), L->c->act_bf16);
+        if (needs_sums(&L->w->down))
+            row_block_sums(h_row(L, r), L->c->act_bf16, I, L->s->xsum + r * L->nsum);
+    }
+}
+
+void decoder_layer(const Dims *c, const LayerWeights *w, const Step *s, void *kpool, void *vpool, float *x) {
+    const long H = c->hidden, Q = c->q_size, I = c->inter, widest = I > H ? (I > Q ? I : Q) : (H > Q ? H : Q);
+    Layer L = {c, w, s, kpool, vpool, x, Q + 2 * c->kv_size, (widest + 31) / 32 * 32, (widest + 31) / 32};
+    const long rows = s->rows, chunk = 4; /* rows per item of a row phase */
+    run_items(attn_norm_items, &L, rows, chunk);
+    product(&L, &w->qkv, s->qkv, L.width, 0);
+    run_items(rotary_items, &L, rows, chunk);
+    Attention a = {s->qkv, L.width, kpool, vpool, c->act_bf16, s->nseg, s->seg, s->tables, s->masks, s->att,
+                   c->heads, c->kv_heads, c->head_dim, c->block_shift, c->scale};
+    long first_item[s->nseg + 1], qbs[s->nseg];
+    run_items(attention_items, &a, attention_plan(&a, first_item, qbs), 1);
+    run_items(attention_out_items, &L, rows, chunk);
+    product(&L, &w->o, x, H, 1);
+    run_items(mlp_norm_items, &L, rows, chunk);
+    product(&L, &w->gate_up, s->gu, 2 * I, 0);
+    run_items(silu_items, &L, rows, chunk);
+    product(&L, &w->down, x, H, 1);
+}
+
+typedef struct {
+    const float *x, *w;
+    long n;
+    float eps;
+    void *out;
+    int bf16;
+} Norm;
+
+static void norm_items(void *arg, long lo, long hi) {
+    const Norm *c = arg;
+    for (long r = lo; r < hi; r++)
+        rms_norm_row(c->x + r * c->n, c->n, c->w, c->eps, (char *)c->out + r * c->n * (c->bf16 ? 2 : 4), c->bf16);
+}
+
+/* The final norm: out[r] = rms_norm(x[r]) * w, rows of x [rows, n] float32, out in the activation dtype. */
+void rms_norm(const float *x, long rows, long n, const float *w, float eps, void *out, int bf16) {
+    Norm c = {x, w, n, eps, out, bf16};
+    run_items(norm_items, &c, rows, 4);
+}

@@ -1,0 +1,399 @@
+/* y[r, o] = sum_i x[r, i] * W[o, i] (or y += that) for 1 row (a decode step) up to hundreds (a
+ * prefill chunk), W in its stored format (kernels.h), x in the activation dtype, y float32.
+ *
+ * The weights keep their exact values and the activations stay floating point: integer quants
+ * (-128..127) are exact in bfloat16, so a 4-bit or 8-bit weight is expanded in registers to
+ * bfloat16 (4-bit: a table lookup, vpermw; 8-bit: int -> float -> bfloat16) and meets bfloat16
+ * activations in the AVX-512 BF16 dot product (vdpbf16ps, float32 sums). With float32
+ * activations, or float32 weights, the weights are expanded to float32 and summed with float32
+ * FMAs. Either way, for each output of each row:
+ *     block sum   a_b   = the dot products over the block's inputs, in input order, from 0
+ *     total       t     = t + a_b * s_b  (then + m_b * sum of the block's x, where there is a minimum)
+ * over the blocks in order, then y = t (or y + t). That is a fixed sequence of operations in one
+ * vector lane, whatever the tile and however many rows share the call: a row's result does not
+ * depend on the other rows (bitwise), which is what keeps speculative decoding exact.
+ *
+ * A tile of up to NB groups x NR rows keeps its sums in registers while it streams its groups'
+ * cells once; each expanded weight vector serves every row of the tile. One-row calls (plain
+ * decoding, bound by memory bandwidth) use wider tiles of NB1 groups to keep more sums in flight.
+ * Tiles of groups are shared among the threads; rows never are.
+ */
+#include "kernels.h"
+
+#define NB 2  /* groups per tile */
+#define NR 6  /* rows per tile */
+#define NB1 4 /* groups per tile of a one-row call */
+#define NBMAX 4
+
+/* (the vector path adds the two halves of a block lane by lane, then the 16 lanes in a fixed tree) */
+void row_block_sums(const void *x, int x_bf16, long n, float *out) {
+    for (long b = 0; b < n / 32; b++) {
+#ifdef __AVX512F__
+        __m512 s = _mm512_add_ps(act_load16(x, 32 * b, x_bf16, 0xffff), act_load16(x, 32 * b + 16, x_bf16, 0xffff));
+        out[b] = _mm512_reduce_add_ps(s);
+#else
+        float s = 0.0f;
+        for (long i = 0; i < 32; i++)
+            s += act_at(x, 32 * b + i, x_bf16);
+        out[b] = s;
+#endif
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
+static inline __m512 load_scales(const uint8_t *p, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps(p);
+}
+
+/* Fold a block's sums into the totals: t = t + a * s (+ m * xsum). */
+static inline __attribute__((always_inline)) void fold(const Matrix *W, const int fmt, const uint8_t *const *cell,
+                                                       __m512 total[NBMAX][NR], __m512 acc[NBMAX][NR],
+                                                       const float *xsum, long ldsum, long b, const long nb, const long nr) {
+    const long wb = cell_weight_bytes(W), sb = W->half_scales ? 32 : 64;
+    for (long u = 0; u < nb; u++) {
+        if (fmt == FMT_F32 || fmt == FMT_BF16) {
+            for (long r = 0; r < nr; r++)
+                total[u][r] = acc[u][r];
+            continue;
+        }
+        __m512 s = load_scales(cell[u] + wb, W->half_scales);
+        for (long r = 0; r < nr; r++)
+            total[u][r] = _mm512_fmadd_ps(acc[u][r], s, total[u][r]);
+        if (W->has_min) {
+            __m512 m = load_scales(cell[u] + wb + sb, W->half_scales);
+            for (long r = 0; r < nr; r++)
+                total[u][r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[r * ldsum + b]), total[u][r]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void store(const Matrix *W, __m512 total[NBMAX][NR], float *y, long ldy,
+                                                        int add, long g0, const long nb, const long nr) {
+    for (long u = 0; u < nb; u++) {
+        long o = (g0 + u) * 16;
+        __mmask16 m = lanes(W->out - o);
+        for (long r = 0; r < nr; r++) {
+            float *dst = y + r * ldy + o;
+            __m512 v = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), total[u][r]) : total[u][r];
+            _mm512_mask_storeu_ps(dst, m, v);
+        }
+    }
+}
+
+#if defined(__AVX512BF16__)
+/* The 32 bfloat16 values of input pair p of a Q8 cell: bytes 32p .. 32p+31, in lane order. */
+static inline __m512bh q8_pair_bf16(const uint8_t *cell, long p) {
+    const __m128i *b = (const __m128i *)(cell + 32 * p);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* acc[u][r] += w[u] . (x[r, i], x[r, i+1]) for every row and group of the tile. */
+#define DOT_PAIR(i)                                                                                  \
+    for (long r = 0; r < nr; r++) {                                                                  \
+        uint32_t pair;                                                                               \
+        memcpy(&pair, x + r * ldx + (i), 4);                                                         \
+        __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);                                        \
+        for (long u = 0; u < nb; u++)                                                                \
+            acc[u][r] = _mm512_dpbf16_ps(acc[u][r], w[u], xv);                                      \
+    }
+
+/* Groups [g0, g0 + nb) x rows of x (nr of them) with bfloat16 activations and bfloat16-exact weights. */
+static inline __attribute__((always_inline)) void tile_bf16(const Matrix *W, const int fmt, __m512i table,
+                                                            const uint16_t *x, long ldx, const float *xsum, long ldsum,
+                                                            float *y, long ldy, int add, long g0, const long nb,
+                                                            const long nr) {
+    const long cells = cells_per_group(W), cb = cell_bytes(W);
+    const long pairs = (fmt == FMT_Q4 ? 32 : W->block) / 2;
+    __m512 total[NBMAX][NR], acc[NBMAX][NR];
+    for (long u = 0; u < nb; u++)
+        for (long r = 0; r < nr; r++)
+            total[u][r] = _mm512_setzero_ps();
+    for (long b = 0; b < cells; b++) {
+        const uint8_t *cell[NBMAX];
+        for (long u = 0; u < nb; u++) {
+            cell[u] = W->data + ((g0 + u) * cells + b) * cb;
+            for (long r = 0; r < nr; r++)
+                acc[u][r] = _mm512_setzero_ps();
+        }
+        const long i0 = b * W->block;
+        if (fmt == FMT_Q4) {
+            for (long v = 0; v < 4; v++) {
+                __m512i raw[NBMAX];
+                for (long u = 0; u < nb; u++)
+                    raw[u] = _mm512_loadu_si512(cell[u] + 64 * v);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) {
+                    __m512bh w[NBMAX];
+                    for (long u = 0; u < nb; u++)
+                        w[u] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(raw[u], 4 * c), table);
+                    DOT_PAIR(i0 + 8 * v + 2 * c)
+                }
+            }
+        } else {
+            for (long p = 0; p < pairs; p++) {
+                __m512bh w[NBMAX];
+                for (long u = 0; u < nb; u++)
+                    w[u] = fmt == FMT_Q8 ? q8_pair_bf16(cell[u], p) : (__m512bh)_mm512_loadu_si512(cell[u] + 64 * p);
+                DOT_PAIR(i0 + 2 * p)
+            }
+        }
+        fold(W, fmt, cell, total, acc, xsum, ldsum, b, nb, nr);
+    }
+    store(W, total, y, ldy, add, g0, nb, nr);
+}
+#undef DOT_PAIR
+#endif
+
+/* acc[u][r] += w[u] * x[r, i] for every row and group of the tile. */
+#define FMA_INPUT(i)                                                                                         \
+    for (long r = 0; r < nr; r++) {                                                                          \
+        __m512 xv = _mm512_set1_ps(x_bf16 ? bf16_to_f32(((const uint16_t *)x)[r * ldx + (i)])                \
+                                          : ((const float *)x)[r * ldx + (i)]);                              \
+        for (long u = 0; u < nb; u++)                                                                        \
+            acc[u][r] = _mm512_fmadd_ps(w[u], xv, acc[u][r]);                                                \
+    }
+
+/* The same with float32 sums of float32 products: float32 activations, or float32 weights. */
+static inline __attribute__((always_inline)) void tile_f32(const Matrix *W, const int fmt, __m512 table,
+                                                           const void *x, const int x_bf16, long ldx, const float *xsum,
+                                                           long ldsum, float *y, long ldy, int add, long g0,
+                                                           const long nb, const long nr) {
+    const long cells = cells_per_group(W), cb = cell_bytes(W);
+    __m512 total[NBMAX][NR], acc[NBMAX][NR];
+    for (long u = 0; u < nb; u++)
+        for (long r = 0; r < nr; r++)
+            total[u][r] = _mm512_setzero_ps();
+    for (long b = 0; b < cells; b++) {
+        const uint8_t *cell[NBMAX];
+        for (long u = 0; u < nb; u++) {
+            cell[u] = W->data + ((g0 + u) * cells + b) * cb;
+            for (long r = 0; r < nr; r++)
+                acc[u][r] = _mm512_setzero_ps();
+        }
+        const long i0 = b * W->block;
+        __m512 w[NBMAX];
+        if (fmt == FMT_Q4) {
+            for (long v = 0; v < 4; v++) {
+                __m512i raw[NBMAX];
+                for (long u = 0; u < nb; u++)
+                    raw[u] = _mm512_loadu_si512(cell[u] + 64 * v);
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) { /* input 8v + k: nibble c = k / 2 of word member k % 2 */
+                    for (long u = 0; u < nb; u++)
+                        w[u] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw[u], 4 * (k / 2) + 16 * (k % 2)), table);
+                    FMA_INPUT(i0 + 8 * v + k)
+                }
+            }
+        } else if (fmt == FMT_Q8) {
+            for (long p = 0; p < W->block / 2; p++) {
+                __m512i wd[NBMAX];
+                for (long u = 0; u < nb; u++) {
+                    wd[u] = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(cell[u] + 32 * p)));
+                    w[u] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(wd[u], 24), 24));
+                }
+                FMA_INPUT(i0 + 2 * p)
+                for (long u = 0; u < nb; u++)
+                    w[u] = _mm512_cvtepi32_ps(_mm512_srai_epi32(wd[u], 8));
+                FMA_INPUT(i0 + 2 * p + 1)
+            }
+        } else if (fmt == FMT_BF16) {
+            for (long p = 0; p < W->in / 2; p++) {
+                __m512i raw[NBMAX];
+                for (long u = 0; u < nb; u++) {
+                    raw[u] = _mm512_loadu_si512(cell[u] + 64 * p);
+                    w[u] = _mm512_castsi512_ps(_mm512_slli_epi32(raw[u], 16));
+                }
+                FMA_INPUT(2 * p)
+                for (long u = 0; u < nb; u++)
+                    w[u] = _mm512_castsi512_ps(_mm512_and_si512(raw[u], _mm512_set1_epi32((int)0xffff0000)));
+                FMA_INPUT(2 * p + 1)
+            }
+        } else {
+            for (long i = 0; i < W->in; i++) {
+                for (long u = 0; u < nb; u++)
+                    w[u] = _mm512_loadu_ps(cell[u] + 64 * i);
+                FMA_INPUT(i)
+            }
+        }
+        fold(W, fmt, cell, total, acc, xsum, ldsum, b, nb, nr);
+    }
+    store(W, total, y, ldy, add, g0, nb, nr);
+}
+#undef FMA_INPUT
+
+/* Tile shapes as constants, so that the sums stay in registers. */
+#define SHAPES(CALL)                                                                                 \
+    do {                                                                                             \
+        if (nb == NB1 && nr == 1) CALL(NB1, 1);                                                      \
+        else if (nb == NB && nr == NR) CALL(NB, NR);                                                 \
+        else if (nb == NB && nr == 1) CALL(NB, 1);                                                   \
+        else if (nb == NB && nr == 2) CALL(NB, 2);                                                   \
+        else if (nb == NB && nr == 3) CALL(NB, 3);                                                   \
+        else if (nb == NB && nr == 4) CALL(NB, 4);                                                   \
+        else if (nb == NB && nr == 5) CALL(NB, 5);                                                   \
+        else CALL(nb, nr);                                                                           \
+    } while (0)
+
+static void run_tile(const Matrix *W, const void *x, int x_bf16, long ldx, const float *xsum, long ldsum, float *y,
+                     long ldy, int add, long g0, long nb, long nr) {
+    const int fmt = W->format;
+#if defined(__AVX512BF16__)
+    if (x_bf16 && fmt != FMT_F32) {
+        static const uint16_t u4[16] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                        0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+        static const uint16_t s4[16] = {0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,
+                                        0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0};
+        /* bfloat16 of each nibble value, twice: vpermw reads 5 index bits */
+        __m256i half = _mm256_loadu_si256((const __m256i *)(W->signed_q4 ? s4 : u4));
+        __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+        const uint16_t *xb = x;
+#define CALL(n, r) (fmt == FMT_Q4   ? tile_bf16(W, FMT_Q4, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r)      \
+                    : fmt == FMT_Q8 ? tile_bf16(W, FMT_Q8, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r)      \
+                                    : tile_bf16(W, FMT_BF16, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r))
+        SHAPES(CALL);
+#undef CALL
+        return;
+    }
+#endif
+    __m512 table = _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                 _mm512_set1_ps(W->signed_q4 ? 8.0f : 0.0f));
+#define CALL1(n, r, xb)                                                                                       \
+    (fmt == FMT_Q4   ? tile_f32(W, FMT_Q4, table, x, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r)                   \
+     : fmt == FMT_Q8 ? tile_f32(W, FMT_Q8, table, x, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r)                   \
+     : fmt == FMT_BF16 ? tile_f32(W, FMT_BF16, table, x, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r)               \
+                       : tile_f32(W, FMT_F32, table, x, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r))
+#define CALL(n, r) (x_bf16 ? CALL1(n, r, 1) : CALL1(n, r, 0))
+    SHAPES(CALL);
+#undef CALL
+#undef CALL1
+}
+
+static long tile_width(long rows) { return rows == 1 ? NB1 : NB; }
+
+long matmul_tiles(const Matrix *W, long rows) {
+    long groups = (W->out + 15) / 16, width = tile_width(rows);
+    return (groups + width - 1) / width;
+}
+
+void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows, const float *xsum, long ldsum,
+                float *y, long ldy, int add, long lo, long hi) {
+    const long groups = (W->out + 15) / 16, width = tile_width(rows), xsize = x_bf16 ? 2 : 4;
+    for (long t = lo; t < hi; t++) {
+        long g0 = t * width, nb = groups - g0 < width ? groups - g0 : width;
+        for (long r0 = 0; r0 < rows; r0 += NR) {
+            long nr = rows - r0 < NR ? rows - r0 : NR;
+            run_tile(W, (const char *)x + r0 * ldx * xsize, x_bf16, ldx, xsum ? xsum + r0 * ldsum : NULL, ldsum,
+                     y + r0 * ldy, ldy, add, g0, nb, nr);
+        }
+    }
+}
+
+#else /* portable: the same layout and the same order of operations, one output at a time */
+
+/* The value of W[o, i] (the weight itself for the dense formats, the integer q for Q4 / Q8). */
+static float weight_at(const Matrix *W, long o, long i, const uint8_t **cell_out) {
+    const long cells = cells_per_group(W), k = i % W->block;
+    const uint8_t *cell = W->data + ((o / 16) * cells + i / W->block) * cell_bytes(W);
+    *cell_out = cell;
+    long j = o % 16;
+    switch (W->format) {
+    case FMT_F32: {
+        float f;
+        memcpy(&f, cell + (k * 16 + j) * 4, 4);
+        return f;
+    }
+    case FMT_BF16: {
+        uint16_t h;
+        memcpy(&h, cell + ((k / 2) * 32 + j * 2 + k % 2) * 2, 2);
+        return bf16_to_f32(h);
+    }
+    case FMT_Q4: {
+        long v = k / 8, c = (k % 8) / 2, member = k % 2;
+        const uint8_t *word = cell + 64 * v + 2 * (2 * j + member);
+        int q = ((word[0] | word[1] << 8) >> (4 * c)) & 15;
+        return (float)(W->signed_q4 ? q - 8 : q);
+    }
+    default:
+        return (float)(int8_t)cell[32 * (k / 2) + 2 * j + k % 2];
+    }
+}
+
+static float scale_at(const Matrix *W, const uint8_t *cell, long o, int which) {
+    const uint8_t *p = cell + cell_weight_bytes(W) + which * 16 * (W->half_scales ? 2 : 4);
+    if (W->half_scales) {
+        uint16_t h;
+        memcpy(&h, p + 2 * (o % 16), 2);
+        return half_to_f32(h);
+    }
+    float f;
+    memcpy(&f, p + 4 * (o % 16), 4);
+    return f;
+}
+
+long matmul_tiles(const Matrix *W, long rows) {
+    (void)rows;
+    return (W->out + 15) / 16;
+}
+
+void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows, const float *xsum, long ldsum,
+                float *y, long ldy, int add, long lo, long hi) {
+    const int dense = W->format == FMT_F32 || W->format == FMT_BF16;
+    /* bfloat16 pairs as vdpbf16ps takes them (the second product first) where the vector path would */
+    const int pairs = x_bf16 && W->format != FMT_F32;
+    for (long o = lo * 16; o < hi * 16 && o < W->out; o++)
+        for (long r = 0; r < rows; r++) {
+            const char *xr = (const char *)x + r * ldx * (x_bf16 ? 2 : 4);
+            float total = 0.0f;
+            for (long b = 0; b < W->in / W->block; b++) {
+                const uint8_t *cell;
+                float acc = 0.0f;
+                for (long i = b * W->block; i < (b + 1) * W->block; i += 1 + pairs) {
+                    if (pairs)
+                        acc = fmaf(weight_at(W, o, i + 1, &cell), act_at(xr, i + 1, 1), acc);
+                    acc = fmaf(weight_at(W, o, i, &cell), act_at(xr, i, x_bf16), acc);
+                }
+                if (dense) {
+                    total = acc;
+                    continue;
+                }
+                total = fmaf(acc, scale_at(W, cell, o, 0), total);
+                if (W->has_min)
+                    total = fmaf(scale_at(W, cell, o, 1), xsum[r * ldsum + b], total);
+            }
+            float *dst = y + r * ldy + o;
+            *dst = add ? *dst + total : total;
+        }
+}
+#endif
+
+typedef struct {
+    const Matrix *W;
+    const void *x;
+    int x_bf16, add;
+    long rows;
+    float *xsum, *y;
+} MatmulCall;
+
+static void sums_items(void *arg, long lo, long hi) {
+    const MatmulCall *c = arg;
+    for (long r = lo; r < hi; r++)
+        row_block_sums((const char *)c->x + r * c->W->in * (c->x_bf16 ? 2 : 4), c->x_bf16, c->W->in,
+                       c->xsum + r * (c->W->in / 32));
+}
+
+static void product_items(void *arg, long lo, long hi) {
+    const MatmulCall *c = arg;
+    matmul_run(c->W, c->x, c->x_bf16, c->W->in, c->rows, c->xsum, c->W->in / 32, c->y, c->W->out, c->add, lo, hi);
+}
+
+/* y = x @ W.T (add: y += x @ W.T) as one call: the product alone, outside a decoder layer. */
+void matmul(const Matrix *W, const void *x, int x_bf16, long rows, float *y, int add) {
+    MatmulCall c = {W, x, x_bf16, add, rows, W->has_min ? malloc(sizeof(float) * rows * (W->in / 32)) : NULL, y};
+    if (c.xsum)
+        run_items(sums_items, &c, rows, 8);
+    run_items(product_items, &c, matmul_tiles(W, rows), 1);
+    free(c.xsum);
+}
