@@ -19,7 +19,7 @@ def reuse_llm(llm, monkeypatch):
     """Make the CLI reuse the session's loaded model instead of loading it again."""
     import fastdecode.api
 
-    monkeypatch.setattr(fastdecode.api, "LLM", lambda model, dtype: llm)
+    monkeypatch.setattr(fastdecode.api, "LLM", lambda model, dtype, weights=None: llm)
     return llm
 
 
@@ -187,14 +187,15 @@ def test_calibrate_stores_the_curve_the_engine_reads(capsys, tmp_path, monkeypat
 
     monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))
     monkeypatch.setattr(cost_curve, "FULL_SIZES", (1, 4, 16))
-    monkeypatch.setattr("fastdecode.models.loader.load", lambda name, dtype: type("L", (), {
+    monkeypatch.setattr("fastdecode.models.loader.load", lambda name, dtype, weights=None: type("L", (), {
         "model": reuse_llm.engine.model, "name": reuse_llm.model_name})())
     code, out, err = run(capsys, "calibrate", "--repeats", "2")
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [int(r[0]) for r in rows] == [1, 4, 16]
     assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
-    stored = json.loads(cost_curve.curve_path(reuse_llm.model_name, reuse_llm.engine.model.dtype).read_text())
+    model = reuse_llm.engine.model
+    stored = json.loads(cost_curve.curve_path(reuse_llm.model_name, model.dtype, model.weight_format).read_text())
     assert stored["sizes"] == [1, 4, 16]
     loaded = cost_curve.load_or_measure(reuse_llm.engine.model, reuse_llm.model_name)
     assert loaded.seconds == stored["seconds"]  # read back, not measured again

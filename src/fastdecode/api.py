@@ -11,10 +11,13 @@ from .runtime.sampling import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE):
-        """model: a registered name (see `fastdecode models`), a .gguf file or a checkpoint folder."""
-        loaded = load(model, dtype)
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE, weights: str | None = None):
+        """model: a registered name (see `fastdecode models`), a .gguf file or a checkpoint folder.
+        dtype: of the activations and the KV cache. weights: "gguf" (a GGUF file's own formats, its
+        default), "bfloat16", "float32" or "q8_0"; see models/weights.py."""
+        loaded = load(model, dtype, weights)
         self.model_name = loaded.name
+        self.weights = loaded.weights
         self.tokenizer = loaded.tokenizer
         self.load_time_s = loaded.load_time_s
         self.engine = Engine(loaded.model, loaded.tokenizer, loaded.name)

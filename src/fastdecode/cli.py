@@ -9,7 +9,7 @@ import sys
 
 from .bench import command as bench_command
 from .errors import FastDecodeError
-from .models.loader import DEFAULT_DTYPE, DTYPES
+from .models.loader import DEFAULT_DTYPE, DTYPES, WEIGHT_FORMATS
 from .models.registry import DEFAULT_MODEL, MODELS
 from .scheduler import KV_BUDGET_MB, STEP_TOKENS
 from .train import command as train_command
@@ -58,12 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("calibrate", help="measure this machine's forward-latency curve (it sizes the drafts)")
     k.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
     k.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
+    add_weights_argument(k)
     k.add_argument("--repeats", type=int, default=7, help="forwards timed per size (the median counts)")
     k.set_defaults(run=_calibrate)
 
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     v.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
     v.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
+    add_weights_argument(v)
     v.add_argument("--method", default="auto", help="decoding method of requests that name none (default auto)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
@@ -94,6 +96,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the chosen method, e.g. --option max_ngram=5 (repeatable)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
+    add_weights_argument(p)
+
+
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=list(WEIGHT_FORMATS),
+                   help="how the weights are held: gguf (a GGUF file's own formats, exact; its default), bfloat16 or "
+                        "float32 (dequantized), q8_0 (quantized at load); default: gguf for a GGUF file, the --dtype for "
+                        "a checkpoint folder. --dtype stays the activations' and KV cache's dtype")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -135,9 +145,9 @@ def _load(args):
     if not getattr(METHODS[args.method], "needs_target", False):
         make_drafter(args.method, **args.options)  # option values too
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
-    llm = LLM(args.model, args.dtype)
+    llm = LLM(args.model, args.dtype, weights=args.weights)
     llm.drafter(args.method, **args.options)  # a draft model loads (and is checked) now
-    print(f"Loaded in {llm.load_time_s:.1f} s.", file=sys.stderr)
+    print(f"Loaded in {llm.load_time_s:.1f} s (weights {llm.weights}: {llm.engine.model.weight_format}).", file=sys.stderr)
     return llm, params
 
 
@@ -237,7 +247,7 @@ def _serve(args) -> int:
     from .api import LLM
 
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
-    llm = LLM(args.model, args.dtype)
+    llm = LLM(args.model, args.dtype, weights=args.weights)
     app = create_app(llm, args.method, args.max_batch, args.max_queue, args.step_tokens, args.kv_cache_mb << 20)
     serve(app, args.host, args.port)
     return 0
@@ -251,10 +261,10 @@ def _calibrate(args) -> int:
 
     if args.repeats < 1:
         raise FastDecodeError("--repeats must be at least 1")
-    loaded = load(args.model, args.dtype)
+    loaded = load(args.model, args.dtype, args.weights)
     with tqdm(total=len(cost_curve.FULL_SIZES), desc="forward sizes", unit="size", file=sys.stderr) as bar:
         curve = cost_curve.measure(loaded.model, cost_curve.FULL_SIZES, args.repeats, progress=lambda n: bar.update())
-    path = cost_curve.curve_path(loaded.name, loaded.model.dtype)
+    path = cost_curve.curve_path(loaded.name, loaded.model.dtype, loaded.model.weight_format)
     cost_curve.save(curve, path)
     print(f"{'new tokens':>10}  {'ms':>7}  {'x one token':>11}")
     for n, t in zip(curve.sizes, curve.seconds):

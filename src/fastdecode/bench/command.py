@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import FastDecodeError
-from ..models.loader import DEFAULT_DTYPE, DTYPES
+from ..models.loader import DEFAULT_DTYPE, DTYPES, WEIGHT_FORMATS
 from ..models.registry import DEFAULT_MODEL
 from . import questions as qs
 from .stats import BASELINE
@@ -26,6 +26,8 @@ REPORT_FILES = ("results.jsonl", "summary.json", "report.md", "speedup.png", "ac
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
+    p.add_argument("--weights", choices=list(WEIGHT_FORMATS),
+                   help="fastdecode's weight format: gguf (a GGUF file's own formats; its default), bfloat16, float32, q8_0")
     p.add_argument("--methods", default="all",
                    help="comma list of fastdecode methods, or 'all' (default; `draft` only with --draft-model); `ar` always runs, first")
     p.add_argument("--peers", default="all",
@@ -137,7 +139,8 @@ def _bench(args, methods, options, peer_names, path, questions, out) -> int:
 
     load_before = os.getloadavg()[0]
     log(f"loading {args.model} ({args.dtype})")
-    llm = LLM(args.model, args.dtype)
+    llm = LLM(args.model, args.dtype, weights=args.weights)
+    log(f"weights {llm.weights}: {llm.engine.model.weight_format}")
     _check_prompt_lengths(llm, questions)
     contenders = [MethodContender(llm, m, options.get(m, {})) for m in methods]
     skipped = {}
@@ -178,7 +181,8 @@ def _bench(args, methods, options, peer_names, path, questions, out) -> int:
             raise KeyboardInterrupt
         raise FastDecodeError("no answer completed")
 
-    setup = dict(model=llm.model_name, questions_file=str(path), questions=len(questions),
+    setup = dict(model=llm.model_name, weights=llm.weights, weight_format=llm.engine.model.weight_format,
+                 questions_file=str(path), questions=len(questions),
                  questions_per_group=dict(Counter(q.group for q in questions)),
                  answers_per_repeat=sum(len(q.turns) for q in questions), per_group=args.per_group, seed=args.seed,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,

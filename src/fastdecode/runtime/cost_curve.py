@@ -2,8 +2,9 @@
 
 Draft sizes come from it, not from GPU papers: on a 2-core CPU a forward of 8 tokens costs about
 as much as one, while 64 cost several times more. `fastdecode calibrate` measures the full curve
-(1 to 64 tokens against a realistic cache) and stores it per model, dtype and CPU; without a
-stored curve the first speculative request measures a short one (about a second).
+(1 to 64 tokens against a realistic cache) and stores it per model, dtype, weight format and CPU
+(quantized weights make one token cheaper but not sixteen, so the curve changes shape with the
+format); without a stored curve the first speculative request measures a short one (about a second).
 """
 from __future__ import annotations
 
@@ -65,13 +66,14 @@ def measure(model, sizes=FULL_SIZES, repeats: int = 5, context: int = CONTEXT, p
     return CostCurve(list(sizes), seconds)
 
 
-def curve_path(model_name: str, dtype: torch.dtype) -> Path:
-    """Per model, dtype, CPU and kernel build: faster kernels change the curve."""
+def curve_path(model_name: str, dtype: torch.dtype, weight_format: str) -> Path:
+    """Per model, dtype, weight format (model.weight_format, e.g. "Q4_1+Q8_0"), CPU and kernel
+    build: faster kernels change the curve."""
     from ..kernels import build_key
 
     cpu = hashlib.sha256(build_key().encode() + str(os.cpu_count()).encode()).hexdigest()[:8]
     safe = model_name.replace("/", "_")
-    return cache_root() / "calibration" / f"{safe}-{str(dtype).removeprefix('torch.')}-{cpu}.json"
+    return cache_root() / "calibration" / f"{safe}-{str(dtype).removeprefix('torch.')}-{weight_format}-{cpu}.json"
 
 
 def save(curve: CostCurve, path: Path) -> None:
@@ -82,8 +84,8 @@ def save(curve: CostCurve, path: Path) -> None:
 
 
 def load_or_measure(model, model_name: str) -> CostCurve:
-    """The stored curve for this model, dtype and CPU, or a quick measurement (stored too)."""
-    path = curve_path(model_name, model.dtype)
+    """The stored curve for this model, dtype, weight format and CPU, or a quick measurement (stored too)."""
+    path = curve_path(model_name, model.dtype, model.weight_format)
     try:
         data = json.loads(path.read_text())
         return CostCurve(list(data["sizes"]), list(data["seconds"]))
