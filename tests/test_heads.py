@@ -35,11 +35,11 @@ def teacher_batch(model, head, sequences: list[list[int]]) -> dict:
     target's own top-8 next-token distribution at every position."""
     T = max(map(len, sequences))
     batch = {"tokens": torch.zeros(len(sequences), T, dtype=torch.long), "mask": torch.zeros(len(sequences), T, dtype=torch.bool),
-             "hidden": torch.zeros(len(sequences), T, len(head.layers), TINY.hidden_size),
+             "hidden": torch.zeros(len(sequences), T, len(head.train_layers), TINY.hidden_size),
              "top_ids": torch.zeros(len(sequences), T, 8, dtype=torch.long), "top_probs": torch.zeros(len(sequences), T, 8)}
     for b, seq in enumerate(sequences):
         n = len(seq)
-        logits, hidden = model.forward(torch.tensor(seq), torch.arange(n), model.new_cache(n), capture=head.layers)
+        logits, hidden = model.forward(torch.tensor(seq), torch.arange(n), model.new_cache(n), capture=head.train_layers)
         top = torch.softmax(logits, -1).topk(8)
         batch["tokens"][b, :n] = torch.tensor(seq)
         batch["hidden"][b, :n] = hidden
@@ -93,7 +93,7 @@ def test_eagle_drafts_with_the_computation_it_was_trained_on(tmp_path):
     path, head = saved_head(tmp_path, "eagle", target, train_steps=5)
     tokens = random_sequences(1, 20, seed=3)[0]
     drafter = make_drafter("eagle", target, head=str(path))
-    outputs, _, _ = drafter.head._unroll(teacher_batch(target.model, head, [tokens]))  # the weights as saved
+    outputs = drafter.head._unroll(teacher_batch(target.model, head, [tokens]))[0]  # the weights as saved
     start = 12  # the drafter has the target's states of positions < start and tokens up to start
     _, states = target.model.forward(torch.tensor(tokens[:start]), torch.arange(start), target.model.new_cache(start),
                                      capture=head.layers)

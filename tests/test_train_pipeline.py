@@ -69,7 +69,7 @@ class StandIn(torch.nn.Module):
 
     def __init__(self, model, draft_vocab: list[int], interrupt_at: int | None = None):
         super().__init__()
-        self.layers = (model.config.num_layers - 1,)
+        self.layers = self.train_layers = (model.config.num_layers - 1,)
         self.register_buffer("draft_ids", torch.tensor(draft_vocab))
         self.position = torch.full((model.config.vocab_size,), -1, dtype=torch.long)  # token -> draft row
         self.position[self.draft_ids] = torch.arange(len(draft_vocab))

@@ -58,6 +58,15 @@ def top1_match(logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor)
     return logits.argmax(-1) == target_best
 
 
+def feature_regression(output: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 between a head's output and the target's own state it should reproduce, both
+    RMS-normalised (the output head reads them through a norm, so only their direction counts)."""
+    if not len(output):
+        return output.sum()
+    norm = lambda x: F.rms_norm(x, (x.shape[-1],))  # noqa: E731
+    return F.smooth_l1_loss(norm(output), norm(goal.float()))
+
+
 def at_rows(valid: torch.Tensor, logits_of, index: torch.Tensor, weights: torch.Tensor):
     """The output head runs only where a label exists (a third to a half of the rows of a padded
     batch hold one; the head is the largest matrix). Returns (soft cross-entropy over the labelled

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets, rotary
+from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets, feature_regression, rotary
 
 TTT_DECAY = 0.8
+REGRESSION = 5.0  # weight of the feature regression against the soft cross-entropy
 
 
 class EagleHead(nn.Module):
@@ -41,6 +42,9 @@ class EagleHead(nn.Module):
         h, hd = cfg["hidden_size"], cfg["head_dim"]
         self.heads, self.kv_heads, self.head_dim = cfg["num_heads"], cfg["num_kv_heads"], hd
         self.layers = tuple(cfg["layers"])
+        # Training also reads the target's last state one position on: what the layer's output
+        # should become (EAGLE's feature regression), a dense signal that a short CPU run needs.
+        self.train_layers = self.layers + (cfg["num_layers"] - 1,)
         eps = cfg["rms_norm_eps"]
         self.fc = nn.Linear(len(self.layers) * h, h, bias=False)
         self.embed_norm = RMSNorm(h, eps)
@@ -58,8 +62,15 @@ class EagleHead(nn.Module):
         self.register_buffer("draft_ids", torch.zeros(cfg["draft_vocab_size"], dtype=torch.long))
         # The target's token embeddings: read, never trained, never saved (the target has them).
         self.register_buffer("embed", torch.zeros(0), persistent=False)
-        for lin in (self.fc, self.q, self.k, self.v, self.o, self.gate, self.up, self.down):
+        for lin in (self.fc, self.q, self.k, self.v, self.gate, self.up):
             nn.init.normal_(lin.weight, std=0.02)
+        # The layer starts as the identity on its feature (zero output projections of the attention
+        # and the MLP), and the feature as the target's highest state read (see from_target): at
+        # step 0 the head then predicts what the target's own head would make of that state, a
+        # sensible start that a CPU budget of a few hundred steps can improve, where a random start
+        # spent them unlearning confident nonsense.
+        nn.init.zeros_(self.o.weight)
+        nn.init.zeros_(self.down.weight)
 
     @classmethod
     def from_target(cls, model, draft_ids: list[int], ttt_steps: int = 4) -> "EagleHead":
@@ -67,7 +78,7 @@ class EagleHead(nn.Module):
         n = c.num_layers
         cfg = dict(hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                    head_dim=c.head_dim, intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps,
-                   rope_theta=c.rope_theta, vocab_size=c.vocab_size, draft_vocab_size=len(draft_ids),
+                   rope_theta=c.rope_theta, vocab_size=c.vocab_size, draft_vocab_size=len(draft_ids), num_layers=n,
                    layers=[2, n // 2, n - 3] if n > 5 else list(range(n))[:3], ttt_steps=ttt_steps)
         head = cls(cfg)
         ids = torch.tensor(draft_ids, dtype=torch.long)
@@ -75,6 +86,8 @@ class EagleHead(nn.Module):
             head.draft_ids.copy_(ids)
             head.head.weight.copy_(model.head_rows(ids))
             head.norm.weight.copy_(model.norm.float())
+            h = c.hidden_size
+            head.fc.weight[:, -h:] += torch.eye(h)  # the feature starts as the highest layer's state
         head.attach(model)
         return head
 
@@ -117,7 +130,8 @@ class EagleHead(nn.Module):
     def _unroll(self, batch: dict):
         """Training-time test over a padded batch: per step j, the layer's output at every pair, and
         the pairs that count (the chain start t - j exists and the target of pair t is trained)."""
-        tokens, states, mask = batch["tokens"], batch["hidden"], batch["mask"]
+        tokens, mask = batch["tokens"], batch["mask"]
+        states, last = batch["hidden"][..., :-1, :], batch["hidden"][..., -1, :]
         B, T = tokens.shape
         device = tokens.device
         positions = torch.arange(T, device=device).expand(B, T)
@@ -153,12 +167,19 @@ class EagleHead(nn.Module):
             valid = trained & (positions >= j)
             outputs.append((g, valid))
             feature = F.pad(g[:, :-1], (0, 0, 1, 0))  # pair t of the next step reads g of pair t - 1
-        return outputs, index, weights
+        goal = F.pad(last[:, 1:], (0, 0, 0, 1))  # pair t's output should be the target's state at t + 1
+        return outputs, index, weights, goal
 
     def _scored(self, batch: dict):
-        """Per step: its loss and its top-1 hits, the output head run at labelled pairs only."""
-        outputs, index, weights = self._unroll(batch)
-        return [at_rows(valid, lambda rows, g=g: self.logits(g[rows]), index, weights) + (valid,) for g, valid in outputs]
+        """Per step: its loss (soft cross-entropy plus REGRESSION x the feature regression) and its
+        top-1 hits, the output head run at labelled pairs only."""
+        outputs, index, weights, goal = self._unroll(batch)
+        scored = []
+        for g, valid in outputs:
+            ce, hits = at_rows(valid, lambda rows, g=g: self.logits(g[rows]), index, weights)
+            reg = feature_regression(g[valid], goal[valid])
+            scored.append((ce + REGRESSION * reg, hits, valid))
+        return scored
 
     def loss(self, batch: dict):
         total, metrics = 0.0, {}

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets
+from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets, feature_regression
+
+REGRESSION = 5.0  # weight of the regression to the target's later state against the soft cross-entropy
 
 
 class MedusaHeads(nn.Module):
@@ -32,6 +34,7 @@ class MedusaHeads(nn.Module):
         self.cfg = dict(cfg, kind=self.kind)
         h, k = cfg["hidden_size"], cfg["num_heads_ahead"]
         self.layers = tuple(cfg["layers"])
+        self.train_layers = self.layers  # the same last state, k + 1 places on, is what head k regresses to
         self.target_norm = RMSNorm(h, cfg["rms_norm_eps"])
         self.target_norm.weight.requires_grad_(False)
         widths = [(i + 2 if self.sequential else 1) * h for i in range(k)]
@@ -70,8 +73,12 @@ class MedusaHeads(nn.Module):
     def ahead(self, k: int, hidden: torch.Tensor, path_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the draft vocabulary for the token k + 1 ahead (head k, 0-based) from the normed
         hidden [..., H] and, for Hydra, the embeddings [..., k + 1, H] of the tokens before it."""
+        return self.head(self.guess(k, hidden, path_embeds))
+
+    def guess(self, k: int, hidden: torch.Tensor, path_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Head k's guess of the target's normed last state k + 1 places on (what its output head reads)."""
         x = hidden if not self.sequential else torch.cat([hidden, path_embeds.flatten(-2)], -1)
-        return self.head(hidden + F.silu(self.blocks[k](x)))
+        return hidden + F.silu(self.blocks[k](x))
 
     def _scored(self, batch: dict):
         """Per head: its loss, its top-1 hits and the positions that count, aligned on the position
@@ -89,14 +96,20 @@ class MedusaHeads(nn.Module):
             valid = F.pad(mask[:, shift:] & inside, (0, shift))
             index, weights = F.pad(index, (0, 0, 0, shift)), F.pad(weights, (0, 0, 0, shift))
 
+            guesses = {}
+
             def logits_of(rows, k=k):
                 path = None
                 if self.sequential:  # tokens t + 1 .. t + k + 1 of each labelled position t
                     b, t = rows.nonzero(as_tuple=True)
                     path = torch.stack([self.embed[tokens[b, (t + 1 + i).clamp(max=T - 1)]] for i in range(k + 1)], -2)
-                return self.ahead(k, hidden[rows], path)
+                guesses["v"] = self.guess(k, hidden[rows], path)
+                return self.head(guesses["v"])
 
-            out.append(at_rows(valid, logits_of, index, weights) + (valid,))
+            ce, hits = at_rows(valid, logits_of, index, weights)
+            goal = F.pad(hidden[:, shift:], (0, 0, 0, shift))  # the normed last state at t + k + 1
+            reg = feature_regression(guesses["v"], goal[valid])
+            out.append((ce + REGRESSION * reg, hits, valid))
         return out
 
     def loss(self, batch: dict):

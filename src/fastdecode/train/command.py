@@ -156,7 +156,7 @@ def execute(args, kinds: list[str], heads) -> int:
     for kind in kinds:
         torch.manual_seed(args.seed)  # each head starts the same whichever heads were trained before it
         head = heads.make_head(kind, llm.engine.model, draft_vocab)
-        missing = sorted(set(head.layers) - set(data.layers))
+        missing = sorted(set(head.train_layers) - set(data.layers))
         if missing:
             raise FastDecodeError(f"head {kind!r} reads layers {missing}, which {out / 'features'} does not hold "
                                   f"(it holds {list(data.layers)}); train it in a new --out folder")

@@ -82,7 +82,7 @@ def evaluate(head, data: FeatureSet, batch_tokens: int, device: torch.device) ->
     head.eval()
     with torch.no_grad():
         for items in plan_batches(data.lengths, batch_tokens, seed=0, epoch=0):
-            batch = _to(data.batch(items, head.layers), device)
+            batch = _to(data.batch(items, head.train_layers), device)
             w = int(batch["mask"].sum())
             for k, v in head.evaluate(batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w
@@ -162,7 +162,7 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
                       dynamic_ncols=True) as bar:
                 while state["batch"] < len(batches):
                     began = time.perf_counter()
-                    batch = _to(data.batch(batches[state["batch"]], head.layers), device)
+                    batch = _to(data.batch(batches[state["batch"]], head.train_layers), device)
                     loss, metrics = head.loss(batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
