@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from fastdecode.kernels import matmul, matrix, native_lib
+from fastdecode.kernels import matmul, matrix, matrix_rows, native_lib
 from fastdecode.models.linear import Linear
 from fastdecode.models.quant import KERNEL_TYPES, from_gguf, pack_dense, quantize_q8_0
 from fastdecode.models.registry import MODELS
@@ -54,6 +54,15 @@ def test_packing_keeps_every_value_exactly(type_name):
     ids = torch.tensor([39, 0, 17, 16, 5])
     assert torch.equal(packed.rows(ids), w[ids])
     assert torch.equal(packed.select(ids).dequantize(), w[ids])
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", *KERNEL_TYPES])
+def test_rows_read_natively_are_the_packed_values(fmt):
+    """The embedding lookup (kernels.matrix_rows) gives exactly PackedMatrix.rows."""
+    packed = packed_matrix(fmt, 40, 512)
+    ids = torch.tensor([0, 39, 17, 5, 16])
+    assert torch.equal(matrix_rows(LIB, packed, matrix(packed), ids), packed.rows(ids))
 
 
 @needs_kernel
@@ -156,3 +165,41 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
     tokens = torch.tensor([5, 9, 11, 2])
     outputs = [m.forward(tokens, torch.arange(4), m.new_cache(8)) for m in (fallback, native)]
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
+AMX_CHECK = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+from test_kernels import FORMATS, packed_matrix, check_product
+from fastdecode.kernels import kernel_description
+from fastdecode.models.linear import Linear
+if "AMX" not in kernel_description():
+    print("no AMX"); sys.exit(0)
+for fmt in FORMATS:
+    packed = packed_matrix(fmt)
+    linear = Linear([packed], torch.bfloat16)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+    alone = torch.cat([linear(x[r : r + 1]) for r in range(40)])
+    for n in (2, 16, 17, 40):
+        assert torch.equal(linear(x[:n]), alone[:n]), fmt
+    check_product(packed, packed.dequantize(), torch.bfloat16)
+print("ok")
+"""
+
+
+@needs_kernel
+def test_the_amx_path_is_exact_and_row_invariant_too():
+    """FASTDECODE_AMX=1 runs bfloat16 products on AMX tiles (Intel Sapphire Rapids and later): the
+    same checks, in a process of its own (the path is chosen once per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = AMX_CHECK.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "FASTDECODE_AMX": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    if done.stdout.strip() == "no AMX":
+        pytest.skip("this CPU (or its operating system) offers no AMX tiles")
+    assert done.stdout.strip() == "ok"

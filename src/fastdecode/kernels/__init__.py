@@ -117,6 +117,9 @@ def _build() -> ctypes.CDLL | None:
     lib.rms_norm.argtypes = [p, n, n, p, f, p, i]
     for fn in (lib.matmul, lib.attention, lib.decoder_layer, lib.rms_norm):
         fn.restype = None
+    lib.kernel_isa.restype = ctypes.c_char_p
+    lib.matrix_rows.argtypes = [ctypes.POINTER(Matrix), p, n, p]
+    lib.matrix_rows.restype = None
     return lib
 
 
@@ -124,6 +127,14 @@ def _build() -> ctypes.CDLL | None:
 def native_lib() -> ctypes.CDLL | None:
     """The compiled kernels, built once per process (None when they cannot be built)."""
     return _build()
+
+
+def kernel_description() -> str:
+    """e.g. "native kernels: AVX-512 BF16, 2 threads" (or that PyTorch runs the model)."""
+    lib = native_lib()
+    if lib is None:
+        return "PyTorch fallback (no native kernels)"
+    return f"native kernels: {lib.kernel_isa().decode()}, {lib.kernel_threads()} threads"
 
 
 def matrix(packed) -> Matrix:
@@ -141,6 +152,15 @@ def matmul(lib: ctypes.CDLL, packed, m: Matrix, x: torch.Tensor) -> torch.Tensor
     out = torch.empty(x.shape[0], packed.out_features)
     lib.matmul(ctypes.byref(m), x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], out.data_ptr(), 0)
     return out
+
+
+def matrix_rows(lib: ctypes.CDLL, packed, m: Matrix, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a packed matrix, dequantized: float32 [len(ids), in] (matmul.c), the same values
+    as packed.rows(ids) without PyTorch's indexing (which goes parallel, and slow, for a gather)."""
+    ids = ids.long().contiguous()
+    out = torch.empty(len(ids), packed.block if packed.kind in ("f32", "bf16") else packed.in_features)
+    lib.matrix_rows(ctypes.byref(m), ids.data_ptr(), len(ids), out.data_ptr())
+    return out[:, : packed.in_features]
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:

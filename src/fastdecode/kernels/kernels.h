@@ -140,10 +140,12 @@ static inline __m512 act_load16(const void *x, long i, int bf16, __mmask16 m) {
 typedef void (*items_fn)(void *arg, long lo, long hi);
 void run_items(items_fn fn, void *arg, long n, long chunk);
 int kernel_threads(void);
+int kernel_amx(void);          /* matmul.c: 1 when bfloat16 products run on AMX tiles (FASTDECODE_AMX=1) */
+const char *kernel_isa(void);  /* the instructions the products run on, for reports */
 
 /* matmul.c: a product is matmul_tiles(W, rows) items; matmul_run(..., lo, hi) computes items
  * [lo, hi) (each: 16 to 64 output rows of W for every row of x). */
-long matmul_tiles(const Matrix *W, long rows);
+long matmul_tiles(const Matrix *W, int x_bf16, long rows);
 void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows, const float *xsum, long ldsum,
                 float *y, long ldy, int add, long lo, long hi);
 /* attention.c: attention of one layer's new rows over the paged cache, as items. q: [rows, heads, D]

@@ -185,7 +185,7 @@ static void product_items(void *arg, long lo, long hi) {
 static void product(Layer *L, const Product *p, float *out, long ldout, int add) {
     long tiles = 0;
     for (long i = 0; i < p->parts; i++)
-        tiles += L->tiles[i] = matmul_tiles(&p->part[i], L->s->rows);
+        tiles += L->tiles[i] = matmul_tiles(&p->part[i], L->c->act_bf16, L->s->rows);
     L->product = p, L->in = L->s->h, L->out = out, L->ldout = ldout, L->add = add;
     run_items(product_items, L, tiles, 1);
 }

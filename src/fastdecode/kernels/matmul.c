@@ -18,6 +18,8 @@
  * decoding, bound by memory bandwidth) use wider tiles of NB1 groups to keep more sums in flight.
  * Tiles of groups are shared among the threads; rows never are.
  */
+#include <pthread.h>
+
 #include "kernels.h"
 
 #define NB 2  /* groups per tile */
@@ -145,6 +147,134 @@ static inline __attribute__((always_inline)) void tile_bf16(const Matrix *W, con
     store(W, total, y, ldy, add, g0, nb, nr);
 }
 #undef DOT_PAIR
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+/* With AMX (Intel Sapphire Rapids and later), bfloat16 products run on the tile unit: a tile
+ * product C[m, n] += sum over 32 inputs of A[m, i] * B[i, n] does 16 x 16 x 32 multiply-adds at
+ * once, in float32, each row of C from its own row of A. The weights of a block are expanded into
+ * a tile (B) exactly as for vdpbf16ps, the block's product lands in C, and the scales are folded in
+ * with the same float32 operations as above: t = t + c * s (+ m * xsum), block after block. Every
+ * row of every call goes this way, so results stay independent of the other rows. */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_NB 3    /* groups per tile: C tiles 0-2, A tile 3, B tiles 4-6 */
+#define AMX_ROWS 16 /* rows of A and C */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_ok;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_init(void) {
+    const char *env = getenv("FASTDECODE_AMX");
+    /* Linux lets a process use the tile registers once it asks (ARCH_REQ_XCOMP_PERM, XTILEDATA) */
+    amx_ok = env && env[0] == '1' && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+int kernel_amx(void) {
+    pthread_once(&amx_once, amx_init);
+    return amx_ok;
+}
+
+static int amx_for(const Matrix *W, int x_bf16) {
+    return x_bf16 && W->format != FMT_F32 && (W->format != FMT_BF16 || W->in % 32 == 0) && kernel_amx();
+}
+
+/* Tile numbers are immediates: group u of a tile uses C tile u and B tile 4 + u. */
+#define FOR_TILE(u, stmt0, stmt1, stmt2) \
+    do {                                 \
+        if ((u) == 0) {                  \
+            stmt0;                       \
+        } else if ((u) == 1) {           \
+            stmt1;                       \
+        } else {                         \
+            stmt2;                       \
+        }                                \
+    } while (0)
+#define LOAD_B(u, p) FOR_TILE(u, _tile_loadd(4, p, 64), _tile_loadd(5, p, 64), _tile_loadd(6, p, 64))
+#define DOT(u) FOR_TILE(u, _tile_dpbf16ps(0, 3, 4), _tile_dpbf16ps(1, 3, 5), _tile_dpbf16ps(2, 3, 6))
+#define STORE_C(u, p) FOR_TILE(u, _tile_stored(0, p, 64), _tile_stored(1, p, 64), _tile_stored(2, p, 64))
+#define ZERO_C(u) FOR_TILE(u, _tile_zero(0), _tile_zero(1), _tile_zero(2))
+
+/* Groups [g0, g0 + nb) x m rows of x (nb <= AMX_NB, m <= AMX_ROWS). */
+static void amx_tile(const Matrix *W, const int fmt, __m512i table, const uint16_t *x, long ldx, const float *xsum,
+                     long ldsum, float *y, long ldy, int add, long g0, long nb, long m) {
+    const long k = fmt == FMT_Q8 ? W->block : 32; /* inputs per tile product */
+    const long cells = cells_per_group(W), cb = cell_bytes(W), wb = cell_weight_bytes(W), sb = W->half_scales ? 32 : 64;
+    TileConfig cfg = {.palette = 1};
+    for (int t = 0; t < 3; t++)
+        cfg.rows[t] = (uint8_t)m, cfg.colsb[t] = 64, cfg.rows[4 + t] = (uint8_t)(k / 2), cfg.colsb[4 + t] = 64;
+    cfg.rows[3] = (uint8_t)m, cfg.colsb[3] = (uint16_t)(2 * k);
+    TileConfig now; /* loading a configuration costs more than a block's product: only when it changes */
+    _tile_storeconfig(&now);
+    if (memcmp(&now, &cfg, sizeof cfg))
+        _tile_loadconfig(&cfg);
+    uint16_t buf[AMX_NB][16 * 32] __attribute__((aligned(64)));
+    float c[AMX_NB][AMX_ROWS * 16] __attribute__((aligned(64)));
+    __m512 total[AMX_NB][AMX_ROWS];
+    if (fmt == FMT_BF16) { /* no scales: C sums every input */
+        for (long u = 0; u < nb; u++)
+            ZERO_C(u);
+        for (long i = 0; i < W->in; i += 32) {
+            _tile_loadd(3, x + i, ldx * 2);
+            for (long u = 0; u < nb; u++) {
+                LOAD_B(u, W->data + (g0 + u) * cb + i * 32);
+                DOT(u);
+            }
+        }
+        for (long u = 0; u < nb; u++) {
+            STORE_C(u, c[u]);
+            for (long r = 0; r < m; r++)
+                total[u][r] = _mm512_load_ps(c[u] + 16 * r);
+        }
+    } else {
+        for (long u = 0; u < nb; u++)
+            for (long r = 0; r < m; r++)
+                total[u][r] = _mm512_setzero_ps();
+        for (long b = 0; b < cells; b++) {
+            _tile_loadd(3, x + b * k, ldx * 2);
+            for (long u = 0; u < nb; u++) {
+                const uint8_t *cell = W->data + ((g0 + u) * cells + b) * cb;
+                if (fmt == FMT_Q4)
+                    for (long v = 0; v < 4; v++) {
+                        __m512i raw = _mm512_loadu_si512(cell + 64 * v);
+                        for (int q = 0; q < 4; q++)
+                            _mm512_store_si512(buf[u] + 32 * (4 * v + q),
+                                               _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4 * q), table));
+                    }
+                else
+                    for (long p = 0; p < k / 2; p++)
+                        _mm512_store_si512(buf[u] + 32 * p, (__m512i)q8_pair_bf16(cell, p));
+                LOAD_B(u, buf[u]);
+                ZERO_C(u);
+                DOT(u);
+                STORE_C(u, c[u]);
+                __m512 s = load_scales(cell + wb, W->half_scales);
+                for (long r = 0; r < m; r++)
+                    total[u][r] = _mm512_fmadd_ps(_mm512_load_ps(c[u] + 16 * r), s, total[u][r]);
+                if (W->has_min) {
+                    __m512 mn = load_scales(cell + wb + sb, W->half_scales);
+                    for (long r = 0; r < m; r++)
+                        total[u][r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[r * ldsum + b]), total[u][r]);
+                }
+            }
+        }
+    }
+    for (long u = 0; u < nb; u++) {
+        long o = (g0 + u) * 16;
+        __mmask16 mask = lanes(W->out - o);
+        for (long r = 0; r < m; r++) {
+            float *dst = y + r * ldy + o;
+            __m512 v = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), total[u][r]) : total[u][r];
+            _mm512_mask_storeu_ps(dst, mask, v);
+        }
+    }
+}
+#endif
 #endif
 
 /* acc[u][r] += w[u] * x[r, i] for every row and group of the tile. */
@@ -250,6 +380,12 @@ static void run_tile(const Matrix *W, const void *x, int x_bf16, long ldx, const
         __m256i half = _mm256_loadu_si256((const __m256i *)(W->signed_q4 ? s4 : u4));
         __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
         const uint16_t *xb = x;
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+        if (amx_for(W, x_bf16)) {
+            amx_tile(W, fmt, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, nb, nr);
+            return;
+        }
+#endif
 #define CALL(n, r) (fmt == FMT_Q4   ? tile_bf16(W, FMT_Q4, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r)      \
                     : fmt == FMT_Q8 ? tile_bf16(W, FMT_Q8, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r)      \
                                     : tile_bf16(W, FMT_BF16, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, n, r))
@@ -271,20 +407,36 @@ static void run_tile(const Matrix *W, const void *x, int x_bf16, long ldx, const
 #undef CALL1
 }
 
-static long tile_width(long rows) { return rows == 1 ? NB1 : NB; }
+/* Groups per tile, and rows per tile. */
+static long tile_width(const Matrix *W, int x_bf16, long rows) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+    if (amx_for(W, x_bf16))
+        return AMX_NB;
+#endif
+    return rows == 1 ? NB1 : NB;
+}
 
-long matmul_tiles(const Matrix *W, long rows) {
-    long groups = (W->out + 15) / 16, width = tile_width(rows);
+static long tile_rows(const Matrix *W, int x_bf16) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+    if (amx_for(W, x_bf16))
+        return AMX_ROWS;
+#endif
+    return NR;
+}
+
+long matmul_tiles(const Matrix *W, int x_bf16, long rows) {
+    long groups = (W->out + 15) / 16, width = tile_width(W, x_bf16, rows);
     return (groups + width - 1) / width;
 }
 
 void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows, const float *xsum, long ldsum,
                 float *y, long ldy, int add, long lo, long hi) {
-    const long groups = (W->out + 15) / 16, width = tile_width(rows), xsize = x_bf16 ? 2 : 4;
+    const long groups = (W->out + 15) / 16, width = tile_width(W, x_bf16, rows), xsize = x_bf16 ? 2 : 4;
+    const long per_tile = tile_rows(W, x_bf16);
     for (long t = lo; t < hi; t++) {
         long g0 = t * width, nb = groups - g0 < width ? groups - g0 : width;
-        for (long r0 = 0; r0 < rows; r0 += NR) {
-            long nr = rows - r0 < NR ? rows - r0 : NR;
+        for (long r0 = 0; r0 < rows; r0 += per_tile) {
+            long nr = rows - r0 < per_tile ? rows - r0 : per_tile;
             run_tile(W, (const char *)x + r0 * ldx * xsize, x_bf16, ldx, xsum ? xsum + r0 * ldsum : NULL, ldsum,
                      y + r0 * ldy, ldy, add, g0, nb, nr);
         }
@@ -333,8 +485,8 @@ static float scale_at(const Matrix *W, const uint8_t *cell, long o, int which) {
     return f;
 }
 
-long matmul_tiles(const Matrix *W, long rows) {
-    (void)rows;
+long matmul_tiles(const Matrix *W, int x_bf16, long rows) {
+    (void)rows, (void)x_bf16;
     return (W->out + 15) / 16;
 }
 
@@ -348,7 +500,7 @@ void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows,
             const char *xr = (const char *)x + r * ldx * (x_bf16 ? 2 : 4);
             float total = 0.0f;
             for (long b = 0; b < W->in / W->block; b++) {
-                const uint8_t *cell;
+                const uint8_t *cell = NULL;
                 float acc = 0.0f;
                 for (long i = b * W->block; i < (b + 1) * W->block; i += 1 + pairs) {
                     if (pairs)
@@ -394,6 +546,70 @@ void matmul(const Matrix *W, const void *x, int x_bf16, long rows, float *y, int
     MatmulCall c = {W, x, x_bf16, add, rows, W->has_min ? malloc(sizeof(float) * rows * (W->in / 32)) : NULL, y};
     if (c.xsum)
         run_items(sums_items, &c, rows, 8);
-    run_items(product_items, &c, matmul_tiles(W, rows), 1);
+    run_items(product_items, &c, matmul_tiles(W, x_bf16, rows), 1);
     free(c.xsum);
+}
+
+#if !(defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__AVX512BW__))
+int kernel_amx(void) { return 0; }
+#endif
+
+/* out[r] = W[ids[r]] in float32: rows of a packed matrix, dequantized (the embedding lookup). The
+ * same float32 operations as models/quant.py, so the same bits: w = s * t(q), then + m. */
+void matrix_rows(const Matrix *W, const long *ids, long n, float *out) {
+    const long cells = cells_per_group(W), cb = cell_bytes(W), wb = cell_weight_bytes(W);
+    const long half = W->half_scales, sb = 16 * (half ? 2 : 4), in = W->format == FMT_Q4 || W->format == FMT_Q8 ? W->in : W->block;
+    for (long r = 0; r < n; r++) {
+        const long g = ids[r] / 16, j = ids[r] % 16;
+        float *dst = out + r * in;
+        for (long b = 0; b < cells; b++) {
+            const uint8_t *cell = W->data + (g * cells + b) * cb;
+            float s = 1.0f, m = 0.0f;
+            if (W->format == FMT_Q4 || W->format == FMT_Q8) {
+                uint16_t h;
+                memcpy(&h, cell + wb + j * (half ? 2 : 4), 2);
+                if (half)
+                    s = half_to_f32(h);
+                else
+                    memcpy(&s, cell + wb + j * 4, 4);
+                if (W->has_min) {
+                    memcpy(&h, cell + wb + sb + j * 2, 2);
+                    if (half)
+                        m = half_to_f32(h);
+                    else
+                        memcpy(&m, cell + wb + sb + j * 4, 4);
+                }
+            }
+            for (long k = 0; k < W->block; k++) {
+                float w;
+                if (W->format == FMT_F32) {
+                    memcpy(&w, cell + (k * 16 + j) * 4, 4);
+                } else if (W->format == FMT_BF16) {
+                    uint16_t h;
+                    memcpy(&h, cell + ((k / 2) * 32 + j * 2 + k % 2) * 2, 2);
+                    w = bf16_to_f32(h);
+                } else if (W->format == FMT_Q4) {
+                    const uint8_t *word = cell + 64 * (k / 8) + 2 * (2 * j + k % 2);
+                    int q = ((word[0] | word[1] << 8) >> (4 * ((k % 8) / 2))) & 15;
+                    w = s * (float)(W->signed_q4 ? q - 8 : q);
+                } else {
+                    w = s * (float)(int8_t)cell[32 * (k / 2) + 2 * j + k % 2];
+                }
+                if (W->has_min)
+                    w = w + m;
+                dst[b * W->block + k] = w;
+            }
+        }
+    }
+}
+
+/* Which instructions the products run on, for the reports. */
+const char *kernel_isa(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    return kernel_amx() ? "AVX-512 BF16 and AMX-BF16" : "AVX-512 BF16";
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+    return "AVX-512";
+#else
+    return "portable C";
+#endif
 }

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels import Dims, LayerWeights, Step, native_lib, rms_norm
+from ..kernels import Dims, LayerWeights, Step, matrix, matrix_rows, native_lib, rms_norm
 from ..runtime.kv_cache import BLOCK_ROWS, KVCache, KVPool
 from .config import ModelConfig, rope_inverse_frequencies
 from .linear import Linear
@@ -118,6 +118,7 @@ class LlamaModel:
         c = config
         self.native = native_lib()
         self.embedding = _packed(weights.pop("model.embed_tokens.weight"))
+        self.embedding_matrix = matrix(self.embedding) if self.native is not None else None
         self.layers = [_Layer(weights, f"model.layers.{i}", dtype) for i in range(c.num_layers)]
         self.norm = weights.pop("model.norm.weight").float().contiguous()
         self.head_matrix = self.embedding if c.tie_word_embeddings else _packed(weights.pop("lm_head.weight"))
@@ -147,7 +148,9 @@ class LlamaModel:
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [n, hidden] float32, dequantized (trained drafters read them)."""
-        return self.embedding.rows(token_ids)
+        if self.native is None:
+            return self.embedding.rows(token_ids)
+        return matrix_rows(self.native, self.embedding, self.embedding_matrix, token_ids)
 
     def head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows [n, hidden] float32 of the output head, dequantized (a draft head starts from them)."""

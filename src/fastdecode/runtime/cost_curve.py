@@ -68,10 +68,10 @@ def measure(model, sizes=FULL_SIZES, repeats: int = 5, context: int = CONTEXT, p
 
 def curve_path(model_name: str, dtype: torch.dtype, weight_format: str) -> Path:
     """Per model, dtype, weight format (model.weight_format, e.g. "Q4_1+Q8_0"), CPU and kernel
-    build: faster kernels change the curve."""
-    from ..kernels import build_key
+    build and path (AMX or not): faster kernels change the curve."""
+    from ..kernels import build_key, kernel_description
 
-    cpu = hashlib.sha256(build_key().encode() + str(os.cpu_count()).encode()).hexdigest()[:8]
+    cpu = hashlib.sha256(f"{build_key()}|{os.cpu_count()}|{kernel_description()}".encode()).hexdigest()[:8]
     safe = model_name.replace("/", "_")
     return cache_root() / "calibration" / f"{safe}-{str(dtype).removeprefix('torch.')}-{weight_format}-{cpu}.json"
 
