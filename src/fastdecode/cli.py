@@ -1,5 +1,5 @@
-"""`fastdecode generate | chat | models | methods | calibrate | serve | bench`. Results go to stdout; loading messages, progress and
-statistics to stderr. Bad input prints one line on stderr and exits 2, never a traceback."""
+"""`fastdecode generate | chat | models | methods | calibrate | serve | bench | train`. Results go to stdout;
+loading messages, progress and statistics to stderr. Bad input prints one line on stderr and exits 2, never a traceback."""
 from __future__ import annotations
 
 import argparse

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import FastDecodeError
+from ..files import atomic_write
 from .eagle import EagleHead
 from .medusa import HydraHeads, MedusaHeads
 
@@ -61,13 +61,7 @@ def save_head(head: torch.nn.Module, path: str | Path, card: dict) -> Path:
     card = dict(card, config=head.config())
     for suffix, write in ((".safetensors", lambda p: save_file(tensors, str(p))),
                           (".json", lambda p: p.write_text(json.dumps(card, indent=1)))):
-        final = path.with_suffix(suffix)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            write(tmp)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path.with_suffix(suffix), write)
     return path.with_suffix(".safetensors")
 
 

@@ -21,6 +21,29 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class TargetHead(nn.Module):
+    """What every head shares: an output head over the draft vocabulary that starts as the target's
+    own rows behind the target's final norm, the target's embeddings borrowed (never saved), and
+    its settings (cfg) written into its card."""
+
+    cfg: dict
+
+    def start_from_target(self, model, draft_ids: list[int], norm: RMSNorm) -> None:
+        ids = torch.tensor(draft_ids, dtype=torch.long)
+        with torch.no_grad():
+            self.draft_ids.copy_(ids)
+            self.head.weight.copy_(model.head_rows(ids))
+            norm.weight.copy_(model.norm.float())
+        self.attach(model)
+
+    def attach(self, model) -> None:
+        """Take the target's embeddings (needed to train; drafting asks the model for rows)."""
+        self.embed = model.embed_tokens(torch.arange(model.config.vocab_size)).float()
+
+    def config(self) -> dict:
+        return dict(self.cfg)
+
+
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding of x [..., n, heads, d] at positions [..., n] (Hugging Face's half split)."""
     d = x.shape[-1]

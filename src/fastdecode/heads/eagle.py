@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets, feature_regression, rotary
+from .blocks import RMSNorm, TargetHead, at_rows, chain_acceptance, draft_targets, feature_regression, rotary
 
 TTT_DECAY = 0.8
 REGRESSION = 5.0  # weight of the feature regression against the soft cross-entropy
 
 
-class EagleHead(nn.Module):
+class EagleHead(TargetHead):
     kind = "eagle"
 
     def __init__(self, cfg: dict):
@@ -81,22 +81,11 @@ class EagleHead(nn.Module):
                    rope_theta=c.rope_theta, vocab_size=c.vocab_size, draft_vocab_size=len(draft_ids), num_layers=n,
                    layers=[2, n // 2, n - 3] if n > 5 else list(range(n))[:3], ttt_steps=ttt_steps)
         head = cls(cfg)
-        ids = torch.tensor(draft_ids, dtype=torch.long)
+        head.start_from_target(model, draft_ids, head.norm)
         with torch.no_grad():
-            head.draft_ids.copy_(ids)
-            head.head.weight.copy_(model.head_rows(ids))
-            head.norm.weight.copy_(model.norm.float())
             h = c.hidden_size
             head.fc.weight[:, -h:] += torch.eye(h)  # the feature starts as the highest layer's state
-        head.attach(model)
         return head
-
-    def attach(self, model) -> None:
-        """Take the target's embeddings (needed to train; drafting asks the model for rows)."""
-        self.embed = model.embed_tokens(torch.arange(model.config.vocab_size)).float()
-
-    def config(self) -> dict:
-        return dict(self.cfg)
 
     # ---- the computation, shared by training and drafting ---------------------------------------
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import RMSNorm, at_rows, chain_acceptance, draft_targets, feature_regression
+from .blocks import RMSNorm, TargetHead, at_rows, chain_acceptance, draft_targets, feature_regression
 
 REGRESSION = 5.0  # weight of the regression to the target's later state against the soft cross-entropy
 
 
-class MedusaHeads(nn.Module):
+class MedusaHeads(TargetHead):
     kind = "medusa"
     sequential = False  # Hydra: True
 
@@ -52,19 +52,8 @@ class MedusaHeads(nn.Module):
         cfg = dict(hidden_size=c.hidden_size, rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size,
                    draft_vocab_size=len(draft_ids), num_heads_ahead=heads_ahead, layers=[c.num_layers - 1])
         head = cls(cfg)
-        ids = torch.tensor(draft_ids, dtype=torch.long)
-        with torch.no_grad():
-            head.draft_ids.copy_(ids)
-            head.head.weight.copy_(model.head_rows(ids))
-            head.target_norm.weight.copy_(model.norm.float())
-        head.attach(model)
+        head.start_from_target(model, draft_ids, head.target_norm)
         return head
-
-    def attach(self, model) -> None:
-        self.embed = model.embed_tokens(torch.arange(model.config.vocab_size)).float()
-
-    def config(self) -> dict:
-        return dict(self.cfg)
 
     def base(self, states: torch.Tensor) -> torch.Tensor:
         """[..., 1, H] state after the target's last layer -> the normed hidden the heads read."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..files import atomic_write
 from ..tokenizer import TokenizerInfo
 from .cache_dir import cache_root
 from .config import ModelConfig
@@ -34,15 +34,6 @@ def cache_folder(gguf_path: Path) -> Path:
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     return cache_root() / "models" / f"{gguf_path.stem}-{key}"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def prepare(gguf_path: Path, dtype: torch.dtype | None) -> Path:
@@ -58,10 +49,10 @@ def prepare(gguf_path: Path, dtype: torch.dtype | None) -> Path:
     gguf = GGUFFile(gguf_path)
     config = gguf.llama_config()
     if not (folder / "config.json").exists():
-        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=1)))
+        atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=1)))
     if not (folder / "tensors.json").exists():
         table = [t.to_dict() for t in gguf.tensor_infos()]
-        _atomic_write(folder / "tensors.json", lambda p: p.write_text(json.dumps(table)))
+        atomic_write(folder / "tensors.json", lambda p: p.write_text(json.dumps(table)))
     if not (folder / "tokenizer.json").exists() or not (folder / "tokenizer_info.json").exists():
         _convert_tokenizer(gguf, folder)
     if dtype is not None and not weights.exists():
@@ -72,7 +63,7 @@ def prepare(gguf_path: Path, dtype: torch.dtype | None) -> Path:
         )
         for name, arr in bar:
             tensors[name] = torch.from_numpy(arr).to(dtype)
-        _atomic_write(weights, lambda p: save_file(tensors, str(p)))
+        atomic_write(weights, lambda p: save_file(tensors, str(p)))
     return folder
 
 
@@ -90,8 +81,8 @@ def _convert_tokenizer(gguf: GGUFFile, folder: Path) -> None:
         add_bos=bool(gguf.field("tokenizer.ggml.add_bos_token", False)),
         chat_template=gguf.field("tokenizer.chat_template"),
     )
-    _atomic_write(folder / "tokenizer_info.json", info.save)
-    _atomic_write(folder / "tokenizer.json", lambda p: hf.backend_tokenizer.save(str(p)))
+    atomic_write(folder / "tokenizer_info.json", info.save)
+    atomic_write(folder / "tokenizer.json", lambda p: hf.backend_tokenizer.save(str(p)))
 
 
 def tensor_table(folder: Path) -> list[TensorInfo]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_write
 from ..models.cache_dir import cache_root
 
 FULL_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -78,9 +79,7 @@ def curve_path(model_name: str, dtype: torch.dtype, weight_format: str) -> Path:
 
 def save(curve: CostCurve, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(curve.to_dict()))
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: p.write_text(json.dumps(curve.to_dict())))
 
 
 def load_or_measure(model, model_name: str) -> CostCurve:

@@ -9,20 +9,9 @@ the acceptance measured on held-out prompts after each epoch.
 from __future__ import annotations
 
 import datetime
-import os
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(a temporary path), then rename it to `path`: an interruption never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def git_commit() -> str | None:

@@ -31,7 +31,8 @@ from ..models.cache_dir import cache_root
 from ..models.loader import DEFAULT_DTYPE, DTYPES, model_source
 from ..models.registry import DEFAULT_MODEL, MODELS
 from . import prompts as pr
-from .card import atomic_write, make_card
+from ..files import atomic_write
+from .card import make_card
 from .distill import distill
 from .features import INDEX, FeatureSet, draft_vocabulary, write_features, write_index
 from .loop import TrainSettings, train

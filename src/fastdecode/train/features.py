@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..models.llama import Segment
 from ..runtime.kv_cache import KVCache
-from .card import atomic_write
+from ..files import atomic_write
 
 CHUNK_ROWS = 512  # rows per target forward
 SHARD_SEQUENCES = 64

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .card import atomic_write
+from ..files import atomic_write
 from .features import FeatureSet
 
 # Sequences sorted by length together before packing: with ShareGPT's lengths, 256 leaves about 5%
