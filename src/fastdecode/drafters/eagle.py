@@ -17,11 +17,10 @@ predicts token t + 2. It keeps its own small KV cache over the request's pairs. 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..runtime.tree import DraftTree
 from .base import DecodeState, StepResult, Target
-from .trained import TrainedDrafter
+from .trained import MIN_SCORE, TrainedDrafter
 
 GROW_ROWS = 256  # rows the head's KV cache grows by
 
@@ -49,7 +48,7 @@ class Eagle(TrainedDrafter):
     summary = "EAGLE-3-style trained head on the target's hidden states, dynamic draft tree (needs a trained head)"
 
     def __init__(self, target: Target, head: str | None = None, depth: int = 5, beam: int = 4, top_k: int = 4,
-                 min_score: float = 0.01):
+                 min_score: float = MIN_SCORE):
         super().__init__(target, head, depth, beam, top_k, min_score)
         self.begin([])
 
@@ -132,5 +131,12 @@ class Eagle(TrainedDrafter):
         self.cache.write(start, k, v)
         end = start + len(ids)
         keys, values = self.cache.k[:end].transpose(0, 1), self.cache.v[:end].transpose(0, 1)  # [kv_heads, end, d]
-        attended = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed, enable_gqa=True)
-        return head.finish(feature, attended.transpose(0, 1).reshape(len(ids), -1))
+        # Each kv head's query heads as one matrix product: a few times faster than PyTorch's masked
+        # scaled_dot_product_attention at these sizes (a handful of rows over a few hundred pairs).
+        n, group = len(ids), head.heads // head.kv_heads
+        q = q.transpose(0, 1).reshape(head.kv_heads, group * n, head.head_dim)
+        scores = (q @ keys.transpose(1, 2)) * head.head_dim**-0.5
+        scores = scores.view(head.kv_heads, group, n, end).masked_fill(~allowed, float("-inf"))
+        attended = scores.softmax(-1).view(head.kv_heads, group * n, end) @ values  # [kv_heads, group * n, d]
+        attended = attended.view(head.heads, n, head.head_dim).transpose(0, 1).reshape(n, -1)
+        return head.finish(feature, attended)

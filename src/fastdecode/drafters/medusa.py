@@ -11,7 +11,7 @@ import torch
 
 from ..runtime.tree import DraftTree
 from .base import DecodeState, StepResult, Target
-from .trained import TrainedDrafter
+from .trained import MIN_SCORE, TrainedDrafter
 
 
 class Medusa(TrainedDrafter):
@@ -19,7 +19,7 @@ class Medusa(TrainedDrafter):
     summary = "Medusa heads on the target's last hidden state, several tokens ahead in one pass (needs a trained head)"
 
     def __init__(self, target: Target, head: str | None = None, depth: int = 4, beam: int = 4, top_k: int = 4,
-                 min_score: float = 0.01):
+                 min_score: float = MIN_SCORE):
         super().__init__(target, head, depth, beam, top_k, min_score)
         self.depth = min(self.depth, len(self.head.blocks))
         self.begin([])
