@@ -133,6 +133,14 @@ static inline __m512 act_load16(const void *x, long i, int bf16, __mmask16 m) {
     __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)x + i);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+
+/* 16 float32 values stored as activations (bfloat16 or float32), masked. */
+static inline void act_store16(void *x, long i, __m512 v, int bf16, __mmask16 m) {
+    if (bf16)
+        _mm256_mask_storeu_epi16((uint16_t *)x + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+    else
+        _mm512_mask_storeu_ps((float *)x + i, m, v);
+}
 #endif
 
 /* threads.c: run_items(fn, arg, n, chunk) calls fn(arg, lo, hi) on chunks of the items 0 .. n-1

@@ -72,10 +72,7 @@ static void rms_norm_row(const float *x, long n, const float *w, float eps, void
         __mmask16 m = lanes(n - i);
         __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(inv)),
                                  _mm512_maskz_loadu_ps(m, w + i));
-        if (bf16)
-            _mm256_mask_storeu_epi16((uint16_t *)out + i, m, (__m256i)_mm512_cvtneps_pbh(v));
-        else
-            _mm512_mask_storeu_ps((float *)out + i, m, v);
+        act_store16(out, i, v, bf16, m);
     }
 #else
     float ss = 0.0f;
@@ -92,11 +89,7 @@ static void to_act(const float *x, long n, void *out, int bf16) {
 #ifdef __AVX512F__
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = lanes(n - i);
-        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        if (bf16)
-            _mm256_mask_storeu_epi16((uint16_t *)out + i, m, (__m256i)_mm512_cvtneps_pbh(v));
-        else
-            _mm512_mask_storeu_ps((float *)out + i, m, v);
+        act_store16(out, i, _mm512_maskz_loadu_ps(m, x + i), bf16, m);
     }
 #else
     for (long i = 0; i < n; i++)
@@ -112,10 +105,7 @@ static void silu_mul(const float *g, const float *u, long n, void *out, int bf16
         __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
         __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
         __m512 v = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_maskz_loadu_ps(m, u + i));
-        if (bf16)
-            _mm256_mask_storeu_epi16((uint16_t *)out + i, m, (__m256i)_mm512_cvtneps_pbh(v));
-        else
-            _mm512_mask_storeu_ps((float *)out + i, m, v);
+        act_store16(out, i, v, bf16, m);
     }
 #else
     for (long i = 0; i < n; i++)
