@@ -16,6 +16,15 @@ Under a KV budget shared with other sequences (scheduler.py) a draft is cut to t
 can still give, and a sequence may be preempted: its blocks go back to the pool, and when it
 resumes it prefills everything it had committed again. The forward is batch-invariant, so those
 rows come out bitwise as before and the output does not change.
+
+With prefix caching (prefix_cache=True, as the scheduler asks), a sequence publishes its KV blocks
+as committed rows fill them, after prefill chunks and decode steps alike (so a chat's next turn
+finds the previous answer's blocks too), and before its first prompt chunk, on starting or on
+resuming, it adopts the pool's cached blocks holding the longest prefix of what it is to prefill
+(runtime/prefix_cache.py). At least one token is always prefilled: its logits give the first token.
+The adopted rows are bitwise those its prefill would write, so the output does not change either.
+A sequence whose drafter reads the target's hidden states (`capture`: eagle, medusa, hydra) never
+adopts: its drafter needs `prefilled(...)` with the states of every prompt row. It still publishes.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ from .errors import FastDecodeError
 from .metrics import RequestStats
 from .models.llama import Segment
 from .runtime.draft_size import best_nodes
-from .runtime.kv_cache import KVCache, KVPool
+from .runtime.kv_cache import KVCache, KVPool, KVPoolFull
 from .runtime.sampling import SamplingParams, next_tokens
 from .runtime.tree import DraftTree
 from .runtime.verify import verify_greedy, verify_sampling
@@ -65,9 +74,11 @@ class GenerationResult:
 
 
 class Sequence:
-    def __init__(self, engine, prompt: list[int], params: SamplingParams, drafter: Drafter, pool: KVPool | None = None):
+    def __init__(self, engine, prompt: list[int], params: SamplingParams, drafter: Drafter, pool: KVPool | None = None,
+                 prefix_cache: bool = False):
         """engine: model, tokenizer, model_name, context_window and cost_curve (see engine.Engine);
-        pool: the KV pool shared with other sequences, or None for one of its own."""
+        pool: the KV pool shared with other sequences, or None for one of its own; prefix_cache:
+        share blocks with the pool's other sequences (see above; pointless in a pool of its own)."""
         self.start = time.perf_counter()
         self.engine, self.prompt, self.params, self.drafter = engine, prompt, params, drafter
         self.max_new = min(params.max_new_tokens, engine.context_window - len(prompt))
@@ -90,6 +101,10 @@ class Sequence:
         self._segment: Segment | None = None  # the planned rows; the forward leaves captured states in it
         self.capture = tuple(getattr(drafter, "hidden_layers", ()))
         self.expected_tokens = 0.0  # new tokens the planned step should yield, on its drafter's scores
+        self.prefix_cache = prefix_cache
+        self._looked_up = False  # whether this prefill has adopted cached blocks yet (once per start or resume)
+        self.cached_tokens = 0  # prompt rows adopted instead of prefilled, over all its starts
+        self.preempted = False
         drafter.begin(prompt)
 
     @property
@@ -114,16 +129,34 @@ class Sequence:
         if self.state is not None:
             self._prefix = self.state.tokens[:-1]  # the root's row is written by its next step
         self.cache.release()
+        self._looked_up, self.preempted = False, True
+
+    def reuse_prefix(self) -> None:
+        """Before the first prompt chunk: adopt the cached blocks of the longest prefix of what is to
+        be prefilled, leaving at least one token to prefill. Called by plan(); the scheduler calls it
+        first to see the room the chunk will have. A new request looks up when its first chunk is
+        planned, not when it arrives, so that of n requests with one prompt submitted together, the
+        2nd..nth, which the scheduler lets read only after the first (fewest tokens left first),
+        find its blocks. A preempted one looks up as soon as it is admitted again (scheduler.py),
+        before other prompts read in the meantime evict its own blocks."""
+        if self._looked_up or not self.prefilling:
+            return
+        self._looked_up = True
+        if self.prefix_cache and not self.capture and self.cache.length == 0:
+            self.cached_tokens += self.cache.adopt(self._prefix, len(self._prefix) - 1)
 
     def plan(self, prefill_tokens: int = PREFILL_CHUNK, other_rows: int = 0, other_tokens: float = 0.0) -> Segment:
         """The rows of this sequence's next forward: at most `prefill_tokens` of them while
         prefilling; else the root and the part of the draft tree that pays, given the rows and
         expected tokens of the other sequences sharing the forward. Sets `expected_tokens`. The
         rows are reserved in the pool at once (KVPoolFull when it cannot give even one)."""
+        self.reuse_prefix()
         free = self.cache.room()
         if self.prefilling:
             begin = self.cache.length
             chunk = self._prefix[begin : begin + min(prefill_tokens, free)]
+            if not chunk:
+                raise KVPoolFull("no room in the KV pool for a prompt chunk")
             self.cache.reserve(begin + len(chunk))
             self._planned, self.expected_tokens = len(chunk), 0.0
             self._segment = Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache,
@@ -174,12 +207,16 @@ class Sequence:
             if self.finish:
                 break
         self.state.tokens.extend(kept)
+        if self.prefix_cache:
+            cache.publish(self.state.tokens)
         return self.out.add(kept)
 
     def _complete_prefill(self, logits: torch.Tensor) -> str | None:
         if self.capture:
             self.drafter.prefilled(self.cache.length, self._segment.hidden)
         self.cache.commit(self._planned)
+        if self.prefix_cache:
+            self.cache.publish(self._prefix)
         self.stats.forward_passes += 1
         if self.prefilling or self.state is not None:  # more to read, or a preempted sequence caught up
             return None
