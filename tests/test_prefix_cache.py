@@ -173,7 +173,8 @@ def test_n_identical_prompts_read_it_once(tiny_engine, params, monkeypatch):
     seeds = [params.seed, 11, 12] if params.seed is not None else [None] * 3
 
     def run(prefix_cache):
-        scheduler = Scheduler(tiny_engine, max_batch=4, step_tokens=B, prefix_cache=prefix_cache)
+        scheduler = Scheduler(tiny_engine, max_batch=4, step_tokens=B, prefix_cache=prefix_cache,
+                              kv_budget_bytes=64 * tiny_engine.model.new_pool().bytes_per_block)  # as the server's
         requests = [scheduler.submit(prompt, SamplingParams(**{**vars(params), "seed": s}), make_drafter(method_for(params)))
                     for s in seeds]
         scheduler.run()

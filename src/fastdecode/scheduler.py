@@ -143,7 +143,7 @@ class Scheduler:
         if reading:
             r = min(reading, key=lambda r: r.sequence.prefill_left)
             r.sequence.reuse_prefix()  # adopting cached blocks takes them out of the pool's room
-            if r.sequence.prefilling and r.sequence.cache.room() > 0:
+            if r.sequence.cache.room() > 0:
                 planned.append((r, r.sequence.plan(prefill_tokens=self.step_tokens)))
         # Drafts are sized against the decoding rows only: a prompt chunk is work the batch does
         # anyway, and counted in the ratio it would make every draft row look cheap (measured:
