@@ -24,7 +24,9 @@ uvicorn = pytest.importorskip("uvicorn")
 pytestmark = pytest.mark.slow
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "playground.png"
-QUESTION = "Repeat this sentence exactly three times: the quick brown fox jumps over the lazy dog."
+# An answer that repeats its question: ngram drafts it from the prompt and the target accepts.
+QUESTION = ("Copy this text exactly: The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the "
+            "lazy dog. The quick brown fox jumps over the lazy dog.")
 MAX_TOKENS = 64
 
 
@@ -102,7 +104,7 @@ def is_answer(response) -> bool:
 
 def test_a_streamed_answer_marked_token_by_token(server, browser):
     url, llm = server
-    page = browser.new_page(viewport={"width": 900, "height": 760}, color_scheme="light")
+    page = browser.new_page(viewport={"width": 900, "height": 640}, color_scheme="light")
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(f"{url}/")
