@@ -18,6 +18,7 @@ from ..runtime.sampling import SamplingParams
 from ..scheduler import KV_BUDGET_MB, STEP_TOKENS
 from .drafter_pool import DrafterPool
 from .metrics import ServerMetrics
+from .playground import add_playground
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
 
@@ -50,6 +51,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         worker.stop()
 
     app = FastAPI(title="fastdecode", docs_url=None, redoc_url=None, lifespan=lifespan)
+    add_playground(app)
     app.state.worker = worker
     metrics = ServerMetrics()
     model_name = llm.model_name
