@@ -165,6 +165,26 @@ def test_a_request_sharing_a_prefix_reuses_its_blocks_and_decodes_the_same(tiny_
     assert scheduler.running == [] and scheduler.pool.used_blocks == 0 and scheduler.pool.cached_blocks > 0
 
 
+def test_logprobs_and_penalties_are_the_same_with_the_cache(tiny_engine):
+    """Penalties count the prompt's tokens, not its rows; logprobs come from bitwise equal logits."""
+    first = tokens(100, 6)
+    second = first[:96] + tokens(20, 7)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, temperature=0.8, seed=3, repetition_penalty=1.3,
+                            presence_penalty=0.5, logprobs=3)
+
+    def run(prefix_cache):
+        scheduler = Scheduler(tiny_engine, prefix_cache=prefix_cache)
+        results = []
+        for prompt in (first, second):
+            request = scheduler.submit(prompt, params, make_drafter("ar"))
+            scheduler.run()
+            results.append([token.to_dict() for token in request.result.tokens])
+        return results, scheduler.prefix_cache_hits
+
+    (cached, hits), (plain, _) = run(True), run(False)
+    assert cached == plain and hits == 96
+
+
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_n_identical_prompts_read_it_once(tiny_engine, params, monkeypatch):
     """Submitted together, the 2nd and 3rd copies wait for the first to read the prompt (the
