@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from urllib.parse import urlparse
@@ -126,7 +127,8 @@ async def prefill_probe(a, client, model: str, prompts: list[str]) -> None:
 async def main_async(a, prompts: list[str]) -> int:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key="none", max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key=a.api_key or os.environ.get("FASTDECODE_API_KEY") or "none",
+                         max_retries=0, timeout=600)
     model = (await client.models.list()).data[0].id
     await (prefill_probe(a, client, model, prompts) if a.long_prompt else throughput(a, client, model, prompts))
     return 0
@@ -140,6 +142,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=120.0, help="stop sending after this long")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--method", help="the fastdecode method of every request (default: the server's)")
+    ap.add_argument("--api-key", help="the server's --api-key (default: $FASTDECODE_API_KEY)")
     ap.add_argument("--questions", help="question file, or 'spec-bench' (default: the bench's built-in set)")
     ap.add_argument("--per-group", type=int, default=4, help="questions per task group, a seeded sample (default 4)")
     ap.add_argument("--groups", help="only these task groups, comma-separated (for example mt_bench,qa,math)")

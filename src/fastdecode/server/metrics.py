@@ -60,6 +60,8 @@ class ServerMetrics:
         self.prompt_tokens = Counter(P + "prompt_tokens", "prompt tokens processed", m, registry=r).labels(model_name)
         self.generation_tokens = Counter(P + "generation_tokens", "tokens generated", m, registry=r).labels(model_name)
         self.success = Counter(P + "request_success", "requests finished", m + ["finished_reason"], registry=r)
+        for reason in ("stop", "length"):  # shown from the start, at 0, as vLLM does
+            self.success.labels(model_name, reason)
         self.drafts = Counter(P + "spec_decode_num_drafts", "drafts verified", m, registry=r).labels(model_name)
         self.draft_tokens = Counter(P + "spec_decode_num_draft_tokens", "draft tokens verified", m,
                                     registry=r).labels(model_name)
