@@ -294,3 +294,20 @@ def test_serve_refuses_bad_flags_before_loading(argv, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1 and "Loading" not in err
+
+
+def test_the_operator_decides_what_loads():
+    from fastdecode.server.options import MethodPolicy, OptionError
+
+    policy = MethodPolicy("eagle", {"head": "/operator/head.safetensors", "depth": 4}, draft_model="smollm2-135m-instruct")
+    assert policy.resolve(None, {"depth": 2}) == ("eagle", {"head": "/operator/head.safetensors", "depth": 2})
+    assert policy.resolve("draft", {"max_depth": 3}) == ("draft", {"draft_model": "smollm2-135m-instruct", "max_depth": 3})
+    assert policy.resolve("ngram", {}) == ("ngram", {})  # the operator's options are the default method's only
+    for method, opts, param in (("draft", {"draft_model": "/etc/passwd"}, "fastdecode.options.draft_model"),
+                                ("eagle", {"head": "/tmp/x"}, "fastdecode.options.head"),
+                                ("medusa", {}, "fastdecode.method"),
+                                ("eagle", {"depth": 17}, "fastdecode.options.depth")):
+        with pytest.raises(OptionError) as caught:
+            policy.resolve(method, opts)
+        assert caught.value.param == param
+    assert "draft" not in MethodPolicy("auto").available()
