@@ -125,6 +125,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted from the logit of every token already generated (-2 to 2)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted from a token's logit once per time it was generated (-2 to 2)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides the positive logits (multiplies the negative ones) of tokens in the prompt or output (1: off)")
 
 
 def _sampling_params(args):
@@ -132,7 +137,8 @@ def _sampling_params(args):
 
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop,
+        seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
     )
 
 

@@ -39,6 +39,9 @@ KV_BUDGET_MB = 512  # the server's KV pool by default: SmolLM2 needs 180 MiB for
 class Request:
     sequence: Sequence
     on_text: Callable[[str], None] = lambda text: None  # each newly safe piece of text, in order
+    # The tokens each step committed (sequence.TokenInfo), called before that step's on_text: text
+    # is held back near a possible stop string, so the two need not line up piece by piece.
+    on_tokens: Callable[[list], None] = lambda tokens: None
     result: GenerationResult | None = None
     pieces: list[str] = field(default_factory=list)
 
@@ -55,7 +58,7 @@ class Scheduler:
         self.preemptions = 0
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter,
-               on_text: Callable[[str], None] | None = None) -> Request:
+               on_text: Callable[[str], None] | None = None, on_tokens: Callable[[list], None] | None = None) -> Request:
         """Queue a request. `drafter` must be its own: a drafter holds one request's state at a time."""
         self.engine.check_prompt(prompt_ids)
         sequence = Sequence(self.engine, list(prompt_ids), params, drafter, self.pool)
@@ -63,6 +66,8 @@ class Scheduler:
         request = Request(sequence)
         if on_text is not None:
             request.on_text = on_text
+        if on_tokens is not None:
+            request.on_tokens = on_tokens
         self.waiting.append(request)
         return request
 
@@ -136,6 +141,8 @@ class Scheduler:
             n = 1 if segment.last_only else len(segment.tokens)
             text = r.sequence.complete(logits[row : row + n])
             row += n
+            if r.sequence.new_tokens:
+                r.on_tokens(r.sequence.new_tokens)
             if text:
                 r.pieces.append(text)
                 r.on_text(text)

@@ -9,6 +9,11 @@
              path, bonus = verify(tree, logits)              (greedy, or exact rejection sampling)
              cache.keep(root + accepted rows); emit accepted tokens + bonus; drafter.observe(...)
 
+Each emitted token comes with a TokenInfo: who proposed it (a drafter, or the verifier itself for the
+bonus token) and, when asked, its log-probability under the model, read off the verify row that
+predicted it. The forward is batch-invariant, so that row, and the log-probability, are bitwise the
+same under every method as under plain decoding.
+
 The root is the last committed token: its KV row is written by the verify forward that follows it.
 Splitting a step at the forward lets one loop serve one request (engine.py) or many at once.
 
@@ -31,6 +36,7 @@ from .metrics import RequestStats
 from .models.llama import Segment
 from .runtime.draft_size import best_nodes
 from .runtime.kv_cache import KVCache, KVPool
+from .runtime.penalties import Penalties, has_adjustments
 from .runtime.sampling import SamplingParams, next_tokens
 from .runtime.tree import DraftTree
 from .runtime.verify import verify_greedy, verify_sampling
@@ -38,6 +44,27 @@ from .stop_strings import TextOutput
 
 PREFILL_CHUNK = 512  # prompt tokens per forward, at most: bounds attention memory for long prompts
 MAX_DRAFT = 64  # tree nodes per step, at most (cache headroom)
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    source: str  # "target": the verifier's own token; else the drafter that proposed it (auto: its member)
+    logprob: float | None = None  # log-softmax of the model's raw logits (before penalties and temperature)
+    top: list[tuple[int, float]] = field(default_factory=list)  # the k most likely (id, logprob), best first
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "source": self.source, "logprob": self.logprob, "top": self.top}
+
+
+def token_info(token: int, source: str, logits: torch.Tensor, top: int | None) -> TokenInfo:
+    """logits: the raw row [vocab] that predicted `token`; top: alternatives wanted (None: no logprobs)."""
+    if top is None:
+        return TokenInfo(token, source)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # one row at a time: the same shape under every method
+    best = logprobs.topk(top) if top else None
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if top else []
+    return TokenInfo(token, source, float(logprobs[token]), alternatives)
 
 
 @dataclass
@@ -50,6 +77,7 @@ class GenerationResult:
     method: str
     model: str
     stats: RequestStats = field(repr=False)
+    tokens: list[TokenInfo] = field(default_factory=list, repr=False)  # one per token_ids entry
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +110,11 @@ class Sequence:
         self.out = TextOutput(engine.tokenizer, params.stop)
         self.eos_ids = frozenset() if params.ignore_eos else engine.tokenizer.eos_ids
         self.generated: list[int] = []
+        self.tokens: list[TokenInfo] = []  # one per generated token
+        self.new_tokens: list[TokenInfo] = []  # those the last step added
+        self.penalties = None
+        if has_adjustments(params):
+            self.penalties = Penalties(params, prompt, engine.model.config.vocab_size)
         self.finish: str | None = None
         self.state: DecodeState | None = None  # set once the prompt is in the cache
         self._planned: DraftTree | int | None = None  # the tree of the planned step, or its prefill chunk length
@@ -148,13 +181,15 @@ class Sequence:
     def complete(self, logits: torch.Tensor) -> str | None:
         """Take the logits of the planned rows; return the text now safe to show (None while the
         prompt is still being prefilled)."""
+        self.new_tokens = []
         if isinstance(self._planned, int):
             return self._complete_prefill(logits)
         tree, cache, params = self._planned, self.cache, self.params
+        adjust = self.penalties.apply if self.penalties else None
         if params.greedy:
-            path, bonus = verify_greedy(tree, logits, self.eos_ids)
+            path, bonus = verify_greedy(tree, logits, self.eos_ids, adjust)
         else:
-            path, bonus = verify_sampling(tree, logits, params, self.generator, self.eos_ids)
+            path, bonus = verify_sampling(tree, logits, params, self.generator, self.eos_ids, adjust)
         cache.keep([0] + [node + 1 for node in path])
         new = [tree.tokens[node] for node in path] + [bonus]
         self.stats.record_step(len(tree), len(path))
@@ -166,15 +201,29 @@ class Sequence:
         if hidden is not None:
             hidden = hidden[[0] + [node + 1 for node in path]]
         self.drafter.observe(StepResult(self._proposal, rows, accepted, new, logits, hidden))
+        predicted_by = [0] + [node + 1 for node in path]  # the verify row of each new token
+        sources = [self._source(tree, node) for node in path] + ["target"]
         kept = []
-        for token in new:  # one at a time, so nothing after EOS or max_new_tokens leaks out
+        for token, row, source in zip(new, predicted_by, sources):  # one at a time: nothing after EOS or max_new_tokens leaks out
             kept.append(token)
-            self.generated.append(token)
-            self.finish = self._finish_reason()
+            self._emit(token, source, logits[row])
             if self.finish:
                 break
         self.state.tokens.extend(kept)
         return self.out.add(kept)
+
+    def _source(self, tree: DraftTree, node: int) -> str:
+        return tree.sources[node] if tree.sources else self.drafter.name
+
+    def _emit(self, token: int, source: str, logits: torch.Tensor) -> None:
+        """Commit one generated token, predicted by the raw `logits` row."""
+        self.generated.append(token)
+        info = token_info(token, source, logits, self.params.logprobs)
+        self.tokens.append(info)
+        self.new_tokens.append(info)
+        if self.penalties:
+            self.penalties.commit([token])
+        self.finish = self._finish_reason()
 
     def _complete_prefill(self, logits: torch.Tensor) -> str | None:
         if self.capture:
@@ -183,9 +232,9 @@ class Sequence:
         self.stats.forward_passes += 1
         if self.prefilling or self.state is not None:  # more to read, or a preempted sequence caught up
             return None
-        self.generated = [int(next_tokens(logits, self.params, self.generator)[0])]
+        row = self.penalties.apply(logits[0]) if self.penalties else logits[0]
+        self._emit(int(next_tokens(row[None], self.params, self.generator)[0]), "target", logits[0])
         self.stats.prefill_time_s = time.perf_counter() - self.start
-        self.finish = self._finish_reason()
         self.state = DecodeState(self.prompt + self.generated, len(self.prompt), self.params, self.engine.model, self.cache)
         return self.out.add(self.generated)
 
@@ -211,5 +260,6 @@ class Sequence:
             method=self.drafter.name,
             model=self.engine.model_name,
             stats=self.stats,
+            tokens=self.tokens,
         )
         return last, result

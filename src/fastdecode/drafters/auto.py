@@ -110,7 +110,9 @@ class Auto:
             key = (proposers[node], min(depths[node], MAX_DEPTH_KEY), min(int(estimate[node] * RATE_BINS), RATE_BINS - 1))
             keys.append(key)
             scores.append((1.0 if parent < 0 else scores[parent]) * self.stats.rate(key, estimate[node]))
-        merged = DraftTree(tokens, parents, scores=scores)
+        names = [m.name for m in self.members]
+        sources = ["+".join(n for k, n in enumerate(names) if bits >> k & 1) for bits in proposers]
+        merged = DraftTree(tokens, parents, scores=scores, sources=sources)
         if any(q is not None for q in q_rows):
             vocab = next(q for q in q_rows if q is not None).shape[-1]
             merged.draft_probs = torch.stack([torch.zeros(vocab) if q is None else q for q in q_rows])

@@ -13,6 +13,8 @@ import torch
 
 from ..errors import FastDecodeError
 
+MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +26,14 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # for benchmarks that need a fixed number of tokens
+    # Adjustments of the logits by the context (runtime/penalties.py), before temperature.
+    presence_penalty: float = 0.0  # [-2, 2]
+    frequency_penalty: float = 0.0  # [-2, 2]
+    repetition_penalty: float = 1.0  # > 0; 1 is off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100] added to its logit
+    # None: no log-probabilities; k: each token's log-probability under the model (its raw logits)
+    # and the k most likely tokens' at that position.
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +46,16 @@ class SamplingParams:
             (is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
             (self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), "seed must be an integer in [0, 2**63)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "frequency_penalty must be in [-2, 2]"),
+            (is_number(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
+             "repetition_penalty must be a finite number > 0"),
+            (isinstance(self.logit_bias, dict) and all(is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100
+                                                       for t, b in self.logit_bias.items()),
+             "logit_bias must map token ids (integers >= 0) to numbers in [-100, 100]"),
+            (self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -27,12 +27,16 @@ class DraftTree:
     # Optional: nodes the drafter needs verified whatever their score (with their ancestors), such
     # as lookahead's Jacobi window, whose value is the n-grams it yields for later steps.
     keep: list[bool] | None = None
+    # Optional: who proposed each node, for drafters that merge others' trees (auto); else every
+    # node is the drafter's own. Shown per accepted token (the server's token provenance).
+    sources: list[str] | None = None
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents):
             raise ValueError("tokens and parents must have the same length")
-        if self.scores is not None and len(self.scores) != len(self.tokens):
-            raise ValueError("scores must have one entry per node")
+        for name in ("scores", "keep", "sources"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != len(self.tokens):
+                raise ValueError(f"{name} must have one entry per node")
         if any(not -1 <= p < i for i, p in enumerate(self.parents)):
             raise ValueError("every parent must be -1 or an earlier node")
 
@@ -73,6 +77,7 @@ class DraftTree:
             None if self.draft_probs is None else self.draft_probs[nodes],
             None if self.scores is None else [self.scores[i] for i in nodes],
             None if self.keep is None else [self.keep[i] for i in nodes],
+            None if self.sources is None else [self.sources[i] for i in nodes],
         )
 
     def paths(self) -> list[list[int]]:

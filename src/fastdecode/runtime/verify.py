@@ -2,8 +2,14 @@
 
 Pure functions over a DraftTree and the target's logits for the verify rows: row 0 is the root
 (the last committed token), row i + 1 is draft node i; row r predicts the token after it.
+
+Penalties and logit bias make a row's distribution depend on the drafted tokens before it:
+`adjust(row, path_tokens)` then maps a row's raw logits to the ones plain decoding would use at that
+position (runtime/penalties.py), and only the rows on the accepted path are ever adjusted.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -11,22 +17,34 @@ from .sampling import SamplingParams, sample, target_probabilities
 from .tree import DraftTree
 
 
-def verify_greedy(tree: DraftTree, logits: torch.Tensor, eos_ids: frozenset[int] = frozenset()) -> tuple[list[int], int]:
+Adjust = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+def row_logits(logits: torch.Tensor, row: int, tree: DraftTree, path: list[int], adjust: Adjust | None) -> torch.Tensor:
+    """The logits plain decoding would sample from at verify row `row`, reached along `path`."""
+    if adjust is None:
+        return logits[row]
+    return adjust(logits[row], [tree.tokens[node] for node in path])
+
+
+def verify_greedy(tree: DraftTree, logits: torch.Tensor, eos_ids: frozenset[int] = frozenset(),
+                  adjust: Adjust | None = None) -> tuple[list[int], int]:
     """Longest root-to-leaf path whose every token is the target's argmax; returns (nodes, bonus).
 
     logits: [len(tree) + 1, vocab]. Nothing after an end-of-sequence token is accepted.
     """
-    best = logits.argmax(-1).tolist()
     path: list[int] = []
     row = 0
+    best = int(row_logits(logits, row, tree, path, adjust).argmax())
     while not path or tree.tokens[path[-1]] not in eos_ids:
         parent = path[-1] if path else -1
-        match = next((c for c in tree.children(parent) if tree.tokens[c] == best[row]), None)
+        match = next((c for c in tree.children(parent) if tree.tokens[c] == best), None)
         if match is None:
             break
         path.append(match)
         row = match + 1
-    return path, best[row]
+        best = int(row_logits(logits, row, tree, path, adjust).argmax())
+    return path, best
 
 
 def verify_sampling(
@@ -35,6 +53,7 @@ def verify_sampling(
     params: SamplingParams,
     generator: torch.Generator | None,
     eos_ids: frozenset[int] = frozenset(),
+    adjust: Adjust | None = None,
 ) -> tuple[list[int], int]:
     """Accepted nodes and a bonus token, distributed exactly as sampling from the target token by token.
 
@@ -53,7 +72,7 @@ def verify_sampling(
     path: list[int] = []
     node, row = -1, 0
     while True:
-        p = target_probabilities(logits[row : row + 1], params)[0]
+        p = target_probabilities(row_logits(logits, row, tree, path, adjust)[None], params)[0]
         accepted = None
         for child in tree.children(node):
             token = tree.tokens[child]
