@@ -448,9 +448,10 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             if chat:
                 choice = {"index": i, "delta": {"content": text} if text else {}}
                 if logprobs:
-                    choice["logprobs"] = {"content": chat_logprobs(tokens)}
+                    choice["logprobs"] = {"content": chat_logprobs(tokens)} if tokens or not finish else None
             else:
-                choice = {"index": i, "text": text, "logprobs": completion_logprobs(tokens, offsets[i]) if logprobs else None}
+                choice = {"index": i, "text": text,
+                          "logprobs": completion_logprobs(tokens, offsets[i]) if logprobs and (tokens or not finish) else None}
                 offsets[i] += sum(len(lp_token(t.id)) for t in tokens)
             choice["finish_reason"] = finish
             extra = {"tokens": token_entries(tokens)} if show_tokens and tokens else {}
