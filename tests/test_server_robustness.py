@@ -287,6 +287,7 @@ def test_drafter_pool_keeps_the_most_recent_kinds():
     (["serve", "--method", "ngram", "--option", "nonsense"], "KEY=VALUE"),
     (["serve", "--method", "ngram", "--option", "head=x"], "no option 'head'"),
     (["serve", "--served-model-name", " "], "served-model-name"),
+    (["serve", "--api-key", ""], "--api-key"),
 ])
 def test_serve_refuses_bad_flags_before_loading(argv, words, capsys):
     from fastdecode.cli import main
@@ -311,3 +312,13 @@ def test_the_operator_decides_what_loads():
             policy.resolve(method, opts)
         assert caught.value.param == param
     assert "draft" not in MethodPolicy("auto").available()
+
+
+def test_the_api_key_from_the_environment(llm_default, monkeypatch):
+    from fastdecode.server.app import create_app
+
+    monkeypatch.setenv("FASTDECODE_API_KEY", "from-env")
+    guarded = TestClient(create_app(llm_default, max_batch=1))
+    assert guarded.get("/v1/models").status_code == 401
+    assert guarded.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    assert guarded.get("/health").status_code == 200 and guarded.get("/health/live").status_code == 200

@@ -271,6 +271,8 @@ def _serve(args) -> int:
         make_drafter(args.method, **options)  # option values too
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise FastDecodeError("--served-model-name must not be empty")
+    if args.api_key is not None and not args.api_key.strip():
+        raise FastDecodeError("--api-key must not be empty (leave it out for an open server)")
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()] or None
     if min(args.max_batch, args.kv_cache_mb, args.step_tokens) < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
         raise FastDecodeError("--max-batch, --step-tokens and --kv-cache-mb take 1 or more, --max-queue 0 or more, "
