@@ -13,6 +13,11 @@ speculative step can carry several tokens in one chunk).
 Prefill probe (--long-prompt N): time to first token of short requests sent one at a time, first
 on an idle server, then while a prompt of about N tokens is being prefilled.
 
+Second turns (--second-turns): the prefix cache's effect. For each multi-turn question, one at a
+time: its first turn is answered (--max-tokens), then the second turn is sent with the whole
+conversation, and its time to first token is recorded. Run it against a server started with and
+without --no-prefix-caching; /metrics counts the prefix cache's queries and hits.
+
 Run:  fastdecode serve --port 8000 &   python benchmarks/load_test.py --url http://127.0.0.1:8000 --clients 8
 """
 from __future__ import annotations
@@ -124,13 +129,48 @@ async def prefill_probe(a, client, model: str, prompts: list[str]) -> None:
           f"p99 loaded / p50 idle: {percentile(loaded, 0.99) / percentile(idle, 0.5):.2f}x")
 
 
-async def main_async(a, prompts: list[str]) -> int:
+async def second_turns(a, client, model: str, conversations: list[list[str]]) -> None:
+    async def ttft(messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
+        start, first, text, prompt_tokens = time.perf_counter(), None, "", 0
+        stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                      temperature=0, stream=True, stream_options={"include_usage": True},
+                                                      extra_body={"fastdecode": {"method": a.method}} if a.method else {})
+        async for chunk in stream:
+            if chunk.usage is not None:
+                prompt_tokens = chunk.usage.prompt_tokens
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter() - start
+                text += chunk.choices[0].delta.content
+        return first, text, prompt_tokens
+
+    await ttft([{"role": "user", "content": "Say hello."}], 4)  # warm-up
+    firsts, seconds, sizes = [], [], []
+    for turns in conversations[: a.requests]:
+        history = [{"role": "user", "content": turns[0]}]
+        first, answer, _ = await ttft(history, a.max_tokens)
+        history += [{"role": "assistant", "content": answer}, {"role": "user", "content": turns[1]}]
+        second, _, size = await ttft(history, 1)
+        firsts.append(first)
+        seconds.append(second)
+        sizes.append(size)
+    print(f"{len(seconds)} conversations, one at a time, method {a.method or 'server default'}; second-turn prompts "
+          f"{min(sizes)} to {max(sizes)} tokens (mean {sum(sizes) / len(sizes):.0f})")
+    print(f"first turn TTFT: p50 {ms(firsts, 0.5)}; second turn TTFT: p50 {ms(seconds, 0.5)}, "
+          f"mean {sum(seconds) / len(seconds) * 1000:.0f} ms, p99 {ms(seconds, 0.99)}")
+
+
+async def main_async(a, prompts: list[str], conversations: list[list[str]]) -> int:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key=a.api_key or os.environ.get("FASTDECODE_API_KEY") or "none",
                          max_retries=0, timeout=600)
     model = (await client.models.list()).data[0].id
-    await (prefill_probe(a, client, model, prompts) if a.long_prompt else throughput(a, client, model, prompts))
+    if a.second_turns:
+        await second_turns(a, client, model, conversations)
+    elif a.long_prompt:
+        await prefill_probe(a, client, model, prompts)
+    else:
+        await throughput(a, client, model, prompts)
     return 0
 
 
@@ -147,6 +187,8 @@ def main() -> int:
     ap.add_argument("--per-group", type=int, default=4, help="questions per task group, a seeded sample (default 4)")
     ap.add_argument("--groups", help="only these task groups, comma-separated (for example mt_bench,qa,math)")
     ap.add_argument("--long-prompt", type=int, metavar="TOKENS", help="run the prefill probe with a prompt this long")
+    ap.add_argument("--second-turns", action="store_true",
+                    help="time to first token of second turns, one conversation at a time (multi-turn questions only)")
     a = ap.parse_args()
     if urlparse(a.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         print("error: --url must be a loopback address (this tool only loads a local server)", file=sys.stderr)
@@ -158,13 +200,17 @@ def main() -> int:
         return 2
     try:
         questions = sample_questions(load_questions(questions_path(a.questions)), a.per_group)
-        prompts = [q.turns[0] for q in questions if not a.groups or q.group in a.groups.split(",")]
+        chosen = [q for q in questions if not a.groups or q.group in a.groups.split(",")]
+        prompts = [q.turns[0] for q in chosen]
+        conversations = [q.turns for q in chosen if len(q.turns) > 1]
+        if a.second_turns and not conversations:
+            raise FastDecodeError("--second-turns needs multi-turn questions (for example --groups mt_bench)")
         if not prompts:
             raise FastDecodeError(f"no question of the groups {a.groups!r}; the groups are {', '.join(GROUPS)}")
     except FastDecodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(main_async(a, prompts))
+    return asyncio.run(main_async(a, prompts, conversations))
 
 
 if __name__ == "__main__":

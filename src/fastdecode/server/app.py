@@ -38,6 +38,7 @@ from ..scheduler import KV_BUDGET_MB, STEP_TOKENS
 from .drafter_pool import DrafterPool
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .options import MethodPolicy, OptionError
+from .playground import add_playground
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
 
@@ -189,6 +190,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         worker.stop()
 
     app = FastAPI(title="fastdecode", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    add_playground(app, methods=policy.available())
     app.state.worker = worker
     app.state.drafters = drafters
     app.state.policy = policy
