@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from urllib.parse import urlparse
@@ -161,7 +162,8 @@ async def second_turns(a, client, model: str, conversations: list[list[str]]) ->
 async def main_async(a, prompts: list[str], conversations: list[list[str]]) -> int:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key="none", max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key=a.api_key or os.environ.get("FASTDECODE_API_KEY") or "none",
+                         max_retries=0, timeout=600)
     model = (await client.models.list()).data[0].id
     if a.second_turns:
         await second_turns(a, client, model, conversations)
@@ -180,6 +182,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=120.0, help="stop sending after this long")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--method", help="the fastdecode method of every request (default: the server's)")
+    ap.add_argument("--api-key", help="the server's --api-key (default: $FASTDECODE_API_KEY)")
     ap.add_argument("--questions", help="question file, or 'spec-bench' (default: the bench's built-in set)")
     ap.add_argument("--per-group", type=int, default=4, help="questions per task group, a seeded sample (default 4)")
     ap.add_argument("--groups", help="only these task groups, comma-separated (for example mt_bench,qa,math)")

@@ -76,6 +76,7 @@ def browser():
 
 def test_the_page_its_files_and_the_methods_route(server):
     from fastdecode.drafters import METHODS
+    from fastdecode.server.options import MethodPolicy
 
     url = server[0]
     page = get(f"{url}/")
@@ -87,7 +88,8 @@ def test_the_page_its_files_and_the_methods_route(server):
     assert get(f"{url}/playground/app.py").status == 404
     assert get(f"{url}/playground/%2E%2E%2Fapp.py").status == 404
     methods = json.loads(get(f"{url}/v1/fastdecode/methods").text)["data"]
-    assert [m["name"] for m in methods] == list(METHODS)
+    offered = MethodPolicy("auto").available()  # what a client may choose here: no draft model, no heads
+    assert [m["name"] for m in methods] == offered and "ngram" in offered and "draft" not in offered
     for m in methods:
         assert m["summary"] == METHODS[m["name"]].summary and m["lossless"] is METHODS[m["name"]].lossless
 

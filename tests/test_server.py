@@ -87,15 +87,19 @@ def test_completions_with_a_stop_string_and_a_method(client, server):
 
 
 def metric(url: str, name: str) -> float:
+    """A metric's value, summed over its label sets (model_name on each, finished_reason on some)."""
     lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return float(next(line.split()[-1] for line in lines if line.startswith(name + " ")))
+    values = [float(line.split()[-1]) for line in lines if line.startswith((name + " ", name + "{"))]
+    assert values, name
+    return sum(values)
 
 
 def test_metrics_count_tokens_latencies_and_speculation(server, client):
     url = server[0]
     before = {name: metric(url, f"fastdecode:{name}") for name in
               ("generation_tokens_total", "prompt_tokens_total", "time_to_first_token_seconds_count",
-               "spec_decode_num_accepted_tokens_total", "request_success_total")}
+               "spec_decode_num_accepted_tokens_total", "request_success_total", "e2e_request_latency_seconds_count",
+               "request_queue_time_seconds_count")}
     repeat = [{"role": "user", "content": "Repeat exactly: the red fox, the red fox, the red fox, the red fox."}]
     reply = client.chat.completions.create(model=MODEL, messages=repeat, max_tokens=32, temperature=0, stream=True,
                                            stream_options={"include_usage": True},
@@ -108,8 +112,9 @@ def test_metrics_count_tokens_latencies_and_speculation(server, client):
     assert after("spec_decode_num_accepted_tokens_total") > 0
     assert metric(url, "fastdecode:num_requests_running") == 0
     text = httpx.get(f"{url}/metrics").text
-    assert 'fastdecode:spec_decode_num_accepted_tokens_per_pos{position="0"}' in text
-    assert 'fastdecode:inter_token_latency_seconds_bucket{le="+Inf"}' in text
+    assert 'fastdecode:spec_decode_num_accepted_tokens_per_pos_total{model_name="smollm2-135m-instruct",position="0"}' in text
+    assert 'fastdecode:inter_token_latency_seconds_bucket{le="+Inf",model_name="smollm2-135m-instruct"}' in text
+    assert after("e2e_request_latency_seconds_count") == 1 and after("request_queue_time_seconds_count") == 1
 
 
 def test_drafters_keep_learning_across_requests(client):

@@ -1,5 +1,5 @@
 """`fastdecode serve` as a user runs it: SIGTERM lets the running request finish, refuses new ones
-with 503, and the process exits 0."""
+with 503 (and /health with 503, while /health/live answers 200), and the process exits 0."""
 import json
 import os
 import signal
@@ -55,6 +55,7 @@ def test_sigterm_drains_running_requests_then_exits(tmp_path):
         at_signal = len(events)
         time.sleep(0.3)
         refused = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+        ready, live = httpx.get(f"{url}/health"), httpx.get(f"{url}/health/live")
         reader.join(60)
         assert server.wait(60) == 0
     finally:
@@ -62,6 +63,8 @@ def test_sigterm_drains_running_requests_then_exits(tmp_path):
             server.kill()
         log.close()
     assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"  # readiness: take it out of rotation
+    assert live.status_code == 200  # liveness: the process still serves
     assert events[-1] == "[DONE]"  # the running request was not cut off...
     assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"  # ...it ran to max_tokens
     assert json.loads(events[-2])["usage"]["completion_tokens"] == 160 and len(events) > at_signal + 10

@@ -67,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
     add_weights_argument(v)
     v.add_argument("--method", default="auto", help="decoding method of requests that name none (default auto)")
+    v.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --method, e.g. --option max_ngram=5 or --option head=PATH (repeatable); "
+                        "requests may set only the bounded numeric options of `fastdecode serve`'s table over these")
+    v.add_argument("--draft-model", help="the draft model that method draft uses (a name, .gguf file or checkpoint "
+                                         "folder); without it, method draft is not offered to clients")
+    v.add_argument("--served-model-name", help="the model name clients send and see (default: the --model name)")
+    v.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 and /metrics (default: the "
+                                     "environment variable FASTDECODE_API_KEY; none: open)")
+    v.add_argument("--allowed-origins", help="comma-separated origins allowed by CORS (default: CORS off)")
+    v.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the KV rows of prompt prefixes across requests")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=8, help="requests decoding at once (default 8)")
@@ -131,11 +142,15 @@ def _sampling_params(args):
     )
 
 
-def _method_options(args) -> dict:
-    """--option KEY=VALUE pairs (and --draft-model), values as int, float, bool or string."""
+def _parse_options(items: list[str]) -> list[tuple[str, object]]:
     from .drafters import parse_option
 
-    options = dict(parse_option(item) for item in args.option)
+    return [parse_option(item) for item in items]
+
+
+def _method_options(args) -> dict:
+    """--option KEY=VALUE pairs (and --draft-model), values as int, float, bool or string."""
+    options = dict(_parse_options(args.option))
     if args.draft_model is not None:
         options["draft_model"] = args.draft_model
     return options
@@ -239,9 +254,26 @@ def _methods(args) -> int:
 
 
 def _serve(args) -> int:
-    from .drafters import check_method
+    from .drafters import METHODS, check_method, make_drafter
+    from .models.loader import model_source
 
-    check_method(args.method, {})
+    options = dict(_parse_options(args.option))
+    check_method(args.method, options)
+    if args.method == "draft" and args.draft_model is None and "draft_model" in options:
+        args.draft_model = options["draft_model"]
+    if args.method == "draft":
+        if args.draft_model is None:
+            raise FastDecodeError("--method draft needs --draft-model")
+        options["draft_model"] = args.draft_model
+    if args.draft_model is not None:
+        model_source(args.draft_model)  # an unknown name or missing path fails now, before the model loads
+    if not getattr(METHODS[args.method], "needs_target", False):
+        make_drafter(args.method, **options)  # option values too
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise FastDecodeError("--served-model-name must not be empty")
+    if args.api_key is not None and not args.api_key.strip():
+        raise FastDecodeError("--api-key must not be empty (leave it out for an open server)")
+    origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()] or None
     if min(args.max_batch, args.kv_cache_mb, args.step_tokens) < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
         raise FastDecodeError("--max-batch, --step-tokens and --kv-cache-mb take 1 or more, --max-queue 0 or more, "
                               "--port 1 to 65535")
@@ -254,7 +286,16 @@ def _serve(args) -> int:
 
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype, weights=args.weights)
-    app = create_app(llm, args.method, args.max_batch, args.max_queue, args.step_tokens, args.kv_cache_mb << 20)
+    app = create_app(llm, args.method, args.max_batch, args.max_queue, args.step_tokens, args.kv_cache_mb << 20,
+                     options=options, draft_model=args.draft_model, served_model_name=args.served_model_name,
+                     api_key=args.api_key, allowed_origins=origins, prefix_cache=args.prefix_caching)
+    pool = app.state.drafters  # the default method's drafter (and a draft model or head) loads, and is checked, now
+    pool.release(args.method, options, pool.acquire(args.method, options))
+    if args.draft_model is not None and args.method != "draft":
+        method, draft_options = app.state.policy.resolve("draft", {})
+        pool.release(method, draft_options, pool.acquire(method, draft_options))
+    print(f"Serving {app.state.policy.method} on http://{args.host}:{args.port} (model name "
+          f"{args.served_model_name or llm.model_name!r}).", file=sys.stderr)
     serve(app, args.host, args.port)
     return 0
 

@@ -1,228 +1,537 @@
 """The HTTP routes: OpenAI's chat and text completions (plain and streamed as server-sent events),
-models, health. Bad input gets a 4xx with an OpenAI-style error object, never a crash."""
+models, metrics, and the probes /health (readiness: 503 while draining), /health/live and /ping
+(liveness).
+
+Every error, from a body that is not JSON to a generation that failed, is an OpenAI error object
+{"error": {"message", "type", "param", "code"}} with its 4xx or 5xx status; the server goes on.
+Bodies are read here, not by FastAPI: at most MAX_BODY_BYTES (counted as they arrive, so a chunked
+body without Content-Length is cut off too: 413), strict UTF-8 JSON without NaN or infinities,
+then validated by schemas.py. Chat templating, tokenization and building drafters run on worker
+threads (asyncio.to_thread), never on the event loop that streams everyone's tokens.
+
+n > 1 submits n sequences of the prompt together; with a seed, choice i samples with seed + i
+(so choice i equals a lone request with seed + i). Logprobs are log-softmax of the raw logits
+(before penalties, bias and temperature), the same under every lossless method.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import math
+import os
 import time
 import uuid
+from functools import lru_cache
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..drafters import check_method
 from ..errors import FastDecodeError
 from ..runtime.sampling import SamplingParams
 from ..scheduler import KV_BUDGET_MB, STEP_TOKENS
 from .drafter_pool import DrafterPool
-from .metrics import ServerMetrics
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .options import MethodPolicy, OptionError
 from .playground import add_playground
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
 
 MAX_BODY_BYTES = 1 << 20
+OPEN_PATHS = ("/health", "/health/live", "/ping")  # answered without the API key
+PROTECTED_PREFIXES = ("/v1", "/metrics")
 
 
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, param: str | None = None):
         self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+        self.param = param
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+                   headers: dict | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI wrapper: the API key on /v1 and /metrics, and the body limit, counted on `receive` as
+    the body arrives (a Content-Length over it is refused before reading)."""
+
+    def __init__(self, app, limit: int, api_key: str | None):
+        self.app, self.limit, self.api_key = app, limit, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        path = scope.get("path", "")
+        if self.api_key is not None and scope.get("method") != "OPTIONS" and path.startswith(PROTECTED_PREFIXES):
+            given = headers.get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key.encode()):
+                response = error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            status, message = (413, f"the request body is over {self.limit} bytes") if length.isdigit() else \
+                (400, "invalid Content-Length header")
+            return await error_response(status, message)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPError(413, f"the request body is over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of a double's range")
+    return value
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPError(400, f"the request body is not valid UTF-8 (at byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise HTTPError(400, f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise HTTPError(400, "the request body is not valid JSON here: nested too deeply") from None
+    except ValueError as exc:  # NaN, Infinity, 1e999, an integer of thousands of digits
+        raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    return body
+
+
+def _param(loc) -> str | None:
+    """pydantic's error location as OpenAI's param: messages[0].content, fastdecode.options.max_ngram."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif any(c in part for c in "[]") or part in ("str", "int", "float", "bool", "list", "dict", "none"):
+            continue  # a union member's tag, not a field
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def validation_error(exc: ValidationError) -> HTTPError:
+    errors = exc.errors()
+    # Prefer an unknown field, then the deepest location (a union's members each report one).
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), None) or max(errors, key=lambda e: len(e["loc"]))
+    param = _param(first.get("loc", ()))
+    if first["type"] == "extra_forbidden":
+        return HTTPError(400, f"unrecognized request argument supplied: {param} (fastdecode refuses what it would "
+                              "otherwise ignore)", param=param)
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return HTTPError(400, f"{param + ': ' if param else ''}{msg}", param=param)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 64, step_tokens: int = STEP_TOKENS,
-               kv_budget_bytes: int | None = KV_BUDGET_MB << 20) -> FastAPI:
+               kv_budget_bytes: int | None = KV_BUDGET_MB << 20, *, options: dict | None = None,
+               draft_model: str | None = None, served_model_name: str | None = None, api_key: str | None = None,
+               allowed_origins: list[str] | None = None, prefix_cache: bool = True,
+               max_idle_drafters: int | None = None) -> FastAPI:
     """The app and its worker (app.state.worker), which the caller runs: server/serve.py runs it
-    on the main thread, tests call worker.start()."""
-    check_method(method, {})
-    worker = Worker(llm.engine, max_batch, step_tokens, kv_budget_bytes)
-    drafters = DrafterPool(llm.target, keep=max_batch)
+    on the main thread, tests call worker.start(). options: the default method's (serve's --option);
+    draft_model: enables method draft for clients; api_key: None (open), else Bearer KEY on /v1 and
+    /metrics (FASTDECODE_API_KEY when not given); allowed_origins: CORS, off when None."""
+    check_method(method, options or {})
+    policy = MethodPolicy(method, options, draft_model)
+    worker = Worker(llm.engine, max_batch, step_tokens, kv_budget_bytes, prefix_cache=prefix_cache)
+    drafters = DrafterPool(llm.target, keep=max_batch, max_idle=max_idle_drafters)
+    api_key = api_key if api_key is not None else (os.environ.get("FASTDECODE_API_KEY") or None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
         worker.stop()
 
-    app = FastAPI(title="fastdecode", docs_url=None, redoc_url=None, lifespan=lifespan)
-    add_playground(app)
+    app = FastAPI(title="fastdecode", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    add_playground(app, methods=policy.available())
     app.state.worker = worker
-    metrics = ServerMetrics()
-    model_name = llm.model_name
+    app.state.drafters = drafters
+    app.state.policy = policy
+    model_name = served_model_name or llm.model_name
+    scheduler = worker.scheduler
+    metrics = ServerMetrics(scheduler, model_name)
+    app.state.metrics = metrics
+    tokenizer = llm.tokenizer
+    vocab = llm.engine.model.config.vocab_size
 
     @app.exception_handler(HTTPError)
     async def _http_error(_, exc: HTTPError):
-        return error_response(exc.status, exc.message, exc.kind, exc.code, exc.headers)
+        return error_response(exc.status, exc.message, exc.kind, exc.code, exc.headers, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}")
+        param = _param([p for p in first.get("loc", ()) if p not in ("body", "query")])
+        return error_response(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param=param)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(_, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
 
-    scheduler = worker.scheduler
+    @app.exception_handler(Exception)
+    async def _crash(_, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
     async def health():
-        return {"status": "draining" if worker.draining else "ok", "running": len(scheduler.running),
-                "waiting": len(scheduler.waiting), "kv_blocks_used": scheduler.pool.used_blocks,
-                "kv_blocks_total": scheduler.pool.num_blocks}
+        body = {"status": "draining" if worker.draining else "ok", "ready": not worker.draining,
+                "running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "kv_blocks_used": scheduler.pool.used_blocks, "kv_blocks_total": scheduler.pool.num_blocks}
+        return JSONResponse(body, status_code=503 if worker.draining else 200,
+                            headers={"Retry-After": "5"} if worker.draining else None)
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "alive", "draining": worker.draining}
+
+    @app.get("/ping")
+    async def ping():
+        return {"status": "alive"}
 
     @app.get("/metrics")
     async def prometheus():
-        pool = scheduler.pool
-        text = metrics.render(len(scheduler.running), len(scheduler.waiting), pool.used_blocks / pool.num_blocks,
-                              scheduler.preemptions)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fastdecode"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fastdecode",
+                                            "max_model_len": llm.engine.context_window}]}
 
-    def prepare(body: Sampling, prompt_ids: list[int]):
+    async def read_body(request: Request, schema: type[Sampling]) -> Sampling:
+        raw = await request.body()
+        try:
+            body = schema.model_validate(parse_json(raw))
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        refused = body.unsupported()
+        if refused:
+            raise HTTPError(400, refused[1], param=refused[0])
         if body.model != model_name:
             raise HTTPError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
-                            code="model_not_found")
+                            code="model_not_found", param="model")
         if worker.draining:
             raise HTTPError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
-        if worker.active >= max_batch + max_queue:
+        return body
+
+    @lru_cache(maxsize=65536)
+    def token_text(token: int) -> str:
+        return tokenizer.decode([token])
+
+    hf = getattr(tokenizer, "_tok", None)
+    byte_level = hf is not None and "ByteLevel" in repr(hf.decoder)
+
+    @lru_cache(maxsize=65536)
+    def token_bytes(token: int) -> bytes:
+        """The token's own bytes (a piece of a UTF-8 character stays a piece), for logprobs."""
+        piece = hf.id_to_token(token) if byte_level else None
+        table = _byte_decoder()
+        if piece is not None and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return token_text(token).encode()
+
+    def lp_token(token: int) -> str:
+        return token_bytes(token).decode("utf-8", errors="replace")
+
+    async def prepare(body: Sampling, prompt_ids: list[int]):
+        """Sampling parameters for each of the n choices, the method, its options and n drafters."""
+        if worker.active + body.n > max_batch + max_queue:
             raise HTTPError(429, "the server is at capacity; retry shortly", "rate_limit_error", headers={"Retry-After": "1"})
         window = llm.engine.context_window
         room = window - len(prompt_ids)
         max_tokens = body.max_completion_tokens or body.max_tokens or room
         if room <= 0 or max_tokens > room:
             raise HTTPError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
-                                 f"the context window of {window} tokens", code="context_length_exceeded")
+                                 f"the context window of {window} tokens", code="context_length_exceeded",
+                            param="max_tokens" if room > 0 else ("messages" if isinstance(body, ChatRequest) else "prompt"))
         try:
+            chosen, method_options = policy.resolve(body.fastdecode.method, body.fastdecode.options)
+        except OptionError as exc:
+            raise HTTPError(400, str(exc), param=exc.param) from None
+        try:
+            k = body.logprobs_k()
+        except ValueError as exc:
+            raise HTTPError(400, str(exc), param="top_logprobs") from None
+        extra = {}  # only what a request sets, so that plain requests build plain SamplingParams
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+            if getattr(body, name) != neutral:
+                extra[name] = getattr(body, name)
+        if body.logit_bias:
+            bias = {int(key): float(value) for key, value in body.logit_bias.items()}
+            outside = [t for t in bias if t >= vocab]
+            if outside:
+                raise HTTPError(400, f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})",
+                                param="logit_bias")
+            extra["logit_bias"] = bias
+        if k is not None:
+            extra["logprobs"] = k
+        try:
+            params = [SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                                     seed=None if body.seed is None else body.seed + i, max_new_tokens=max_tokens,
+                                     stop=body.stop_list(), **extra) for i in range(body.n)]
             scheduler.check_fits(len(prompt_ids), max_tokens)
-            params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                                    seed=body.seed, max_new_tokens=max_tokens, stop=body.stop_list())
-            chosen = body.fastdecode.method or method
-            drafter = drafters.acquire(chosen, body.fastdecode.options)
         except FastDecodeError as exc:
             raise HTTPError(400, str(exc)) from None
-        return params, drafter, chosen
 
-    async def observed(events: asyncio.Queue, arrival: float):
-        """A request's events as they come, timed into the metrics."""
-        last = None
-        while True:
-            kind, value = await events.get()
-            if kind == "text":
-                now = time.perf_counter()
-                if last is None:
-                    metrics.first_text(now - arrival)
-                else:
-                    metrics.next_text(now - last)
-                last = now
-            elif not isinstance(value, Exception):
-                metrics.finished_request(value)
-            yield kind, value
-            if kind == "done":
-                return
+        def build():
+            made = []
+            try:
+                for _ in range(body.n):
+                    made.append(drafters.acquire(chosen, method_options))
+            except BaseException:
+                for d in made:
+                    drafters.release(chosen, method_options, d)
+                raise
+            return made
+
+        try:
+            made = await asyncio.to_thread(build)
+        except FastDecodeError as exc:
+            raise HTTPError(400, str(exc), param="fastdecode.options") from None
+        return params, made, chosen, method_options
+
+    def token_entries(tokens) -> list[dict]:
+        return [{"id": t.id, "text": token_text(t.id), "source": t.source} for t in tokens]
+
+    def chat_logprobs(tokens) -> list[dict]:
+        def one(token, logprob):
+            return {"token": lp_token(token), "logprob": logprob, "bytes": list(token_bytes(token))}
+        return [{**one(t.id, t.logprob), "top_logprobs": [one(i, lp) for i, lp in t.top]} for t in tokens]
+
+    def completion_logprobs(tokens, offset: int = 0) -> dict:
+        texts = [lp_token(t.id) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{lp_token(i): lp for i, lp in t.top} for t in tokens], "text_offset": offsets}
 
     async def run(body: Sampling, prompt_ids: list[int], chat: bool):
         arrival = time.perf_counter()
-        params, drafter, chosen = prepare(body, prompt_ids)
+        params, made, chosen, method_options = await prepare(body, prompt_ids)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(prompt_ids, params, drafter,
-                  on_text=lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text)),
-                  on_done=lambda result: loop.call_soon_threadsafe(events.put_nowait, ("done", result)),
-                  on_release=lambda: drafters.release(chosen, body.fastdecode.options, drafter))
-        worker.submit(job)
+        logprobs = body.logprobs_k() is not None
+        want_tokens = logprobs or body.fastdecode.show_tokens
+        post = lambda *event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
+        jobs = []
+        for i, (p, drafter) in enumerate(zip(params, made)):
+            jobs.append(Job(prompt_ids, p, drafter,
+                            on_text=lambda text, i=i: post(i, "text", text),
+                            on_done=lambda result, i=i: post(i, "done", result),
+                            on_release=lambda d=drafter: drafters.release(chosen, method_options, d),
+                            on_tokens=(lambda tokens, i=i: post(i, "tokens", tokens)) if want_tokens else None))
+        for job in jobs:
+            worker.submit(job)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(job, observed(events, arrival), ident, created, chat, chosen, include_usage),
+            return StreamingResponse(stream(jobs, observed(events, arrival, jobs), ident, created, chat, chosen,
+                                            include_usage, logprobs, body.fastdecode.show_tokens),
                                      media_type="text/event-stream")
+        results: list = [None] * len(jobs)
         try:
-            async for kind, value in observed(events, arrival):
-                pass
+            async for i, kind, value in observed(events, arrival, jobs):
+                if kind == "done":
+                    results[i] = value
         except asyncio.CancelledError:
-            worker.cancel(job)
+            for job in jobs:
+                worker.cancel(job)
             raise
-        if isinstance(value, Exception):
-            raise HTTPError(500, f"generation failed: {value}", "server_error")
-        return completion_body(value, ident, created, chat, chosen)
-
-    def completion_body(result, ident: str, created: int, chat: bool, chosen: str) -> dict:
-        choice = {"index": 0, "finish_reason": result.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
-        else:
-            choice.update(text=result.text, logprobs=None)
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise HTTPError(500, f"generation failed: {failed}", "server_error")
+        choices = []
+        for i, result in enumerate(results):
+            tokens = getattr(result, "tokens", None) or []
+            choice = {"index": i}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+                choice["logprobs"] = {"content": chat_logprobs(tokens)} if logprobs else None
+            else:
+                choice["text"] = result.text
+                choice["logprobs"] = completion_logprobs(tokens) if logprobs else None
+            choice["finish_reason"] = result.finish_reason
+            choices.append(choice)
+        extra = statistics(results, chosen)
+        if body.fastdecode.show_tokens:
+            extra["tokens"] = token_entries(getattr(results[0], "tokens", None) or [])
+            if len(results) > 1:
+                extra["choice_tokens"] = [token_entries(getattr(r, "tokens", None) or []) for r in results]
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model_name, "choices": [choice], "usage": usage(result), "fastdecode": statistics(result, chosen)}
+                "model": model_name, "choices": choices, "usage": usage(results), "fastdecode": extra}
 
-    async def stream(job: Job, events, ident: str, created: int, chat: bool, chosen: str, include_usage: bool):
+    async def observed(events: asyncio.Queue, arrival: float, jobs: list[Job]):
+        """The choices' events as they come, timed into the metrics, until every choice is done."""
+        last: dict[int, float] = {}
+        left = len(jobs)
+        while left:
+            i, kind, value = await events.get()
+            now = time.perf_counter()
+            if kind == "text":
+                if i not in last:
+                    metrics.first_text(now - arrival)
+                else:
+                    metrics.next_text(now - last[i])
+                last[i] = now
+            elif kind == "done":
+                left -= 1
+                if not isinstance(value, Exception):
+                    metrics.finished_request(value, now - arrival, prompt_counted=i == 0)
+                    if jobs[i].scheduled_at is not None:
+                        metrics.queued(max(0.0, jobs[i].scheduled_at - arrival))
+            yield i, kind, value
+
+    async def stream(jobs: list[Job], events, ident: str, created: int, chat: bool, chosen: str, include_usage: bool,
+                     logprobs: bool, show_tokens: bool):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
+        pending: dict[int, list] = {i: [] for i in range(len(jobs))}  # tokens not yet sent with text
+        offsets = dict.fromkeys(range(len(jobs)), 0)
 
         def chunk(choices: list, **extra) -> str:
             body = {"id": ident, "object": kind_name, "created": created, "model": model_name, "choices": choices, **extra}
-            return f"data: {json.dumps(body)}\n\n"
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def piece(text: str, finish: str | None = None) -> dict:
+        def piece(i: int, text: str, finish: str | None = None) -> tuple[dict, dict]:
+            tokens, pending[i] = pending[i], []
             if chat:
-                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": {"content": text} if text else {}}
+                if logprobs:
+                    choice["logprobs"] = {"content": chat_logprobs(tokens)} if tokens or not finish else None
+            else:
+                choice = {"index": i, "text": text,
+                          "logprobs": completion_logprobs(tokens, offsets[i]) if logprobs and (tokens or not finish) else None}
+                offsets[i] += sum(len(lp_token(t.id)) for t in tokens)
+            choice["finish_reason"] = finish
+            extra = {"tokens": token_entries(tokens)} if show_tokens and tokens else {}
+            return choice, extra
 
-        done = False
+        done, results = False, []
         try:
             if chat:
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for kind, value in events:
-                if kind == "text":
-                    yield chunk([piece(value)])
+                for i in range(len(jobs)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            async for i, kind, value in events:
+                if kind == "tokens":
+                    pending[i].extend(value)
                     continue
-                done = True
+                if kind == "text":
+                    choice, extra = piece(i, value)
+                    yield chunk([choice], **({"fastdecode": extra} if extra else {}))
+                    continue
                 if isinstance(value, Exception):
-                    yield f"data: {json.dumps({'error': {'message': f'generation failed: {value}', 'type': 'server_error'}})}\n\n"
+                    done = True
+                    yield f"data: {json.dumps(error_body(f'generation failed: {value}', 'server_error'))}\n\n"
                     break
-                yield chunk([piece("", value.finish_reason)], fastdecode=statistics(value, chosen))
-                if include_usage:
-                    yield chunk([], usage=usage(value))
-                break
+                results.append(value)
+                choice, extra = piece(i, "", value.finish_reason)
+                stats = statistics([value], chosen)
+                if len(jobs) > 1:
+                    stats["index"] = i
+                yield chunk([choice], fastdecode={**stats, **extra})
+                if len(results) == len(jobs):
+                    done = True
+                    if include_usage:
+                        yield chunk([], usage=usage(results))
             yield "data: [DONE]\n\n"
         finally:
-            if not done:  # the client went away: free its slot and cache
-                worker.cancel(job)
+            if not done:  # the client went away (or a choice failed): free the slots and caches
+                for job in jobs:
+                    worker.cancel(job)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatRequest)
+        messages = [m.plain() for m in body.messages]
         try:
-            prompt_ids = llm.prompt_ids([m.model_dump() for m in body.messages])
+            prompt_ids = await asyncio.to_thread(llm.prompt_ids, messages)
         except FastDecodeError as exc:
-            raise HTTPError(400, str(exc)) from None
+            raise HTTPError(400, str(exc), param="messages") from None
         return await run(body, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await run(body, llm.prompt_ids(body.prompt, raw=True), chat=False)
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest)
+        try:
+            prompt = body.single_prompt()
+        except ValueError as exc:
+            raise HTTPError(400, f"prompt: {exc}", param="prompt") from None
+        if isinstance(prompt, str):
+            prompt_ids = await asyncio.to_thread(llm.prompt_ids, prompt, True)
+        else:
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise HTTPError(400, f"prompt: token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt")
+            prompt_ids = list(prompt)
+        return await run(body, prompt_ids, chat=False)
 
+    app.add_middleware(Guard, limit=MAX_BODY_BYTES, api_key=api_key)
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"])
     return app
 
 
-def usage(result) -> dict:
-    return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": result.num_generated_tokens,
-            "total_tokens": result.num_prompt_tokens + result.num_generated_tokens}
+def usage(results: list) -> dict:
+    prompt = results[0].num_prompt_tokens
+    completion = sum(r.num_generated_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def statistics(result, method: str) -> dict:
-    s = result.stats
-    return {"method": method, "drafts": s.drafts, "draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
-            "mean_acceptance_length": round(s.mean_acceptance_length, 4), "forward_passes": s.forward_passes}
+def statistics(results: list, method: str) -> dict:
+    drafts = sum(r.stats.drafts for r in results)
+    accepted = sum(r.stats.accepted_tokens for r in results)
+    return {"method": method, "drafts": drafts, "draft_tokens": sum(r.stats.draft_tokens for r in results),
+            "accepted_tokens": accepted, "mean_acceptance_length": round(1.0 + accepted / drafts if drafts else 1.0, 4),
+            "forward_passes": sum(r.stats.forward_passes for r in results)}

@@ -24,12 +24,15 @@ def _read(name: str) -> bytes:
     return (resources.files(__package__) / "playground" / name).read_bytes()
 
 
-def methods_list() -> list[dict]:
-    return [{"name": name, "summary": cls.summary, "lossless": bool(cls.lossless)} for name, cls in METHODS.items()]
+def methods_list(names: list[str] | None = None) -> list[dict]:
+    return [{"name": name, "summary": cls.summary, "lossless": bool(cls.lossless)} for name, cls in METHODS.items()
+            if names is None or name in names]
 
 
-def add_playground(app: FastAPI) -> None:
-    """Add GET / (the page), GET /playground/{file} (its script and style) and GET /v1/fastdecode/methods."""
+def add_playground(app: FastAPI, methods: list[str] | None = None) -> None:
+    """Add GET / (the page), GET /playground/{file} (its script and style) and GET /v1/fastdecode/methods
+    (the methods a client may choose on this server: `methods`, else all)."""
+    offered = methods_list(methods)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
@@ -45,4 +48,4 @@ def add_playground(app: FastAPI) -> None:
 
     @app.get("/v1/fastdecode/methods")
     async def methods():
-        return {"object": "list", "data": methods_list()}
+        return {"object": "list", "data": offered}

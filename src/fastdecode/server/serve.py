@@ -1,7 +1,8 @@
 """Run the app: the model's loop on the main thread, the web server on a thread beside it.
 
-SIGTERM or Ctrl-C drains: new requests get 503 with Retry-After, running and queued ones finish,
-then the web server closes and the process exits 0. A second signal stops at once.
+SIGTERM or Ctrl-C drains: new requests get 503 with Retry-After, /health (readiness) answers 503
+while /health/live and /ping stay 200, running and queued ones finish, then the web server closes
+and the process exits 0. A second signal stops at once.
 """
 from __future__ import annotations
 

@@ -10,8 +10,10 @@ OpenMP team per thread), which halved a single stream's speed when the model ran
 """
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,13 +28,21 @@ class Job:
     on_text: Callable[[str], None]
     on_done: Callable[[object], None]  # GenerationResult, or an Exception when the step failed
     on_release: Callable[[], None] = lambda: None  # the job is over (done, failed or cancelled)
+    on_tokens: Callable[[list], None] | None = None  # each step's committed TokenInfo list (logprobs, provenance)
     request: Request | None = None
     cancelled: bool = False
+    scheduled_at: float | None = None  # perf_counter() at the start of the first step that ran it (queue time)
 
 
 class Worker:
-    def __init__(self, engine, max_batch: int, step_tokens: int, kv_budget_bytes: int | None = None):
-        self.scheduler = Scheduler(engine, max_batch=max_batch, step_tokens=step_tokens, kv_budget_bytes=kv_budget_bytes)
+    def __init__(self, engine, max_batch: int, step_tokens: int, kv_budget_bytes: int | None = None,
+                 prefix_cache: bool = True):
+        takes = inspect.signature(Scheduler).parameters
+        extra = {"prefix_cache": prefix_cache} if "prefix_cache" in takes else {}  # the prefix-cache branch's flag
+        self.scheduler = Scheduler(engine, max_batch=max_batch, step_tokens=step_tokens, kv_budget_bytes=kv_budget_bytes,
+                                   **extra)
+        self.prefix_cache = bool(extra.get("prefix_cache", False))
+        self._takes_on_tokens = "on_tokens" in inspect.signature(self.scheduler.submit).parameters
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # id(request) -> job
         self._accepted = 0  # jobs submitted and not yet done (the inbox's included)
@@ -77,14 +87,23 @@ class Worker:
             self._drop_cancelled()
             if self.scheduler.idle:
                 continue
+            started = time.perf_counter()
             try:
                 finished = self.scheduler.step()
+                self._mark_scheduled(started, finished)
             except Exception as exc:  # a failed step fails the requests in it, never the server
                 for key in list(self._jobs):
                     self._finish(key, exc, cancel=True)
                 continue
             for request in finished:
                 self._finish(id(request), request.result)
+
+    def _mark_scheduled(self, started: float, finished: list[Request]) -> None:
+        """The jobs this step ran for the first time get its start as their scheduled time."""
+        ran = {id(r) for r in self.scheduler.running} | {id(r) for r in finished}
+        for key, job in self._jobs.items():
+            if job.scheduled_at is None and key in ran:
+                job.scheduled_at = started
 
     def _finish(self, key: int, outcome, cancel: bool = False) -> None:
         job = self._jobs.pop(key)
@@ -113,7 +132,8 @@ class Worker:
                 self._retire(job)
                 continue
             try:
-                job.request = self.scheduler.submit(job.prompt_ids, job.params, job.drafter, job.on_text)
+                extra = {"on_tokens": job.on_tokens} if job.on_tokens is not None and self._takes_on_tokens else {}
+                job.request = self.scheduler.submit(job.prompt_ids, job.params, job.drafter, job.on_text, **extra)
             except Exception as exc:  # e.g. a prompt the engine refuses: that request fails, not the worker
                 self._retire(job, exc)
                 continue
