@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 class RequestStats:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt rows the prefix cache held (not prefilled) when the request began
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
     forward_passes: int = 0

@@ -177,6 +177,8 @@ class Sequence:
         self._looked_up = True
         if self.prefix_cache and not self.capture and self.cache.length == 0:
             self.cached_tokens += self.cache.adopt(self._prefix, len(self._prefix) - 1)
+            if self.state is None:
+                self.stats.cached_prompt_tokens = self.cached_tokens
 
     def plan(self, prefill_tokens: int = PREFILL_CHUNK, other_rows: int = 0, other_tokens: float = 0.0) -> Segment:
         """The rows of this sequence's next forward: at most `prefill_tokens` of them while

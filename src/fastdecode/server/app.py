@@ -526,7 +526,10 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
 def usage(results: list) -> dict:
     prompt = results[0].num_prompt_tokens
     completion = sum(r.num_generated_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    # n > 1: the prompt is read once (the first choice), its siblings adopt its blocks.
+    cached = results[0].stats.cached_prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def statistics(results: list, method: str) -> dict:

@@ -43,11 +43,11 @@ class _SchedulerCollector:
         yield family(GaugeMetricFamily, "kv_cache_usage_perc", "fraction of the KV cache's blocks in use (0 to 1)",
                      pool.used_blocks / pool.num_blocks if pool.num_blocks else 0.0)
         yield family(CounterMetricFamily, "num_preemptions", "requests preempted to free KV cache", s.preemptions)
-        # The prefix cache's counters (0 where the scheduler has no prefix cache).
+        # The prefix cache's counters (both stay 0 with --no-prefix-caching).
         yield family(CounterMetricFamily, "prefix_cache_queries", "prompt tokens looked up in the prefix cache",
-                     getattr(s, "prefix_cache_queries", 0))
+                     s.prefix_cache_queries)
         yield family(CounterMetricFamily, "prefix_cache_hits", "prompt tokens whose KV rows the prefix cache held",
-                     getattr(s, "prefix_cache_hits", 0))
+                     s.prefix_cache_hits)
 
 
 class ServerMetrics:

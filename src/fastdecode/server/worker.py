@@ -10,7 +10,6 @@ OpenMP team per thread), which halved a single stream's speed when the model ran
 """
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
@@ -37,12 +36,8 @@ class Job:
 class Worker:
     def __init__(self, engine, max_batch: int, step_tokens: int, kv_budget_bytes: int | None = None,
                  prefix_cache: bool = True):
-        takes = inspect.signature(Scheduler).parameters
-        extra = {"prefix_cache": prefix_cache} if "prefix_cache" in takes else {}  # the prefix-cache branch's flag
         self.scheduler = Scheduler(engine, max_batch=max_batch, step_tokens=step_tokens, kv_budget_bytes=kv_budget_bytes,
-                                   **extra)
-        self.prefix_cache = bool(extra.get("prefix_cache", False))
-        self._takes_on_tokens = "on_tokens" in inspect.signature(self.scheduler.submit).parameters
+                                   prefix_cache=prefix_cache)
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # id(request) -> job
         self._accepted = 0  # jobs submitted and not yet done (the inbox's included)
@@ -132,8 +127,7 @@ class Worker:
                 self._retire(job)
                 continue
             try:
-                extra = {"on_tokens": job.on_tokens} if job.on_tokens is not None and self._takes_on_tokens else {}
-                job.request = self.scheduler.submit(job.prompt_ids, job.params, job.drafter, job.on_text, **extra)
+                job.request = self.scheduler.submit(job.prompt_ids, job.params, job.drafter, job.on_text, job.on_tokens)
             except Exception as exc:  # e.g. a prompt the engine refuses: that request fails, not the worker
                 self._retire(job, exc)
                 continue
