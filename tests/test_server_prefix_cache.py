@@ -1,7 +1,6 @@
 """Prefix caching through the server: a chat's second turn reuses the first turn's KV blocks, the
 answers and log-probabilities are bitwise those of a server without the cache, and the hits show in
 usage.prompt_tokens_details and in /metrics."""
-import json
 import re
 
 import pytest

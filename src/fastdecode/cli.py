@@ -130,6 +130,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="subtracted from a token's logit once per time it was generated (-2 to 2)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divides the positive logits (multiplies the negative ones) of tokens in the prompt or output (1: off)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="structured output: the answer is JSON that follows this JSON Schema")
+    shape.add_argument("--json-object", action="store_true", help="structured output: the answer is a JSON object")
+    shape.add_argument("--regex", help="structured output: the whole answer matches this regular expression")
+    shape.add_argument("--grammar", metavar="FILE", help="structured output: the answer follows this Lark grammar (rule `start`)")
 
 
 def _sampling_params(args):
@@ -138,8 +143,26 @@ def _sampling_params(args):
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty, constraint=_constraint(args),
     )
+
+
+def _constraint(args):
+    """--json-schema, --json-object, --regex or --grammar as a grammar.Constraint (None without one)."""
+    from .runtime.grammar import Constraint
+
+    if args.json_object:
+        return Constraint("json_object")
+    if args.regex is not None:
+        return Constraint("regex", args.regex)
+    for kind, path in (("json_schema", args.json_schema), ("grammar", args.grammar)):
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return Constraint(kind, f.read())
+            except OSError as exc:
+                raise FastDecodeError(f"cannot read --{kind.replace('_', '-')} {path}: {exc.strerror}") from None
+    return None
 
 
 def _parse_options(items: list[str]) -> list[tuple[str, object]]:

@@ -44,6 +44,7 @@ from .errors import FastDecodeError
 from .metrics import RequestStats
 from .models.llama import Segment
 from .runtime.draft_size import best_nodes
+from .runtime.grammar import Grammar
 from .runtime.kv_cache import KVCache, KVPool, KVPoolFull
 from .runtime.penalties import Penalties, has_adjustments
 from .runtime.sampling import SamplingParams, next_tokens
@@ -126,6 +127,10 @@ class Sequence:
         self.penalties = None
         if has_adjustments(params):
             self.penalties = Penalties(params, prompt, engine.model.config.vocab_size)
+        self.grammar = None
+        if params.constraint is not None:
+            self.grammar = Grammar(params.constraint, engine.tokenizer, engine.model.config.vocab_size)
+        self._forced = False  # whether the planned tree is the grammar's forced tokens, not the drafter's
         self.finish: str | None = None
         self.state: DecodeState | None = None  # set once the prompt is in the cache
         self._planned: DraftTree | int | None = None  # the tree of the planned step, or its prefill chunk length
@@ -198,12 +203,9 @@ class Sequence:
                                     last_only=True, capture=self.capture)
             return self._segment
         room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free) - 1
-        proposal = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
-        if len(proposal) > room:
-            raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(proposal)} nodes, over its budget of {room}")
-        self._proposal = proposal
-        self._kept = best_nodes(proposal, self.engine.cost_curve, other_rows, other_tokens)
-        tree = proposal if len(self._kept) == len(proposal) else proposal.subtree(self._kept)
+        tree = self._forced_tree(room)
+        if tree is None:
+            tree = self._drafted_tree(room, other_rows, other_tokens)
         self.cache.reserve(self.cache.length + 1 + len(tree))
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
@@ -213,6 +215,36 @@ class Sequence:
                                 capture=self.capture)
         return self._segment
 
+    def _forced_tree(self, room: int) -> DraftTree | None:
+        """Under a grammar, the tokens it forces next, drafted with certainty (not for `ar`, the baseline)."""
+        self._forced = False
+        if self.grammar is None or room <= 0 or not getattr(self.drafter, "speculates", True):
+            return None
+        tree = self.grammar.forced_draft(room)
+        self._forced = tree is not None
+        if self._forced:
+            self._proposal, self._kept = DraftTree(), []  # the drafter proposed nothing this step
+        return tree
+
+    def _drafted_tree(self, room: int, other_rows: int, other_tokens: float) -> DraftTree:
+        """The drafter's proposal, less what the grammar forbids, cut to the size that pays."""
+        proposal = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
+        if len(proposal) > room:
+            raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(proposal)} nodes, over its budget of {room}")
+        self._proposal = proposal
+        allowed = self.grammar.allowed_nodes(proposal) if self.grammar and len(proposal) else range(len(proposal))
+        candidates = proposal if len(allowed) == len(proposal) else proposal.subtree(list(allowed))
+        self._kept = [allowed[i] for i in best_nodes(candidates, self.engine.cost_curve, other_rows, other_tokens)]
+        return proposal if len(self._kept) == len(proposal) else proposal.subtree(self._kept)
+
+    def _adjust(self, row: torch.Tensor, path: list[int]) -> torch.Tensor:
+        """A verify row as plain decoding would sample it: penalties, then the grammar's mask."""
+        if self.penalties:
+            row = self.penalties.apply(row, path)
+        if self.grammar:
+            row = self.grammar.restrict(row, path)
+        return row
+
     def complete(self, logits: torch.Tensor) -> str | None:
         """Take the logits of the planned rows; return the text now safe to show (None while the
         prompt is still being prefilled)."""
@@ -220,7 +252,7 @@ class Sequence:
         if isinstance(self._planned, int):
             return self._complete_prefill(logits)
         tree, cache, params = self._planned, self.cache, self.params
-        adjust = self.penalties.apply if self.penalties else None
+        adjust = self._adjust if self.penalties or self.grammar else None
         if params.greedy:
             path, bonus = verify_greedy(tree, logits, self.eos_ids, adjust)
         else:
@@ -231,7 +263,7 @@ class Sequence:
         rows = [-1] * len(self._proposal)
         for row, node in enumerate(self._kept, start=1):
             rows[node] = row
-        accepted = [self._kept[node] for node in path]
+        accepted = [] if self._forced else [self._kept[node] for node in path]
         hidden = self._segment.hidden
         if hidden is not None:
             hidden = hidden[[0] + [node + 1 for node in path]]
@@ -260,6 +292,8 @@ class Sequence:
         self.new_tokens.append(info)
         if self.penalties:
             self.penalties.commit([token])
+        if self.grammar:
+            self.grammar.commit([token])
         self.finish = self._finish_reason()
 
     def _complete_prefill(self, logits: torch.Tensor) -> str | None:
@@ -271,7 +305,7 @@ class Sequence:
         self.stats.forward_passes += 1
         if self.prefilling or self.state is not None:  # more to read, or a preempted sequence caught up
             return None
-        row = self.penalties.apply(logits[0]) if self.penalties else logits[0]
+        row = self._adjust(logits[0], [])
         self._emit(int(next_tokens(row[None], self.params, self.generator)[0]), "target", logits[0])
         self.stats.prefill_time_s = time.perf_counter() - self.start
         self.state = DecodeState(self.prompt + self.generated, len(self.prompt), self.params, self.engine.model, self.cache)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -33,6 +34,15 @@ class TokenizerInfo:
     @classmethod
     def load(cls, path: Path) -> "TokenizerInfo":
         return cls(**json.loads(path.read_text()))
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable bytes stand for themselves, the
+    others for the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
 def _raise_exception(message):
@@ -66,6 +76,19 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json holds it (for llguidance, runtime/grammar.py)."""
+        return self._tok.to_str()
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for. A byte-level BPE token may hold part of a UTF-8 character,
+        which decoding alone would turn into U+FFFD; its own bytes keep it joinable."""
+        piece = self._tok.id_to_token(token)
+        table = _byte_level_alphabet() if "ByteLevel" in repr(self._tok.decoder) else {}
+        if piece is not None and table and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return self.decode([token]).encode()
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         check_messages(messages)

@@ -9,6 +9,7 @@ class Autoregressive:
     name = "ar"
     summary = "plain autoregressive decoding: drafts nothing (the baseline)"
     lossless = True
+    speculates = False  # the baseline: not even a grammar's forced tokens are drafted for it
 
     def begin(self, prompt_ids: list[int]) -> None:
         pass

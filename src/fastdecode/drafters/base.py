@@ -89,6 +89,9 @@ class Drafter(Protocol):
     # captures them for its rows (StepResult.hidden) and every prefill chunk for the prompt's
     # rows (prefilled). Empty for drafters that read tokens only.
     hidden_layers: tuple[int, ...] = ()
+    # False only for `ar`, the baseline: under a grammar, the engine drafts the tokens it forces
+    # (runtime/grammar.py) for every method that speculates.
+    speculates: bool = True
 
     def begin(self, prompt_ids: list[int]) -> None:
         """A new request starts."""

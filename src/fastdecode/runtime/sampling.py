@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FastDecodeError
+from .grammar import Constraint
 
 MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs
 
@@ -34,6 +35,8 @@ class SamplingParams:
     # None: no log-probabilities; k: each token's log-probability under the model (its raw logits)
     # and the k most likely tokens' at that position.
     logprobs: int | None = None
+    # Structured output: a grammar.Constraint the text must follow (JSON Schema, regex, Lark grammar).
+    constraint: Constraint | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -54,6 +57,8 @@ class SamplingParams:
             (isinstance(self.logit_bias, dict) and all(is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100
                                                        for t, b in self.logit_bias.items()),
              "logit_bias must map token ids (integers >= 0) to numbers in [-100, 100]"),
+            (self.constraint is None or isinstance(self.constraint, Constraint),
+             "constraint must be a runtime.grammar.Constraint"),
             (self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]"),
         ]

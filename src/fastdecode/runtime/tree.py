@@ -41,8 +41,8 @@ class DraftTree:
             raise ValueError("every parent must be -1 or an earlier node")
 
     @classmethod
-    def chain(cls, tokens: list[int]) -> "DraftTree":
-        return cls(list(tokens), list(range(-1, len(tokens) - 1)))
+    def chain(cls, tokens: list[int], **fields) -> "DraftTree":
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), **fields)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -4,9 +4,8 @@ models, metrics, and the probes /health (readiness: 503 while draining), /health
 
 Every error, from a body that is not JSON to a generation that failed, is an OpenAI error object
 {"error": {"message", "type", "param", "code"}} with its 4xx or 5xx status; the server goes on.
-Bodies are read here, not by FastAPI: at most MAX_BODY_BYTES (counted as they arrive, so a chunked
-body without Content-Length is cut off too: 413), strict UTF-8 JSON without NaN or infinities,
-then validated by schemas.py. Chat templating, tokenization and building drafters run on worker
+Bodies are read here, not by FastAPI: limited and parsed strictly (http.py), then validated by
+schemas.py. Chat templating, tokenization and building drafters run on worker
 threads (asyncio.to_thread), never on the event loop that streams everyone's tokens.
 
 n > 1 submits n sequences of the prompt together; with a seed, choice i samples with seed + i
@@ -17,13 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
-import math
 import os
 import time
 import uuid
-from functools import lru_cache
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,140 +29,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..drafters import check_method
 from ..errors import FastDecodeError
+from ..runtime.grammar import check_constraint
 from ..runtime.sampling import SamplingParams
 from ..scheduler import KV_BUDGET_MB, STEP_TOKENS
 from .drafter_pool import DrafterPool
+from .http import MAX_BODY_BYTES, Guard, HTTPError, error_body, error_response, param_of, parse_json, validation_error
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .openai_format import TokenFormat, statistics, usage
 from .options import MethodPolicy, OptionError
 from .playground import add_playground
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
-
-MAX_BODY_BYTES = 1 << 20
-OPEN_PATHS = ("/health", "/health/live", "/ping")  # answered without the API key
-PROTECTED_PREFIXES = ("/v1", "/metrics")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None, param: str | None = None):
-        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
-        self.param = param
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                   headers: dict | None = None, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
-
-
-class Guard:
-    """ASGI wrapper: the API key on /v1 and /metrics, and the body limit, counted on `receive` as
-    the body arrives (a Content-Length over it is refused before reading)."""
-
-    def __init__(self, app, limit: int, api_key: str | None):
-        self.app, self.limit, self.api_key = app, limit, api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        path = scope.get("path", "")
-        if self.api_key is not None and scope.get("method") != "OPTIONS" and path.startswith(PROTECTED_PREFIXES):
-            given = headers.get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key.encode()):
-                response = error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            status, message = (413, f"the request body is over {self.limit} bytes") if length.isdigit() else \
-                (400, "invalid Content-Length header")
-            return await error_response(status, message)(scope, receive, send)
-        received = 0
-
-        async def limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise HTTPError(413, f"the request body is over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of a double's range")
-    return value
-
-
-def parse_json(raw: bytes) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise HTTPError(400, f"the request body is not valid UTF-8 (at byte {exc.start})") from None
-    try:
-        body = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as exc:
-        raise HTTPError(400, f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    except RecursionError:
-        raise HTTPError(400, "the request body is not valid JSON here: nested too deeply") from None
-    except ValueError as exc:  # NaN, Infinity, 1e999, an integer of thousands of digits
-        raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, "the request body must be a JSON object")
-    return body
-
-
-def _param(loc) -> str | None:
-    """pydantic's error location as OpenAI's param: messages[0].content, fastdecode.options.max_ngram."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif any(c in part for c in "[]") or part in ("str", "int", "float", "bool", "list", "dict", "none"):
-            continue  # a union member's tag, not a field
-        else:
-            out += f".{part}" if out else part
-    return out or None
-
-
-def validation_error(exc: ValidationError) -> HTTPError:
-    errors = exc.errors()
-    # Prefer an unknown field, then the deepest location (a union's members each report one).
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), None) or max(errors, key=lambda e: len(e["loc"]))
-    param = _param(first.get("loc", ()))
-    if first["type"] == "extra_forbidden":
-        return HTTPError(400, f"unrecognized request argument supplied: {param} (fastdecode refuses what it would "
-                              "otherwise ignore)", param=param)
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return HTTPError(400, f"{param + ': ' if param else ''}{msg}", param=param)
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 64, step_tokens: int = STEP_TOKENS,
@@ -198,7 +71,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
     scheduler = worker.scheduler
     metrics = ServerMetrics(scheduler, model_name)
     app.state.metrics = metrics
-    tokenizer = llm.tokenizer
+    fmt = TokenFormat(llm.tokenizer)
     vocab = llm.engine.model.config.vocab_size
 
     @app.exception_handler(HTTPError)
@@ -208,7 +81,7 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
         first = exc.errors()[0]
-        param = _param([p for p in first.get("loc", ()) if p not in ("body", "query")])
+        param = param_of([p for p in first.get("loc", ()) if p not in ("body", "query")])
         return error_response(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -261,25 +134,6 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             raise HTTPError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
         return body
 
-    @lru_cache(maxsize=65536)
-    def token_text(token: int) -> str:
-        return tokenizer.decode([token])
-
-    hf = getattr(tokenizer, "_tok", None)
-    byte_level = hf is not None and "ByteLevel" in repr(hf.decoder)
-
-    @lru_cache(maxsize=65536)
-    def token_bytes(token: int) -> bytes:
-        """The token's own bytes (a piece of a UTF-8 character stays a piece), for logprobs."""
-        piece = hf.id_to_token(token) if byte_level else None
-        table = _byte_decoder()
-        if piece is not None and all(c in table for c in piece):
-            return bytes(table[c] for c in piece)
-        return token_text(token).encode()
-
-    def lp_token(token: int) -> str:
-        return token_bytes(token).decode("utf-8", errors="replace")
-
     async def prepare(body: Sampling, prompt_ids: list[int]):
         """Sampling parameters for each of the n choices, the method, its options and n drafters."""
         if worker.active + body.n > max_batch + max_queue:
@@ -312,6 +166,14 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             extra["logit_bias"] = bias
         if k is not None:
             extra["logprobs"] = k
+        if body.response_format is not None:
+            try:
+                constraint = body.response_format.constraint()
+                if constraint is not None:
+                    await asyncio.to_thread(check_constraint, constraint, llm.tokenizer, vocab)  # compiles: off the loop
+                    extra["constraint"] = constraint
+            except (ValueError, FastDecodeError) as exc:
+                raise HTTPError(400, f"response_format: {exc}", param="response_format") from None
         try:
             params = [SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                      seed=None if body.seed is None else body.seed + i, max_new_tokens=max_tokens,
@@ -336,23 +198,6 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
         except FastDecodeError as exc:
             raise HTTPError(400, str(exc), param="fastdecode.options") from None
         return params, made, chosen, method_options
-
-    def token_entries(tokens) -> list[dict]:
-        return [{"id": t.id, "text": token_text(t.id), "source": t.source} for t in tokens]
-
-    def chat_logprobs(tokens) -> list[dict]:
-        def one(token, logprob):
-            return {"token": lp_token(token), "logprob": logprob, "bytes": list(token_bytes(token))}
-        return [{**one(t.id, t.logprob), "top_logprobs": [one(i, lp) for i, lp in t.top]} for t in tokens]
-
-    def completion_logprobs(tokens, offset: int = 0) -> dict:
-        texts = [lp_token(t.id) for t in tokens]
-        offsets = []
-        for text in texts:
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{lp_token(i): lp for i, lp in t.top} for t in tokens], "text_offset": offsets}
 
     async def run(body: Sampling, prompt_ids: list[int], chat: bool):
         arrival = time.perf_counter()
@@ -392,21 +237,21 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             raise HTTPError(500, f"generation failed: {failed}", "server_error")
         choices = []
         for i, result in enumerate(results):
-            tokens = getattr(result, "tokens", None) or []
+            tokens = result.tokens
             choice = {"index": i}
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
-                choice["logprobs"] = {"content": chat_logprobs(tokens)} if logprobs else None
+                choice["logprobs"] = {"content": fmt.chat_logprobs(tokens)} if logprobs else None
             else:
                 choice["text"] = result.text
-                choice["logprobs"] = completion_logprobs(tokens) if logprobs else None
+                choice["logprobs"] = fmt.completion_logprobs(tokens)[0] if logprobs else None
             choice["finish_reason"] = result.finish_reason
             choices.append(choice)
         extra = statistics(results, chosen)
         if body.fastdecode.show_tokens:
-            extra["tokens"] = token_entries(getattr(results[0], "tokens", None) or [])
+            extra["tokens"] = fmt.entries(results[0].tokens)
             if len(results) > 1:
-                extra["choice_tokens"] = [token_entries(getattr(r, "tokens", None) or []) for r in results]
+                extra["choice_tokens"] = [fmt.entries(r.tokens) for r in results]
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name, "choices": choices, "usage": usage(results), "fastdecode": extra}
 
@@ -446,13 +291,13 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             if chat:
                 choice = {"index": i, "delta": {"content": text} if text else {}}
                 if logprobs:
-                    choice["logprobs"] = {"content": chat_logprobs(tokens)} if tokens or not finish else None
+                    choice["logprobs"] = {"content": fmt.chat_logprobs(tokens)} if tokens or not finish else None
             else:
-                choice = {"index": i, "text": text,
-                          "logprobs": completion_logprobs(tokens, offsets[i]) if logprobs and (tokens or not finish) else None}
-                offsets[i] += sum(len(lp_token(t.id)) for t in tokens)
+                choice = {"index": i, "text": text, "logprobs": None}
+                if logprobs and (tokens or not finish):
+                    choice["logprobs"], offsets[i] = fmt.completion_logprobs(tokens, offsets[i])
             choice["finish_reason"] = finish
-            extra = {"tokens": token_entries(tokens)} if show_tokens and tokens else {}
+            extra = {"tokens": fmt.entries(tokens)} if show_tokens and tokens else {}
             return choice, extra
 
         done, results = False, []
@@ -522,19 +367,3 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
                            allow_headers=["*"])
     return app
 
-
-def usage(results: list) -> dict:
-    prompt = results[0].num_prompt_tokens
-    completion = sum(r.num_generated_tokens for r in results)
-    # n > 1: the prompt is read once (the first choice), its siblings adopt its blocks.
-    cached = results[0].stats.cached_prompt_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def statistics(results: list, method: str) -> dict:
-    drafts = sum(r.stats.drafts for r in results)
-    accepted = sum(r.stats.accepted_tokens for r in results)
-    return {"method": method, "drafts": drafts, "draft_tokens": sum(r.stats.draft_tokens for r in results),
-            "accepted_tokens": accepted, "mean_acceptance_length": round(1.0 + accepted / drafts if drafts else 1.0, 4),
-            "forward_passes": sum(r.stats.forward_passes for r in results)}

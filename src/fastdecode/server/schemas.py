@@ -9,7 +9,8 @@ extensions top_k, min_p and repetition_penalty (as vLLM), and `fastdecode`:
     {"fastdecode": {"method": "ngram", "options": {"max_ngram": 5}, "show_tokens": true}}
 Accepted because they change nothing here: store false, service_tier auto/default, modalities
 ["text"], prompt_cache_key, safety_identifier, echo false, best_of 1, suffix null.
-Refused (see UNSUPPORTED): response_format other than text, tools and the rest of function calling,
+response_format: text, json_object or json_schema (structured output, runtime/grammar.py).
+Refused (see unsupported()): tools and the rest of function calling,
 audio, prediction, reasoning_effort, web_search_options, metadata, ...
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..runtime.grammar import Constraint
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI
@@ -35,6 +38,30 @@ class MethodChoice(BaseModel):
     # Checked against the server's table of client-settable options (server/options.py).
     options: dict[str, bool | int | float | str] = Field(default_factory=dict, max_length=16)
     show_tokens: bool = False  # each token's text and source (the drafter that proposed it) in the response
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = STRICT
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # enforced either way: the output always follows the schema
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, json_object (any JSON object), or json_schema (one schema)."""
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return Constraint("json_object")
+        if self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs its json_schema: {name, schema, strict}")
+        return Constraint.json_schema(self.json_schema.schema_)
 
 
 class StreamOptions(BaseModel):
@@ -68,7 +95,7 @@ class Sampling(BaseModel):
     service_tier: str | None = None
     fastdecode: MethodChoice = Field(default_factory=MethodChoice)
     # Known OpenAI features that fastdecode does not have: present (and not their neutral value), a 400.
-    response_format: Any = None
+    response_format: ResponseFormat | None = None  # structured output (runtime/grammar.py)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -108,21 +135,19 @@ class Sampling(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) of the first feature asked for that this server does not have."""
         neutral = {
-            "response_format": lambda v: v == {"type": "text"},
             "tool_choice": lambda v: v == "none",
             "parallel_tool_calls": lambda v: False,
             "modalities": lambda v: v == ["text"],
             "store": lambda v: v is False,
             "service_tier": lambda v: v in ("auto", "default"),
         }
-        for name in ("response_format", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+        for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
                      "metadata", "audio", "prediction", "reasoning_effort", "web_search_options", "verbosity",
                      "modalities", "store", "service_tier"):
             value = getattr(self, name)
             if value is None or neutral.get(name, lambda v: False)(value):
                 continue
             what = {
-                "response_format": "structured output (response_format other than {\"type\": \"text\"})",
                 "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
                 "function_call": "function calling", "parallel_tool_calls": "tool calling",
                 "metadata": "stored completions (metadata)", "store": "stored completions",

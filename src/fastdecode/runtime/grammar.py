@@ -1,0 +1,171 @@
+"""Structured output: a JSON Schema, a regular expression, a Lark grammar or "any JSON object" that the
+generated text must follow, enforced token by token with llguidance (github.com/guidance-ai/llguidance,
+the engine vLLM and SGLang also use; benchmarks/grammar_engines.py compares it with xgrammar and
+outlines-core on the same schemas).
+
+Constrained decoding's target distribution is the model's restricted to the tokens the grammar allows
+next, renormalised: the logits of forbidden tokens become -inf before temperature and the filters
+(runtime/sampling.py), and greedy takes the argmax over the allowed tokens. Under speculation each
+verify row is restricted by the grammar's state after that row's own context, the committed tokens
+plus the drafted path to it, exactly as penalties are (runtime/verify.py's `adjust`): the matcher
+consumes the path's tokens as verification walks down the tree and gives them back (rollback) when
+the step ends, then consumes what was committed. So every lossless method's output is constrained
+`ar`'s, token for token under greedy and in distribution under sampling.
+
+Two things make speculation pay here: drafted nodes the grammar forbids are cut before the forward
+(they could never be accepted), and where the grammar forces the next bytes (a key name, a closing
+brace and quote), its own tokens for them are drafted with certainty (SGLang's jump-forward): the
+target still verifies them, so a model that would write the same bytes with other tokens stays exact.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..errors import FastDecodeError
+from .tree import DraftTree
+
+KINDS = ("json_schema", "json_object", "regex", "grammar")
+SOURCE = "grammar"  # the provenance of an accepted forced token
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must follow. kind: json_schema (spec: the schema as JSON text), json_object
+    (any JSON object; spec ""), regex (the whole output matches it), grammar (Lark syntax, as llguidance
+    reads it; its start rule is `start`)."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise FastDecodeError(f"invalid constraint kind {self.kind!r}; one of {', '.join(KINDS)}")
+        if self.kind != "json_object" and not (isinstance(self.spec, str) and self.spec):
+            raise FastDecodeError(f"a {self.kind} constraint needs its text")
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.spec)
+            except json.JSONDecodeError as exc:
+                raise FastDecodeError(f"the JSON Schema is not valid JSON: {exc}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise FastDecodeError("a JSON Schema is an object (or true / false)")
+
+    @classmethod
+    def json_schema(cls, schema: dict | str) -> "Constraint":
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+    def grammar_text(self) -> str:
+        """The constraint as an llguidance grammar (FastDecodeError naming what it cannot take)."""
+        from llguidance import LLMatcher
+
+        try:
+            if self.kind == "json_schema":
+                return LLMatcher.grammar_from_json_schema(self.spec)
+            if self.kind == "json_object":
+                return LLMatcher.grammar_from_json_schema('{"type": "object"}')
+            if self.kind == "regex":
+                return LLMatcher.grammar_from_regex(self.spec)
+            return LLMatcher.grammar_from_lark(self.spec)
+        except (ValueError, TypeError) as exc:
+            raise FastDecodeError(f"invalid {self.kind.replace('_', ' ')}: {exc}") from None
+
+
+@lru_cache(maxsize=4)
+def _ll_tokenizer(tokenizer_json: str, eos_ids: tuple[int, ...], width: int):
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tokenizer_json, n_vocab=width, eos_token=list(eos_ids))
+
+
+def check_constraint(constraint: Constraint, tokenizer, width: int) -> None:
+    """Compile it once to find out whether llguidance takes it (FastDecodeError naming the problem)."""
+    Grammar(constraint, tokenizer, width)
+
+
+class Grammar:
+    """One request's grammar state over the committed tokens, plus the drafted path verification is
+    walking (`pending`), which goes back when the step settles."""
+
+    def __init__(self, constraint: Constraint, tokenizer, width: int):
+        from llguidance import LLMatcher
+
+        self.width = width
+        eos = tuple(sorted(tokenizer.eos_ids))
+        self.eos = frozenset(eos)
+        self.matcher = LLMatcher(_ll_tokenizer(tokenizer.to_json(), eos, width), constraint.grammar_text(), log_level=0)
+        self._check(f"the {constraint.kind.replace('_', ' ')} cannot be used")
+        self.pending: list[int] = []
+
+    def _check(self, what: str) -> None:
+        if self.matcher.is_error():
+            raise FastDecodeError(f"{what}: {self.matcher.get_error()}")
+
+    def _follow(self, path: list[int]) -> None:
+        """Bring the matcher to the committed tokens followed by `path`."""
+        same = 0
+        while same < min(len(path), len(self.pending)) and path[same] == self.pending[same]:
+            same += 1
+        if same < len(self.pending):
+            self.matcher.rollback(len(self.pending) - same)
+        for token in path[same:]:
+            self.matcher.consume_token(token)
+        self.pending = list(path)
+        self._check("the grammar was left")
+
+    def allowed(self, path: list[int] = ()) -> torch.Tensor:
+        """Bool [width]: the tokens the grammar allows after the committed tokens and `path`."""
+        if any(token in self.eos for token in path):
+            # Nothing after an end of sequence is ever emitted, and the matcher, stopped by it,
+            # would not count it among the tokens a rollback undoes.
+            return torch.ones(self.width, dtype=torch.bool)
+        self._follow(list(path))
+        return torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8)[: self.width] > 0
+
+    def restrict(self, row: torch.Tensor, path: list[int] = ()) -> torch.Tensor:
+        """A copy of one row of logits with the tokens the grammar forbids at -inf."""
+        return row.float().masked_fill(~self.allowed(path), float("-inf"))
+
+    def commit(self, tokens: list[int]) -> None:
+        """The step's committed tokens: the walked path goes back, these stay."""
+        self._follow([])
+        for token in tokens:
+            self.matcher.consume_token(token)
+        self._check("a committed token left the grammar")
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, from the first, the grammar allows after the committed ones."""
+        self._follow([])
+        return self.matcher.validate_tokens(tokens)
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next (its own tokenization of the forced bytes), maybe none."""
+        self._follow([])
+        return list(self.matcher.compute_ff_tokens())
+
+    def forced_draft(self, budget: int) -> DraftTree | None:
+        """The forced tokens as a chain of certain drafts (jump-forward), or None when nothing is forced."""
+        tokens = self.forced()[:budget]
+        if not tokens:
+            return None
+        return DraftTree.chain(tokens, scores=[1.0] * len(tokens), sources=[SOURCE] * len(tokens))
+
+    def allowed_nodes(self, tree: DraftTree) -> list[int]:
+        """The nodes whose whole path from the root the grammar allows (closed under parents)."""
+        good: list[int] = []
+        paths: dict[int, list[int]] = {-1: []}
+        for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+            if parent not in paths:
+                continue
+            path = paths[parent] + [token]
+            if self.valid_prefix(path) == len(path):
+                paths[node] = path
+                good.append(node)
+        return good
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
