@@ -6,14 +6,12 @@ says (`FASTDECODE_SCREENSHOT=docs/playground.png` refreshes the one the README s
 import json
 import os
 import re
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from live_server import live_server
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -45,24 +43,8 @@ def get(url: str):
 def server(llm_default):
     from fastdecode.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(llm_default, method="auto", max_batch=4)
-    app.state.worker.start()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if get(f"{url}/health").status == 200:
-                break
-        except OSError:
-            time.sleep(0.05)
-    yield url, llm_default
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(llm_default, method="auto", max_batch=4)) as url:
+        yield url, llm_default
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """The OpenAI-compatible server on 127.0.0.1, through the official `openai` client and raw HTTP."""
 import json
-import socket
-import threading
 import time
 
 import pytest
+from live_server import live_server
 
 openai = pytest.importorskip("openai")
 try:  # the HTTP client the openai package ships with
@@ -21,25 +20,8 @@ pytestmark = pytest.mark.slow
 def server(llm_default):
     from fastdecode.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(llm_default, method="auto", max_batch=4)
-    app.state.worker.start()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, llm_default
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(llm_default, method="auto", max_batch=4)) as url:
+        yield url, llm_default
 
 
 @pytest.fixture

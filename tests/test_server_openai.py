@@ -2,11 +2,9 @@
 loopback port: logprobs bitwise equal under every lossless method, n choices under a seed,
 penalties and logit_bias exact under speculation, the API key, a served model name, and refusals."""
 import json
-import socket
-import threading
-import time
 
 import pytest
+from live_server import live_server
 
 openai = pytest.importorskip("openai")
 try:  # the HTTP client the openai package ships with
@@ -28,26 +26,10 @@ REPEAT = [{"role": "user", "content": "Repeat exactly: the red fox, the red fox,
 def server(llm_default):
     from fastdecode.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(llm_default, method="auto", max_batch=4, served_model_name=NAME, api_key=KEY,
                      allowed_origins=["http://example.test"])
-    app.state.worker.start()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
-    app.state.worker.stop()
+    with live_server(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
