@@ -43,6 +43,8 @@ def test_bad_constraints_get_clear_errors(tokenizer):
         Grammar(Constraint.json_schema({"type": "string", "format": "bogus-format"}), tokenizer, WIDTH)
     with pytest.raises(FastDecodeError, match="constraint"):
         SamplingParams(constraint={"type": "object"})
+    with pytest.raises(FastDecodeError, match="ignore_eos"):
+        SamplingParams(constraint=Constraint("json_object"), ignore_eos=True)
 
 
 def test_grammar_state_follows_paths_and_rolls_back(tokenizer):

@@ -59,6 +59,8 @@ class SamplingParams:
              "logit_bias must map token ids (integers >= 0) to numbers in [-100, 100]"),
             (self.constraint is None or isinstance(self.constraint, Constraint),
              "constraint must be a runtime.grammar.Constraint"),
+            (self.constraint is None or not self.ignore_eos,
+             "ignore_eos cannot go with a constraint: once the grammar is complete, only the end may follow"),
             (self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]"),
         ]
