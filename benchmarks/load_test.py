@@ -10,6 +10,10 @@ each stream's usage / wall time), time to first token p50/p99 and inter-token la
 The client sees pieces, not tokens: ITL is the gap between successive content chunks (a
 speculative step can carry several tokens in one chunk).
 
+With --oversized N, a side client sends N prompts of about 900 KB meanwhile: each is templated and
+tokenized before the context window refuses it, and the streams' inter-token p99 shows whether that
+work stalls the server's event loop.
+
 Prefill probe (--long-prompt N): time to first token of short requests sent one at a time, first
 on an idle server, then while a prompt of about N tokens is being prefilled.
 
@@ -79,8 +83,22 @@ async def throughput(a, client, model: str, prompts: list[str]) -> None:
             sent += 1
             totals.append(await one_stream(client, model, prompt, a.max_tokens, a.method, ttfts, itls))
 
+    async def oversized() -> None:
+        """--oversized: while the clients stream, prompts of about 900 KB that the context window
+        refuses (a 400, after the server has templated and tokenized them: work that must not stall
+        the event loop that carries everyone's tokens)."""
+        body = FILLER * (900_000 // len(FILLER))
+        refused = 0
+        while refused < a.oversized and time.perf_counter() < deadline:
+            try:
+                await client.chat.completions.create(model=model, messages=[{"role": "user", "content": body}],
+                                                     max_tokens=1)
+            except Exception:  # the expected 400 (context_length_exceeded)
+                refused += 1
+            await asyncio.sleep(0.2)
+
     start = time.perf_counter()
-    await asyncio.gather(*(client_loop() for _ in range(a.clients)))
+    await asyncio.gather(*(client_loop() for _ in range(a.clients)), *([oversized()] if a.oversized else []))
     wall = time.perf_counter() - start
     print(f"{len(totals)} requests, {a.clients} concurrent clients, method {a.method or 'server default'}, "
           f"{sum(totals)} completion tokens in {wall:.1f} s")
@@ -187,6 +205,9 @@ def main() -> int:
     ap.add_argument("--per-group", type=int, default=4, help="questions per task group, a seeded sample (default 4)")
     ap.add_argument("--groups", help="only these task groups, comma-separated (for example mt_bench,qa,math)")
     ap.add_argument("--long-prompt", type=int, metavar="TOKENS", help="run the prefill probe with a prompt this long")
+    ap.add_argument("--oversized", type=int, default=0, metavar="N",
+                    help="with the throughput run: N requests of ~900 KB prompts that the context window refuses, "
+                         "sent one after another while the clients stream (their inter-token latency shows any stall)")
     ap.add_argument("--second-turns", action="store_true",
                     help="time to first token of second turns, one conversation at a time (multi-turn questions only)")
     a = ap.parse_args()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -76,6 +76,11 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for (so a text of n bytes has at least n / this tokens)."""
+        return max(len(self.token_bytes(i)) for i in range(self.vocab_size))
 
     def to_json(self) -> str:
         """The tokenizer as tokenizer.json holds it (for llguidance, runtime/grammar.py)."""
