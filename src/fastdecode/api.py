@@ -21,7 +21,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.load_time_s = loaded.load_time_s
         self.engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
-        self.target = Target(loaded.model, loaded.tokenizer, loaded.name)
+        self.target: Target = self.engine  # drafters draft for the served model itself
         self._drafters: dict[tuple, Drafter] = {}
 
     def drafter(self, method: str, **options) -> Drafter:

@@ -7,12 +7,9 @@ from __future__ import annotations
 from typing import Iterator
 
 from .drafters.base import Drafter
-from .errors import FastDecodeError
-from .models.llama import LlamaModel
-from .runtime.cost_curve import CostCurve, load_or_measure
 from .runtime.sampling import SamplingParams
 from .sequence import GenerationResult, Sequence
-from .tokenizer import Tokenizer
+from .served import ServedModel
 
 
 class Generation:
@@ -31,34 +28,8 @@ class Generation:
         return self.result
 
 
-class Engine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, model_name: str):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.context_window = model.config.max_position_embeddings
-        self._cost_curve: CostCurve | None = None
-
-    @property
-    def cost_curve(self) -> CostCurve:
-        """This machine's forward-latency curve for the model (stored, or measured on first use)."""
-        if self._cost_curve is None:
-            self._cost_curve = load_or_measure(self.model, self.model_name)
-        return self._cost_curve
-
-    @cost_curve.setter
-    def cost_curve(self, curve: CostCurve) -> None:
-        """Size drafts on this curve instead (one measured elsewhere, or a fixed one in tests)."""
-        self._cost_curve = curve
-
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise FastDecodeError("the prompt is empty")
-        if len(prompt_ids) >= self.context_window:
-            raise FastDecodeError(
-                f"the prompt has {len(prompt_ids)} tokens; the context window of {self.model_name} "
-                f"is {self.context_window} tokens (prompt plus generated)"
-            )
+class Engine(ServedModel):
+    """A served model and the decode loop that runs one request on it at a time."""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter) -> GenerationResult:
         return self.stream(prompt_ids, params, drafter).consume()

@@ -37,6 +37,7 @@ from .errors import FastDecodeError
 from .runtime.kv_cache import blocks_for
 from .runtime.sampling import SamplingParams
 from .sequence import GenerationResult, Sequence
+from .served import ServedModel
 
 STEP_TOKENS = 32  # prompt tokens per step: while a long prompt is read, others' steps take ~45 ms here
 KV_BUDGET_MB = 512  # the server's KV pool by default: SmolLM2 needs 180 MiB for one full 8,192-token window
@@ -54,16 +55,16 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 8, step_tokens: int = STEP_TOKENS, kv_budget_bytes: int | None = None,
+    def __init__(self, served: ServedModel, max_batch: int = 8, step_tokens: int = STEP_TOKENS, kv_budget_bytes: int | None = None,
                  prefix_cache: bool = True):
         """max_batch: sequences decoding at once; step_tokens: prompt tokens one step may prefill
         (a step's latency grows with them: about 1.2 ms a token on a 2-core Zen 4 in bfloat16);
         kv_budget_bytes: the KV pool's size (None: a pool that grows as needed; it caches prefixes
         too, in the room it has, and evicts them before it grows); prefix_cache: reuse the KV
         blocks of prompt prefixes seen before."""
-        self.engine, self.max_batch, self.step_tokens = engine, max_batch, step_tokens
+        self.served, self.max_batch, self.step_tokens = served, max_batch, step_tokens
         self.prefix_cache = prefix_cache
-        self.pool = engine.model.new_pool(budget_bytes=kv_budget_bytes)
+        self.pool = served.model.new_pool(budget_bytes=kv_budget_bytes)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -82,8 +83,8 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], params: SamplingParams, drafter: Drafter,
                on_text: Callable[[str], None] | None = None, on_tokens: Callable[[list], None] | None = None) -> Request:
         """Queue a request. `drafter` must be its own: a drafter holds one request's state at a time."""
-        self.engine.check_prompt(prompt_ids)
-        sequence = Sequence(self.engine, list(prompt_ids), params, drafter, self.pool, self.prefix_cache)
+        self.served.check_prompt(prompt_ids)
+        sequence = Sequence(self.served, list(prompt_ids), params, drafter, self.pool, self.prefix_cache)
         self.check_fits(len(prompt_ids), sequence.max_new)
         request = Request(sequence)
         if on_text is not None:
@@ -161,7 +162,7 @@ class Scheduler:
                 expected += r.sequence.expected_tokens
         if not planned:
             return []
-        logits = self.engine.model.forward_batch([segment for _, segment in planned])
+        logits = self.served.model.forward_batch([segment for _, segment in planned])
         finished, row = [], 0
         for r, segment in planned:
             n = 1 if segment.last_only else len(segment.tokens)

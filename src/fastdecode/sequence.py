@@ -50,6 +50,7 @@ from .runtime.penalties import Penalties, has_adjustments
 from .runtime.sampling import SamplingParams, next_tokens
 from .runtime.tree import DraftTree
 from .runtime.verify import verify_greedy, verify_sampling
+from .served import ServedModel
 from .stop_strings import TextOutput
 
 PREFILL_CHUNK = 512  # prompt tokens per forward, at most: bounds attention memory for long prompts
@@ -103,33 +104,33 @@ class GenerationResult:
 
 
 class Sequence:
-    def __init__(self, engine, prompt: list[int], params: SamplingParams, drafter: Drafter, pool: KVPool | None = None,
+    def __init__(self, served: ServedModel, prompt: list[int], params: SamplingParams, drafter: Drafter, pool: KVPool | None = None,
                  prefix_cache: bool = False):
-        """engine: model, tokenizer, model_name, context_window and cost_curve (see engine.Engine);
+        """served: the model this request runs on;
         pool: the KV pool shared with other sequences, or None for one of its own; prefix_cache:
         share blocks with the pool's other sequences (see above; pointless in a pool of its own)."""
         self.start = time.perf_counter()
-        self.engine, self.prompt, self.params, self.drafter = engine, prompt, params, drafter
-        self.max_new = min(params.max_new_tokens, engine.context_window - len(prompt))
+        self.served, self.prompt, self.params, self.drafter = served, prompt, params, drafter
+        self.max_new = min(params.max_new_tokens, served.context_window - len(prompt))
         capacity = len(prompt) + self.max_new + MAX_DRAFT + 1
-        self.cache = KVCache(pool or engine.model.new_pool(rows=capacity), capacity)
+        self.cache = KVCache(pool or served.model.new_pool(rows=capacity), capacity)
         self._prefix = prompt  # the tokens to prefill before decoding (all committed ones, on resuming)
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"))
         self.stats = RequestStats(num_prompt_tokens=len(prompt))
-        self.out = TextOutput(engine.tokenizer, params.stop)
-        self.eos_ids = frozenset() if params.ignore_eos else engine.tokenizer.eos_ids
+        self.out = TextOutput(served.tokenizer, params.stop)
+        self.eos_ids = frozenset() if params.ignore_eos else served.tokenizer.eos_ids
         self.generated: list[int] = []
         self.tokens: list[TokenInfo] = []  # one per generated token
         self.new_tokens: list[TokenInfo] = []  # those the last step added
         self.penalties = None
         if has_adjustments(params):
-            self.penalties = Penalties(params, prompt, engine.model.config.vocab_size)
+            self.penalties = Penalties(params, prompt, served.model.config.vocab_size)
         self.grammar = None
         if params.constraint is not None:
-            self.grammar = Grammar(params.constraint, engine.tokenizer, engine.model.config.vocab_size)
+            self.grammar = Grammar(params.constraint, served.tokenizer, served.model.config.vocab_size)
         self._forced = False  # whether the planned tree is the grammar's forced tokens, not the drafter's
         self.finish: str | None = None
         self.state: DecodeState | None = None  # set once the prompt is in the cache
@@ -234,7 +235,7 @@ class Sequence:
         self._proposal = proposal
         allowed = self.grammar.allowed_nodes(proposal) if self.grammar and len(proposal) else range(len(proposal))
         candidates = proposal if len(allowed) == len(proposal) else proposal.subtree(list(allowed))
-        self._kept = [allowed[i] for i in best_nodes(candidates, self.engine.cost_curve, other_rows, other_tokens)]
+        self._kept = [allowed[i] for i in best_nodes(candidates, self.served.cost_curve, other_rows, other_tokens)]
         return proposal if len(self._kept) == len(proposal) else proposal.subtree(self._kept)
 
     def _adjust(self, row: torch.Tensor, path: list[int]) -> torch.Tensor:
@@ -308,7 +309,7 @@ class Sequence:
         row = self._adjust(logits[0], [])
         self._emit(int(next_tokens(row[None], self.params, self.generator)[0]), "target", logits[0])
         self.stats.prefill_time_s = time.perf_counter() - self.start
-        self.state = DecodeState(self.prompt + self.generated, len(self.prompt), self.params, self.engine.model, self.cache)
+        self.state = DecodeState(self.prompt + self.generated, len(self.prompt), self.params, self.served.model, self.cache)
         return self.out.add(self.generated)
 
     def _finish_reason(self) -> str | None:
@@ -331,7 +332,7 @@ class Sequence:
             num_generated_tokens=len(self.generated),
             finish_reason="stop" if self.out.stopped else self.finish,
             method=self.drafter.name,
-            model=self.engine.model_name,
+            model=self.served.name,
             stats=self.stats,
             tokens=self.tokens,
         )

@@ -15,10 +15,10 @@ import torch
 
 from ..errors import FastDecodeError
 from ..models.llama import LlamaModel
+from ..served import ServedModel
 from ..runtime.kv_cache import KVCache
 from ..runtime.sampling import SamplingParams
 from ..runtime.tree import DraftTree
-from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -33,13 +33,8 @@ class DecodeState:
     cache: KVCache | None = None
 
 
-@dataclass
-class Target:
-    """The model a drafter drafts for, given to drafters that declare `needs_target = True`."""
-
-    model: LlamaModel
-    tokenizer: Tokenizer
-    name: str
+# The model a drafter drafts for, given to drafters that declare `needs_target = True`.
+Target = ServedModel
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..scheduler import Request, Scheduler
+from ..served import ServedModel
 
 
 @dataclass
@@ -34,9 +35,9 @@ class Job:
 
 
 class Worker:
-    def __init__(self, engine, max_batch: int, step_tokens: int, kv_budget_bytes: int | None = None,
+    def __init__(self, served: ServedModel, max_batch: int, step_tokens: int, kv_budget_bytes: int | None = None,
                  prefix_cache: bool = True):
-        self.scheduler = Scheduler(engine, max_batch=max_batch, step_tokens=step_tokens, kv_budget_bytes=kv_budget_bytes,
+        self.scheduler = Scheduler(served, max_batch=max_batch, step_tokens=step_tokens, kv_budget_bytes=kv_budget_bytes,
                                    prefix_cache=prefix_cache)
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # id(request) -> job
