@@ -81,9 +81,19 @@ def test_forbidden_drafts_are_cut_and_forced_tokens_drafted(tokenizer):
     c, a, t, r, x = (ids(tokenizer, ch)[0] for ch in "catrx")
     tree = DraftTree([c, a, t, r, x, x], [-1, 0, 1, 1, 0, -1])  # c-a-t, c-a-r, c-x, x
     assert grammar.allowed_nodes(tree) == [0, 1, 2, 3]
-    grammar.commit([c, a, t])
-    draft = grammar.forced_draft(8)
-    assert draft.tokens == ids(tokenizer, "s") and draft.scores == [1.0] and draft.sources == ["grammar"]
+    # After "ca", the grammar forces nothing ("r" or "t"); after "cat" it forces "s".
+    grammar.commit([c, a])
+    assert grammar.with_forced(tree, 8, "ngram")[0] is tree
+    grammar.commit([t])
+    s = ids(tokenizer, "s")[0]
+    drafted = DraftTree([s, x], [-1, 0], scores=[0.5, 0.25])  # the drafter guessed "s" (and more)
+    merged, origin = grammar.with_forced(drafted, 8, "ngram")
+    assert merged.tokens == [s, x] and merged.scores == [1.0, 0.25] and origin == [0, 1]
+    assert merged.sources == ["ngram", "ngram"]
+    merged, origin = grammar.with_forced(DraftTree([x], [-1], scores=[0.5]), 8, "ngram")
+    assert merged.tokens == [x, s] and merged.parents == [-1, -1] and merged.scores == [0.5, 1.0]
+    assert origin == [0, -1] and merged.sources == ["ngram", "grammar"]
+    assert grammar.with_forced(DraftTree([x], [-1], scores=[0.5]), 1, "ngram")[0].tokens == [x], "within budget"
 
 
 def test_sampling_verification_keeps_the_constrained_distribution(tokenizer):

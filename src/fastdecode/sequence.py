@@ -131,7 +131,6 @@ class Sequence:
         self.grammar = None
         if params.constraint is not None:
             self.grammar = Grammar(params.constraint, served.tokenizer, served.model.config.vocab_size)
-        self._forced = False  # whether the planned tree is the grammar's forced tokens, not the drafter's
         self.finish: str | None = None
         self.state: DecodeState | None = None  # set once the prompt is in the cache
         self._planned: DraftTree | int | None = None  # the tree of the planned step, or its prefill chunk length
@@ -204,9 +203,7 @@ class Sequence:
                                     last_only=True, capture=self.capture)
             return self._segment
         room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free) - 1
-        tree = self._forced_tree(room)
-        if tree is None:
-            tree = self._drafted_tree(room, other_rows, other_tokens)
+        tree = self._drafted_tree(room, other_rows, other_tokens)
         self.cache.reserve(self.cache.length + 1 + len(tree))
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
@@ -216,27 +213,25 @@ class Sequence:
                                 capture=self.capture)
         return self._segment
 
-    def _forced_tree(self, room: int) -> DraftTree | None:
-        """Under a grammar, the tokens it forces next, drafted with certainty (not for `ar`, the baseline)."""
-        self._forced = False
-        if self.grammar is None or room <= 0 or not getattr(self.drafter, "speculates", True):
-            return None
-        tree = self.grammar.forced_draft(room)
-        self._forced = tree is not None
-        if self._forced:
-            self._proposal, self._kept = DraftTree(), []  # the drafter proposed nothing this step
-        return tree
-
     def _drafted_tree(self, room: int, other_rows: int, other_tokens: float) -> DraftTree:
-        """The drafter's proposal, less what the grammar forbids, cut to the size that pays."""
+        """The drafter's proposal, less what a grammar forbids and with the tokens it forces, cut to
+        the size that pays. Sets _proposal (the drafter's tree) and _kept (for each planned node, the
+        proposal's node it is, or -1 for a token only the grammar drafted)."""
         proposal = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
         if len(proposal) > room:
             raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(proposal)} nodes, over its budget of {room}")
         self._proposal = proposal
-        allowed = self.grammar.allowed_nodes(proposal) if self.grammar and len(proposal) else range(len(proposal))
-        candidates = proposal if len(allowed) == len(proposal) else proposal.subtree(list(allowed))
-        self._kept = [allowed[i] for i in best_nodes(candidates, self.served.cost_curve, other_rows, other_tokens)]
-        return proposal if len(self._kept) == len(proposal) else proposal.subtree(self._kept)
+        candidates, origin = proposal, list(range(len(proposal)))
+        if self.grammar is not None:
+            origin = self.grammar.allowed_nodes(proposal) if len(proposal) else []
+            if len(origin) < len(proposal):
+                candidates = proposal.subtree(origin)
+            if room > 0 and getattr(self.drafter, "speculates", True):  # not for ar, the baseline
+                candidates, merged = self.grammar.with_forced(candidates, room, self.drafter.name)
+                origin = [origin[i] if i >= 0 else -1 for i in merged]
+        kept = best_nodes(candidates, self.served.cost_curve, other_rows, other_tokens)
+        self._kept = [origin[i] for i in kept]
+        return candidates if len(kept) == len(candidates) else candidates.subtree(kept)
 
     def _adjust(self, row: torch.Tensor, path: list[int]) -> torch.Tensor:
         """A verify row as plain decoding would sample it: penalties, then the grammar's mask."""
@@ -263,8 +258,13 @@ class Sequence:
         self.stats.record_step(len(tree), len(path))
         rows = [-1] * len(self._proposal)
         for row, node in enumerate(self._kept, start=1):
-            rows[node] = row
-        accepted = [] if self._forced else [self._kept[node] for node in path]
+            if node >= 0:
+                rows[node] = row
+        accepted = []  # the drafter's nodes on the accepted path, up to a token only the grammar drafted
+        for node in path:
+            if self._kept[node] < 0:
+                break
+            accepted.append(self._kept[node])
         hidden = self._segment.hidden
         if hidden is not None:
             hidden = hidden[[0] + [node + 1 for node in path]]

@@ -146,12 +146,43 @@ class Grammar:
         self._follow([])
         return list(self.matcher.compute_ff_tokens())
 
-    def forced_draft(self, budget: int) -> DraftTree | None:
-        """The forced tokens as a chain of certain drafts (jump-forward), or None when nothing is forced."""
-        tokens = self.forced()[:budget]
-        if not tokens:
-            return None
-        return DraftTree.chain(tokens, scores=[1.0] * len(tokens), sources=[SOURCE] * len(tokens))
+    def with_forced(self, tree: DraftTree, budget: int, drafter: str) -> tuple[DraftTree, list[int]]:
+        """`tree` (a drafter's, already cut to what the grammar allows) with the tokens the grammar
+        forces next drafted as certain (SGLang's jump-forward, merged into the drafter's tree): the
+        drafter's nodes along the forced tokens score 1, and the forced tokens it did not propose
+        follow as new nodes, as far as `budget` allows. Returns the tree and, for each of its nodes,
+        the node of `tree` it is (-1 for the grammar's own)."""
+        forced = self.forced()
+        origin = list(range(len(tree)))
+        if not forced:
+            return tree, origin
+        tokens, parents = list(tree.tokens), list(tree.parents)
+        scores = None if tree.scores is None and len(tree) else list(tree.scores or [])
+        node = -1
+        for depth, token in enumerate(forced):
+            child = next((c for c in range(len(tokens)) if parents[c] == node and tokens[c] == token), None)
+            if child is None:
+                forced = forced[depth:]
+                break
+            if scores is not None:
+                scores[child] = 1.0
+            node = child
+        else:
+            forced = []
+        forced = forced[: max(0, budget - len(tokens))]
+        for token in forced:
+            tokens.append(token)
+            parents.append(node)
+            node = len(tokens) - 1
+            origin.append(-1)
+        if scores is not None:
+            scores += [1.0] * len(forced)
+        sources = (tree.sources or [drafter] * len(tree)) + [SOURCE] * len(forced)
+        probs = tree.draft_probs
+        if probs is not None and forced:  # the grammar's tokens are point masses
+            probs = torch.cat([probs, probs.new_zeros(len(forced), probs.shape[-1])])
+        keep = None if tree.keep is None else tree.keep + [False] * len(forced)
+        return DraftTree(tokens, parents, probs, scores, keep, sources), origin
 
     def allowed_nodes(self, tree: DraftTree) -> list[int]:
         """The nodes whose whole path from the root the grammar allows (closed under parents)."""
