@@ -10,6 +10,7 @@ from fastdecode.cli import main
 pytest.importorskip("jsonschema")
 
 
+@pytest.mark.slow
 def test_two_handmade_schemas_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     status = main(["bench", "--structured", "--schemas", "2", "--schema-source", "handmade", "--methods", "ar,auto",

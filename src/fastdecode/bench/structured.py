@@ -281,12 +281,34 @@ class LlamaCppRun:
     peer = True
     name = "llamacpp"
 
-    def __init__(self, model: str, dtype: str):
-        from .peers import load_peer
+    def __init__(self, model: str, threads: int = 0):
+        """threads: llama.cpp's threads; 0: fastdecode's count (torch's), as `fastdecode bench` runs it."""
+        from ..models.loader import model_source
+        from .peers import LlamaCppPeer
 
-        self.peer_obj = load_peer("llamacpp", model, dtype)
+        import torch
+
+        self.threads = threads or torch.get_num_threads()
+        with self._threads():
+            self.peer_obj = LlamaCppPeer("llamacpp", model_source(model))
         self.grammars: dict[str, object] = {}
         self.compile_s: dict[str, float] = {}
+
+    def _threads(self):
+        """LlamaCppPeer gives llama.cpp torch's thread count when it builds its context."""
+        import contextlib
+
+        import torch
+
+        @contextlib.contextmanager
+        def scope():
+            saved = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(saved)
+        return scope()
 
     def compile(self, schema_text: str):
         """The grammar, or the converter's error as a FastDecodeError."""
@@ -310,7 +332,8 @@ class LlamaCppRun:
     def generate(self, prompt_ids: list[int], schema_text: str, max_new_tokens: int) -> dict:
         peer = self.peer_obj
         g = self.compile(schema_text)
-        peer._fit(len(prompt_ids) + max_new_tokens + 1)
+        with self._threads():
+            peer._fit(len(prompt_ids) + max_new_tokens + 1)
         llm = peer.llm
         llm.reset()
         llm.set_seed(0)
@@ -386,8 +409,8 @@ def run_structured(args, methods: list[str], options: dict, peers: list[str], ou
             skipped[name] = reason
             log(f"skipping peer {name}: {reason}")
         else:
-            log(f"loading peer {name} (its JSON-schema grammar)")
-            contenders.append(LlamaCppRun(args.model, args.dtype))
+            contenders.append(LlamaCppRun(args.model, args.llamacpp_threads))
+            log(f"loaded peer {name} (its JSON-schema grammar), {contenders[-1].threads} thread(s)")
 
     out.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:
@@ -448,7 +471,7 @@ def run_structured(args, methods: list[str], options: dict, peers: list[str], ou
                 pass
     setup = dict(model=llm.model_name, weights=llm.weights, weight_format=llm.engine.model.weight_format,
                  sources=sources, json_whitespace=args.json_whitespace, schemas_asked=args.schemas, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                 max_schema_chars=MAX_SCHEMA_CHARS, prompt_schema_chars=PROMPT_SCHEMA_CHARS, method_options=options,
+                 llamacpp_threads=next((c.threads for c in contenders if c.peer), None), max_schema_chars=MAX_SCHEMA_CHARS, prompt_schema_chars=PROMPT_SCHEMA_CHARS, method_options=options,
                  load_average=[load_before, os.getloadavg()[0]], interrupted=interrupted)
     summary = summarize(records, names, tasks, compiled, failures, source_info, llama)
     summary = {"machine": machine_facts(args.dtype), "setup": setup, "skipped": skipped, **summary}
@@ -571,6 +594,9 @@ def _setup_lines(summary: dict) -> list[str]:
              f"Model {s['model']} ({s['weight_format']}). Schemas: {len(summary['schemas_run'])} run, from "
              f"{', '.join(s['sources'])} (seed {s['seed']}); greedy, at most {s['max_new_tokens']} new tokens; "
              f"JSON whitespace {s['json_whitespace']} (fastdecode's grammar)."]
+    if s.get("llamacpp_threads"):
+        lines.append(f"llama.cpp: the GGUF file's own weights, {s['llamacpp_threads']} thread(s), its JSON-schema grammar "
+                     f"(LlamaGrammar.from_json_schema), greedy.")
     if summary["skipped"]:
         lines.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) + ".")
     if s["interrupted"]:
