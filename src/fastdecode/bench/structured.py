@@ -320,7 +320,9 @@ class LlamaCppRun:
                 from .peers import _quiet
 
                 with _quiet():
-                    self.grammars[schema_text] = LlamaGrammar.from_json_schema(schema_text, verbose=False)
+                    grammar = LlamaGrammar.from_json_schema(schema_text, verbose=False)
+                    self._check_gbnf(grammar)
+                self.grammars[schema_text] = grammar
             except Exception as exc:  # noqa: BLE001 (the converter raises what it likes)
                 self.grammars[schema_text] = FastDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}")
             self.compile_s[schema_text] = time.perf_counter() - start
@@ -328,6 +330,17 @@ class LlamaCppRun:
         if isinstance(g, Exception):
             raise g
         return g
+
+    def _check_gbnf(self, grammar) -> None:
+        """Parse the GBNF as generate will: llama-cpp-python adds the parser's NULL to its sampler chain
+        unchecked, and the process dies (the converter writes escapes like \\d that the parser refuses)."""
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(self.peer_obj.llm._model.vocab, grammar._grammar.encode("utf-8"),
+                                                       grammar._root.encode("utf-8"))
+        if not sampler:
+            raise FastDecodeError("llama.cpp cannot parse the GBNF its converter wrote")
+        llama_cpp.llama_sampler_free(sampler)
 
     def generate(self, prompt_ids: list[int], schema_text: str, max_new_tokens: int) -> dict:
         peer = self.peer_obj
