@@ -24,7 +24,7 @@ def test_two_handmade_schemas_end_to_end(tmp_path, capsys):
         assert f["ran"] == 2 and f["finished"] >= 1, name
         assert f["valid"] == f["finished"] and f["valid_share"] == 1.0, name  # every finished output validates
         assert f["tokens_per_s"] > 0 and f["compile_ms"] > 0 and 0 < f["mask_share"] < 1, name
-        assert f["tokens_per_forward"] >= 1.0 and f["mask_ms_per_token"] > 0, name
+        assert f["decode_speedup"] > 0 and f["tokens_per_forward"] >= 1.0 and f["mask_ms_per_token"] > 0, name
     ar, auto = summary["methods"]["ar"], summary["methods"]["auto"]
     assert ar["differing"] is None and auto["differing"] == 0
     assert ar["speedup"] == pytest.approx(1.0) and auto["speedup"] > 0

@@ -533,10 +533,12 @@ def summarize(records, names, tasks, compiled, failures, source_info, llama) -> 
         if ran and not ran[0]["peer"]:
             steps = sum(r["decode_steps"] for r in ran)
             decode_s = sum(r["time_s"] - r["prefill_time_s"] for r in ran)
+            base_decode = _share(sum(r["new_tokens"] - 1 for r in base), sum(r["time_s"] - r["prefill_time_s"] for r in base))
             mask_s = sum(r["mask_s"] for r in ran)
             f.update(tokens_per_forward=_share(tokens - len(ran), steps),  # the prefill's token aside
                      forced_share=_share(sum(r["forced_tokens"] for r in ran), tokens),
                      decode_tokens_per_s=_share(tokens - len(ran), decode_s),
+                     decode_speedup=_share(_share(tokens - len(ran), decode_s), base_decode) if decode_s else None,
                      step_ms=1e3 * decode_s / steps if steps else None,
                      mask_ms_per_token=1e3 * mask_s / tokens if tokens else None,
                      mask_ms_per_step=1e3 * mask_s / steps if steps else None, masks=sum(r["masks"] for r in ran),
@@ -575,14 +577,15 @@ def _n(x, spec, suffix=""):
 
 def method_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["contender", "schemas", "finished", "valid (of finished)", "differ from ar", "tokens/s", "speedup",
-               "tokens/forward", "forced", "mask ms/token", "mask share", "grammar share", "compile ms"]
+               "decode speedup", "tokens/forward", "forced", "mask ms/token", "mask share", "grammar share", "compile ms"]
     rows = []
     for name, f in summary["methods"].items():
         ran = f"{f['ran']}" + (f" (+{f['refused']} refused)" if f["refused"] else "")
         rows.append([name, ran, _n(f["finished_share"], ".0%"),
                      f"{f['valid']}/{f['finished']}" + (f" ({f['valid_share']:.0%})" if f["finished"] else ""),
                      "baseline" if name == "ar" else "-" if f["differing"] is None else f"{f['differing']}/{f['ran']}",
-                     _n(f["tokens_per_s"], ".1f"), _n(f["speedup"], ".2f", "x"), _n(f.get("tokens_per_forward"), ".2f"),
+                     _n(f["tokens_per_s"], ".1f"), _n(f["speedup"], ".2f", "x"),
+                     _n(f.get("decode_speedup"), ".2f", "x"), _n(f.get("tokens_per_forward"), ".2f"),
                      _n(f.get("forced_share"), ".0%"), _n(f.get("mask_ms_per_token"), ".3f"),
                      _n(f.get("mask_share"), ".1%"), _n(f.get("grammar_share"), ".1%"), _n(f.get("compile_ms"), ".1f")])
     return headers, rows
@@ -621,7 +624,8 @@ DEFINITIONS = """\
 - **finished**: answers that ended with EOS (the grammar lets EOS through only after a complete object) rather than at the token limit.
 - **valid**: finished answers that `json.loads` reads and `jsonschema` accepts against their schema (must be 100%).
 - **differ from ar**: answers not equal to constrained `ar`'s token for token (must be 0; llama.cpp runs other weights and tokenizes forced text its own way, so it is not compared).
-- **tokens/s**: generated tokens (EOS included) / wall time of the generate calls, prefill included; **speedup**: over constrained `ar` on the same schemas in the same run.
+- **tokens/s**: generated tokens (EOS included) / wall time of the generate calls, prefill included; **speedup**: over constrained `ar` on the same schemas in the same run;
+  **decode speedup**: the same without the prefill (the first token and the prompt's forward), which the schema in the prompt makes long.
 - **tokens/forward**: tokens after the first / decode forwards; **forced**: share of tokens that were the grammar's forced tokens, drafted with certainty (jump-forward) and accepted.
 - **mask ms/token**, **mask share**: llguidance's time computing token masks (Grammar.allowed, one per verified row), per generated token and over decode time (wall time less prefill);
   **grammar share**: mask plus the matcher's walking (commit, forced tokens, checking drafts) over decode time.
