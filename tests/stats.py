@@ -21,3 +21,18 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     if dof < 1:
         return 1.0
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
+
+
+def two_sample_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
+    """P-value that two count vectors over the same categories come from one distribution
+    (chi-square test of homogeneity; categories empty in both are dropped)."""
+    a, b = a.double(), b.double()
+    keep = (a + b) > 0
+    a, b = a[keep], b[keep]
+    total = a.sum() + b.sum()
+    pooled = (a + b) / total
+    statistic = ((a - pooled * a.sum()) ** 2 / (pooled * a.sum())).sum() + ((b - pooled * b.sum()) ** 2 / (pooled * b.sum())).sum()
+    dof = len(a) - 1
+    if dof < 1:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))

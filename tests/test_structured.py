@@ -155,3 +155,42 @@ def test_regex_and_lark_grammars(llm_default):
     plain = llm_default.generate("Name some colors.", grammar, method="ar")
     assert plain.text.startswith("Colors: ")
     assert llm_default.generate("Name some colors.", grammar, method="ngram").token_ids == plain.token_ids
+
+
+def test_sampled_constrained_speculation_keeps_the_distribution_on_a_tiny_model(tmp_path, tiny_model):
+    """The whole decode loop, sampling under a grammar on a tiny random model: the answers of
+    constrained ngram and auto (drafts from the prompt and the grammar's forced tokens, verified by
+    rejection sampling against masked rows) are distributed as constrained ar's."""
+    import re
+
+    from conftest import byte_tokenizer
+    from fastdecode.drafters import make_drafter
+    from fastdecode.engine import Engine
+    from fastdecode.runtime.cost_curve import CostCurve
+
+    from stats import two_sample_p_value
+
+    engine = Engine(tiny_model, byte_tokenizer(tmp_path, 97, eos_id=96), "tiny")
+    engine.cost_curve = CostCurve([1, 8, 64], [0.01, 0.011, 0.03])  # cheap rows: verify what is proposed
+    pattern = "(ab|ac|bc)(ab|ba|cc)d"
+    outcomes = [a + b + "d" for a in ("ab", "ac", "bc") for b in ("ab", "ba", "cc")]
+    prompt = engine.tokenizer.encode("abcd abab acba bcccd abba")
+    params = lambda seed: SamplingParams(temperature=1.0, seed=seed, max_new_tokens=8,  # noqa: E731
+                                         constraint=Constraint("regex", pattern))
+    counts = {}
+    for method in ("ar", "ngram", "auto"):
+        drafter = make_drafter(method, engine) if method != "ar" else make_drafter("ar")
+        seen = torch.zeros(len(outcomes))
+        drafted = 0
+        for seed in range(600):
+            result = engine.generate(prompt, params(seed), drafter)
+            assert result.finish_reason == "stop" and result.token_ids[-1] == 96
+            text = engine.tokenizer.decode(result.token_ids[:-1])  # EOS is a byte of this tokenizer
+            assert re.fullmatch(pattern, text), text
+            seen[outcomes.index(text)] += 1
+            drafted += result.stats.accepted_tokens
+        counts[method] = seen
+        assert method == "ar" or drafted > 0, f"{method} never had a draft accepted"
+    assert (counts["ar"] > 0).sum() >= 4, "the tiny model should spread over several answers"
+    for method in ("ngram", "auto"):
+        assert two_sample_p_value(counts["ar"], counts[method]) > 1e-3, (method, counts)
