@@ -111,10 +111,12 @@ class Constraint:
 
 
 @lru_cache(maxsize=4)
-def _ll_tokenizer(tokenizer_json: str, eos_ids: tuple[int, ...], width: int):
+def _ll_tokenizer(tokenizer, width: int):
+    """llguidance's view of a tokenizer, built once per tokenizer object: serializing the tokenizer
+    alone takes ~20 ms, which every request would otherwise pay on the model's thread."""
     from llguidance import LLTokenizer
 
-    return LLTokenizer(tokenizer_json, n_vocab=width, eos_token=list(eos_ids))
+    return LLTokenizer(tokenizer.to_json(), n_vocab=width, eos_token=sorted(tokenizer.eos_ids))
 
 
 def check_constraint(constraint: Constraint, tokenizer, width: int) -> None:
@@ -131,9 +133,8 @@ class Grammar:
         from llguidance import LLMatcher
 
         self.width = width
-        eos = tuple(sorted(tokenizer.eos_ids))
-        self.eos = frozenset(eos)
-        self.matcher = LLMatcher(_ll_tokenizer(tokenizer.to_json(), eos, width), constraint.grammar_text(), log_level=0)
+        self.eos = frozenset(tokenizer.eos_ids)
+        self.matcher = LLMatcher(_ll_tokenizer(tokenizer, width), constraint.grammar_text(), log_level=0)
         self._check(f"the {constraint.kind.replace('_', ' ')} cannot be used")
         self.pending: list[int] = []
 
@@ -201,7 +202,7 @@ class Grammar:
         scores = None if tree.scores is None and len(tree) else list(tree.scores or [])
         node = -1
         for depth, token in enumerate(forced):
-            child = next((c for c in range(len(tokens)) if parents[c] == node and tokens[c] == token), None)
+            child = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
             if child is None:
                 forced = forced[depth:]
                 break
@@ -237,7 +238,3 @@ class Grammar:
                 paths[node] = path
                 good.append(node)
         return good
-
-    @property
-    def finished(self) -> bool:
-        return self.matcher.is_stopped()
