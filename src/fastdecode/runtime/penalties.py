@@ -28,14 +28,18 @@ def has_adjustments(params: SamplingParams) -> bool:
                 or params.logit_bias)
 
 
+def check_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
+    """FastDecodeError when a token id is outside the model's vocabulary."""
+    bad = [t for t in bias if not 0 <= t < vocab_size]
+    if bad:
+        raise FastDecodeError(f"logit_bias names token {bad[0]}, outside the vocabulary (0 to {vocab_size - 1})")
+
+
 class Penalties:
     """One request's adjustments: the prompt is fixed, the generated tokens are added as committed."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int):
-        bad = [t for t in params.logit_bias if not 0 <= t < vocab_size]
-        if bad:
-            raise FastDecodeError(f"invalid sampling parameters: logit_bias names token {bad[0]}, "
-                                  f"outside the vocabulary of {vocab_size} tokens")
+        check_logit_bias(params.logit_bias, vocab_size)
         self.params = params
         self.prompt = frozenset(prompt)
         self.out: Counter[int] = Counter()

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..drafters import check_method
 from ..errors import FastDecodeError
 from ..runtime.grammar import check_constraint
+from ..runtime.penalties import check_logit_bias
 from ..runtime.sampling import SamplingParams
 from ..scheduler import KV_BUDGET_MB, STEP_TOKENS
 from .drafter_pool import DrafterPool
@@ -154,31 +155,26 @@ def create_app(llm, method: str = "auto", max_batch: int = 8, max_queue: int = 6
             k = body.logprobs_k()
         except ValueError as exc:
             raise HTTPError(400, str(exc), param="top_logprobs") from None
-        extra = {}  # only what a request sets, so that plain requests build plain SamplingParams
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-            if getattr(body, name) != neutral:
-                extra[name] = getattr(body, name)
-        if body.logit_bias:
-            bias = {int(key): float(value) for key, value in body.logit_bias.items()}
-            outside = [t for t in bias if t >= vocab]
-            if outside:
-                raise HTTPError(400, f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})",
-                                param="logit_bias")
-            extra["logit_bias"] = bias
-        if k is not None:
-            extra["logprobs"] = k
+        bias = {int(key): float(value) for key, value in (body.logit_bias or {}).items()}
+        try:
+            check_logit_bias(bias, vocab)
+        except FastDecodeError as exc:
+            raise HTTPError(400, str(exc), param="logit_bias") from None
+        constraint = None
         if body.response_format is not None:
             try:
                 constraint = body.response_format.constraint()
                 if constraint is not None:
                     await asyncio.to_thread(check_constraint, constraint, llm.tokenizer, vocab)  # compiles: off the loop
-                    extra["constraint"] = constraint
             except (ValueError, FastDecodeError) as exc:
                 raise HTTPError(400, f"response_format: {exc}", param="response_format") from None
         try:
             params = [SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                      seed=None if body.seed is None else body.seed + i, max_new_tokens=max_tokens,
-                                     stop=body.stop_list(), **extra) for i in range(body.n)]
+                                     stop=body.stop_list(), presence_penalty=body.presence_penalty,
+                                     frequency_penalty=body.frequency_penalty,
+                                     repetition_penalty=body.repetition_penalty, logit_bias=bias, logprobs=k,
+                                     constraint=constraint) for i in range(body.n)]
             scheduler.check_fits(len(prompt_ids), max_tokens)
         except FastDecodeError as exc:
             raise HTTPError(400, str(exc)) from None
