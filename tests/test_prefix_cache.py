@@ -309,10 +309,10 @@ def test_a_drafter_that_reads_hidden_states_gets_every_prompt_row(tiny_engine):
     scheduler.run()
     second = scheduler.submit(prompt + [1, 2, 3], GREEDY, make_drafter("ar"))
     scheduler.run()
-    assert second.sequence.cached_tokens == 3 * B  # the first one's blocks
+    assert second.sequence.stats.cached_prompt_tokens == 3 * B  # the first one's blocks
     third = scheduler.submit(prompt, GREEDY, drafters[1])
     scheduler.run()
-    assert drafters[0].rows == drafters[1].rows == list(range(100)) and third.sequence.cached_tokens == 0
+    assert drafters[0].rows == drafters[1].rows == list(range(100)) and third.sequence.stats.cached_prompt_tokens == 0
     assert third.result.token_ids == first.result.token_ids
     assert scheduler.prefix_cache_hits == 3 * B and scheduler.prefix_cache_queries == 103  # only the second looked
 

@@ -73,8 +73,8 @@ def token_info(token: int, source: str, logits: torch.Tensor, top: int | None) -
     if top is None:
         return TokenInfo(token, source)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # one row at a time: the same shape under every method
-    best = logprobs.topk(top) if top else None
-    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if top else []
+    best = logprobs.topk(top)
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist()))
     return TokenInfo(token, source, float(logprobs[token]), alternatives)
 
 
@@ -141,7 +141,6 @@ class Sequence:
         self.expected_tokens = 0.0  # new tokens the planned step should yield, on its drafter's scores
         self.prefix_cache = prefix_cache
         self._looked_up = False  # whether this prefill has adopted cached blocks yet (once per start or resume)
-        self.cached_tokens = 0  # prompt rows adopted instead of prefilled, over all its starts
         self.preempted = False
         drafter.begin(prompt)
 
@@ -181,9 +180,9 @@ class Sequence:
             return
         self._looked_up = True
         if self.prefix_cache and not self.capture and self.cache.length == 0:
-            self.cached_tokens += self.cache.adopt(self._prefix, len(self._prefix) - 1)
-            if self.state is None:
-                self.stats.cached_prompt_tokens = self.cached_tokens
+            adopted = self.cache.adopt(self._prefix, len(self._prefix) - 1)
+            if self.state is None:  # the request's own start, not a resume after preemption
+                self.stats.cached_prompt_tokens = adopted
 
     def plan(self, prefill_tokens: int = PREFILL_CHUNK, other_rows: int = 0, other_tokens: float = 0.0) -> Segment:
         """The rows of this sequence's next forward: at most `prefill_tokens` of them while
