@@ -165,29 +165,30 @@ def _constraint(args):
     return None
 
 
-def _parse_options(items: list[str]) -> list[tuple[str, object]]:
+def _parse_options(items: list[str]) -> dict:
+    """--option KEY=VALUE pairs, values as int, float, bool or string."""
     from .drafters import parse_option
 
-    return [parse_option(item) for item in items]
+    return dict(parse_option(item) for item in items)
 
 
-def _method_options(args) -> dict:
-    """--option KEY=VALUE pairs (and --draft-model), values as int, float, bool or string."""
-    options = dict(_parse_options(args.option))
-    if args.draft_model is not None:
-        options["draft_model"] = args.draft_model
-    return options
+def _check_method(method: str, options: dict) -> None:
+    """The method and its options' names, and their values where the drafter needs no model to be built."""
+    from .drafters import METHODS, check_method, make_drafter
+
+    check_method(method, options)
+    if not getattr(METHODS[method], "needs_target", False):
+        make_drafter(method, **options)
 
 
 def _load(args):
     from .api import LLM
-    from .drafters import METHODS, check_method, make_drafter
 
     params = _sampling_params(args)  # validate everything before the slow part
-    args.options = _method_options(args)
-    check_method(args.method, args.options)
-    if not getattr(METHODS[args.method], "needs_target", False):
-        make_drafter(args.method, **args.options)  # option values too
+    args.options = _parse_options(args.option)
+    if args.draft_model is not None:
+        args.options["draft_model"] = args.draft_model
+    _check_method(args.method, args.options)
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype, weights=args.weights)
     llm.drafter(args.method, **args.options)  # a draft model loads (and is checked) now
@@ -277,11 +278,9 @@ def _methods(args) -> int:
 
 
 def _serve(args) -> int:
-    from .drafters import METHODS, check_method, make_drafter
     from .models.loader import model_source
 
-    options = dict(_parse_options(args.option))
-    check_method(args.method, options)
+    options = _parse_options(args.option)
     if args.method == "draft" and args.draft_model is None and "draft_model" in options:
         args.draft_model = options["draft_model"]
     if args.method == "draft":
@@ -290,8 +289,7 @@ def _serve(args) -> int:
         options["draft_model"] = args.draft_model
     if args.draft_model is not None:
         model_source(args.draft_model)  # an unknown name or missing path fails now, before the model loads
-    if not getattr(METHODS[args.method], "needs_target", False):
-        make_drafter(args.method, **options)  # option values too
+    _check_method(args.method, options)
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise FastDecodeError("--served-model-name must not be empty")
     if args.api_key is not None and not args.api_key.strip():
