@@ -155,7 +155,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
             __m512 o[VD];
             for (long c = 0; c < VD; c++)
                 o[c] = _mm512_maskz_loadu_ps(m[c], out[i] + d0 + 16 * c);
-            for (long k = start; k < counts[i]; k++) {
+            for (long k = from > start ? from : start; k < counts[i]; k++) {
                 __m512 w = _mm512_set1_ps(p[i][k]);
                 for (long c = 0; c < VD; c++)
                     o[c] = _mm512_fmadd_ps(w, act_load16(value_at(pg, slots[i][k - start], D), d0 + 16 * c, bf16, m[c]), o[c]);
