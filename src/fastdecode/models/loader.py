@@ -55,16 +55,9 @@ def model_source(name_or_path: str | Path) -> Path:
     )
 
 
-def _supported_source(name_or_path: str | Path) -> Path:
-    entry = MODELS.get(str(name_or_path))
-    if entry is not None and not entry.supported:
-        raise FastDecodeError(f"model {entry.name!r} is not supported yet: {entry.unsupported_reason}")
-    return model_source(name_or_path)
-
-
 def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
     """A folder holding config.json, tokenizer files and safetensors weights for this model."""
-    source = _supported_source(name_or_path)
+    source = model_source(name_or_path)
     return gguf_cache.prepare(source, dtype) if source.is_file() else source
 
 
@@ -83,7 +76,7 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = DEFAULT_DTYPE, wei
     None for the source's default (a GGUF file's own formats; a checkpoint's weights in dtype)."""
     start = time.perf_counter()
     dtype = parse_dtype(dtype)
-    source = _supported_source(name_or_path)
+    source = model_source(name_or_path)
     weights = formats.resolve(source, weights, dtype)
     dense = formats.DENSE.get(weights)
     if source.is_file():
