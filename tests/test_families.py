@@ -35,12 +35,12 @@ def tokenizer_folder():
     return gguf_cache.prepare(MODELS["smollm2-135m-instruct"].gguf_path(), None)
 
 
-def save_tiny(family: str, folder, tokenizer_folder):
+def save_tiny(family: str, folder, tokenizer_folder, **overrides):
     """A random checkpoint of `family` in `folder`, weights large enough that logits are far from ties."""
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    config = getattr(transformers, config_cls)(**COMMON, **{**extra, **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
@@ -98,3 +98,92 @@ def test_a_missing_tensor_is_named(tmp_path, tokenizer_folder, capsys):
     assert cli.main(["generate", "hi", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "model.layers.1.self_attn.k_proj.bias" in err and "Traceback" not in err
+
+
+GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "gemma3": "gemma3"}
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GEMMA_NAMES = {**GGUF_NAMES, "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def write_gguf(family: str, reference, path, tokenizer_gguf) -> None:
+    """The checkpoint as llama.cpp's converter writes it: its tensor names, q/k rows permuted for
+    its llama architecture, Gemma's norm weights with 1 added, and the default model's tokenizer."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    arch, c = GGUF_ARCH[family], reference.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer = GGUFWriter(str(path), arch)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters.get("rope_theta", None) or c.rope_parameters["full_attention"]["rope_theta"])
+    if getattr(c, "sliding_window", None):
+        writer.add_sliding_window(c.sliding_window)
+    if family == "gemma3":
+        writer.add_uint32("gemma3.attention.sliding_window_pattern", 2)  # layer 1 of 0..2 global
+    source = GGUFReader(str(tokenizer_gguf))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template"):
+        field = source.fields[key]
+        value = field.contents()
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint32(key, int(value))
+    names = GEMMA_NAMES if family == "gemma3" else GGUF_NAMES
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for name, tensor in reference.state_dict().items():
+        w = tensor.float().numpy().copy()
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if family == "gemma3" and name.endswith("norm.weight"):
+            w = w + np.float32(1)
+        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+        if name in top:
+            writer.add_tensor(top[name], w)
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        part, kind = rest.rsplit(".", 1)
+        if arch == "llama" and part in ("self_attn.q_proj", "self_attn.k_proj"):
+            w = permute(w, c.num_attention_heads if part == "self_attn.q_proj" else c.num_key_value_heads)
+        writer.add_tensor(f"blk.{layer}.{names[part]}.{kind}", w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_from_a_gguf_file(tmp_path, tokenizer_folder, family):
+    # A Gemma-3 GGUF has no keys for these: llama.cpp's values (a base of 10k, head_dim) are assumed.
+    gemma_defaults = dict(rope_local_base_freq=10000.0, query_pre_attn_scalar=16) if family == "gemma3" else {}
+    reference = save_tiny(family, tmp_path / "hf", tokenizer_folder, **gemma_defaults)
+    path = tmp_path / f"tiny-{family}.gguf"
+    write_gguf(family, reference, path, MODELS["smollm2-135m-instruct"].gguf_path())
+    llm = LLM(str(path), "float32")
+    model = llm.engine.model
+    assert model.config.architecture == ("llama" if family == "mistral" else family)
+    assert llm.tokenizer.info.chat_template  # the file's own
+    ids = llm.prompt_ids("Hello there, how are you today? Tell me a story about a dragon.")
+    ours = model.forward(torch.tensor(ids), torch.arange(len(ids)), model.new_cache(len(ids)))
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits[0]
+    assert (ours - theirs).abs().max().item() < 1e-4 * max(1.0, theirs.abs().max().item())

@@ -137,8 +137,10 @@ class GGUFFile:
         layer_types = None
         if gemma and window:
             # llama.cpp's Gemma-3: every sixth layer global, the others local with a base of 10k
-            pattern = int(f("attention.sliding_window_pattern", 6))
-            layer_types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
+            # (a file may say so: sliding_window_pattern, a period or one flag per layer)
+            pattern = f("attention.sliding_window_pattern", 6)
+            sliding = list(pattern) if isinstance(pattern, list) else [(i + 1) % int(pattern) != 0 for i in range(layers)]
+            layer_types = tuple("sliding_attention" if s else "full_attention" for s in sliding)
         config = ModelConfig(
             vocab_size=int(vocab),
             hidden_size=hidden,
