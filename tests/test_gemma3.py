@@ -85,3 +85,21 @@ def test_every_method_is_lossless_on_gemma(gemma, options, method):
         plain = gemma.generate(prompt, params, method="ar").token_ids
         result = gemma.generate(prompt, params, method=method, **options.get(method, {}))
         assert result.token_ids == plain, f"{method} differs from ar on {prompt!r}"
+
+
+def test_generate_on_the_command_line(capsys):
+    """`fastdecode generate ... --model gemma-3-270m` in the default dtype and the file's own formats:
+    the plain prompt (no chat template) continued, the same ids by ar and by auto."""
+    import json
+
+    from fastdecode import cli
+
+    answers = []
+    for method in ("ar", "auto"):
+        code = cli.main(["generate", "The three largest cities in Japan are", "--model", "gemma-3-270m", "--json",
+                         "--max-new-tokens", "12", "--method", method])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        answers.append(json.loads(out))
+    assert answers[0]["token_ids"] == answers[1]["token_ids"]
+    assert "Tokyo" in answers[0]["text"]
