@@ -1,8 +1,9 @@
 """A token's logits must not depend on how many other tokens share its forward (bitwise): that is
 what makes speculative decoding give exactly the plain decoding output, not only in theory. Checked
 for the real model in every dtype and weight format (the GGUF file's own Q4_1 / Q8_0, dequantized
-bfloat16 and float32, and Q8_0 quantized at load); tests/test_kernels.py checks every block format's
-product on its own."""
+bfloat16 and float32, and Q8_0 quantized at load), and for tiny models with every option of the
+layer kernel (a Gemma-3 with QK-norm, post-norms, GeGLU and sliding windows shorter than the rows;
+a Qwen2 with q/k/v biases); tests/test_kernels.py checks every block format's product on its own."""
 from __future__ import annotations
 
 import pytest
@@ -17,14 +18,51 @@ needs_kernel = pytest.mark.skipif(native_lib() is None, reason="no C compiler: t
 
 FORMATS = [("float32", "gguf"), ("bfloat16", "gguf"), ("float32", "float32"), ("bfloat16", "bfloat16"),
            ("bfloat16", "q8_0")]
+TINY_FAMILIES = [("gemma3", torch.float32), ("gemma3", torch.bfloat16), ("qwen2", torch.bfloat16)]
+WINDOW = 6  # shorter than the chains, trees and prefills below
 
 
-@pytest.fixture(scope="module", params=FORMATS, ids=[f"{d}-{w}" for d, w in FORMATS])
+def tiny_family(architecture: str, dtype: torch.dtype):
+    """A tiny random model of a family, with the layer options that family sets."""
+    from dataclasses import replace
+
+    from fastdecode.models.families import build
+
+    from conftest import TINY, tiny_weights
+
+    config = replace(TINY, architecture=architecture, max_position_embeddings=512, num_layers=3)
+    w = tiny_weights(config)
+    g = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        if architecture == "gemma3":
+            w[f"{p}.pre_feedforward_layernorm.weight"] = r(config.hidden_size)
+            w[f"{p}.post_feedforward_layernorm.weight"] = r(config.hidden_size)
+            w[f"{p}.self_attn.q_norm.weight"] = r(config.head_dim)
+            w[f"{p}.self_attn.k_norm.weight"] = r(config.head_dim)
+        else:
+            for name, rows in (("q", config.num_heads), ("k", config.num_kv_heads), ("v", config.num_kv_heads)):
+                w[f"{p}.self_attn.{name}_proj.bias"] = r(rows * config.head_dim)
+    if architecture == "gemma3":
+        config = replace(config, sliding_window=WINDOW, rope_local_theta=100.0, query_pre_attn_scalar=12.0,
+                         layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+    else:
+        config = replace(config, attention_bias=True, sliding_window=WINDOW)  # every layer sliding
+    return build(config, w, dtype)
+
+
+@pytest.fixture(scope="module", params=[("smollm2", f) for f in FORMATS] + [("tiny", f) for f in TINY_FAMILIES],
+                ids=[f"{d}-{w}" for d, w in FORMATS] + [f"tiny-{a}-{str(d)[6:]}" for a, d in TINY_FAMILIES])
 def model(request):
     from fastdecode.models.loader import load
 
-    dtype, weights = request.param
-    return load("smollm2-135m-instruct", dtype, weights).model
+    kind, (a, b) = request.param
+    return load("smollm2-135m-instruct", a, b).model if kind == "smollm2" else tiny_family(a, b)
+
+
+def _vocab(model) -> int:
+    return model.config.vocab_size
 
 
 def _prefilled(model, length: int, seed: int = 0, pool=None):
@@ -32,7 +70,7 @@ def _prefilled(model, length: int, seed: int = 0, pool=None):
 
     g = torch.Generator().manual_seed(seed)
     cache = model.new_cache(length + 80) if pool is None else KVCache(pool, length + 80)
-    model.forward(torch.randint(0, 49152, (length,), generator=g), torch.arange(length), cache)
+    model.forward(torch.randint(0, _vocab(model), (length,), generator=g), torch.arange(length), cache)
     cache.commit(length)
     return cache
 
@@ -41,7 +79,7 @@ def _prefilled(model, length: int, seed: int = 0, pool=None):
 @pytest.mark.parametrize("n", [2, 8, 32])
 def test_a_token_alone_equals_the_same_token_among_others(model, n):
     cache = _prefilled(model, 200)
-    tokens = torch.randint(0, 49152, (n,), generator=torch.Generator().manual_seed(n))
+    tokens = torch.randint(0, _vocab(model), (n,), generator=torch.Generator().manual_seed(n))
     start = cache.length
     alone = [model.forward(tokens[:1], torch.tensor([start]), cache)[0]]
     # Decoded one at a time, as plain decoding does.
@@ -53,7 +91,7 @@ def test_a_token_alone_equals_the_same_token_among_others(model, n):
     assert torch.equal(chain, torch.stack(alone))
 
     # The same chain hidden inside a tree: a second branch of n - 1 other tokens under the root.
-    other = torch.randint(0, 49152, (n - 1,), generator=torch.Generator().manual_seed(99))
+    other = torch.randint(0, _vocab(model), (n - 1,), generator=torch.Generator().manual_seed(99))
     tree = DraftTree(
         other.tolist() + tokens[1:].tolist(),
         list(range(-1, n - 2)) + [-1] + list(range(n - 1, 2 * n - 3)),
@@ -66,8 +104,9 @@ def test_a_token_alone_equals_the_same_token_among_others(model, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("window", [0, 4, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_kernel_matches_pytorch(dtype):
+def test_paged_attention_kernel_matches_pytorch(dtype, window):
     """Two sequences in one call, each over its own blocks scattered through a shared pool: a draft
     tree over 37 committed rows, and a causal chunk of 3 rows after 70."""
     from fastdecode.runtime.kv_cache import BLOCK_ROWS as B
@@ -92,11 +131,15 @@ def test_paged_attention_kernel_matches_pytorch(dtype):
             masks.append(mask.to(torch.uint8).flatten())
         new = mask if mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
         full = torch.cat([torch.ones(n, start, dtype=torch.bool), new], dim=1)
+        if window:  # a query at position p sees the keys at positions > p - window
+            depths = torch.tensor([0] + DraftTree([1, 2, 3, 4], [-1, 0, -1, 2]).depths()) if mask is not None else torch.arange(n)
+            key_positions = torch.cat([torch.arange(start), start + depths])
+            full &= key_positions[None, :] > (start + depths)[:, None] - window
         refs.append(F.scaled_dot_product_attention(
             q[row : row + n].transpose(0, 1), keys.float().repeat_interleave(3, 0),
             values.float().repeat_interleave(3, 0), attn_mask=full, scale=d**-0.5).transpose(0, 1))
         row += n
-    out = attention(native_lib(), q, pool_k, pool_v, torch.tensor(meta), torch.cat(tables), torch.cat(masks), d**-0.5)
+    out = attention(native_lib(), q, pool_k, pool_v, torch.tensor(meta), torch.cat(tables), torch.cat(masks), d**-0.5, window)
     torch.testing.assert_close(out, torch.cat(refs), rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +154,7 @@ def test_sequences_in_one_batched_forward_equal_each_alone(model):
     tree = DraftTree([5, 6, 7, 8], [-1, 0, -1, 2])
     tree_mask = tree.attention_mask()  # the root row, then the 4 nodes
     shapes = [(1, None), (5, tree_mask), (17, None)]  # decode step, tree (root + 4 nodes), prefill chunk
-    tokens = [torch.randint(0, 49152, (n,), generator=g) for n, _ in shapes]
+    tokens = [torch.randint(0, _vocab(model), (n,), generator=g) for n, _ in shapes]
 
     def run(batched: bool):
         pool = model.new_pool(rows=512)

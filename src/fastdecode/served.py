@@ -7,13 +7,13 @@ own copy of some of these.
 from __future__ import annotations
 
 from .errors import FastDecodeError
-from .models.llama import LlamaModel
+from .models.contract import CausalLM
 from .runtime.cost_curve import CostCurve, load_or_measure
 from .tokenizer import Tokenizer
 
 
 class ServedModel:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, name: str):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, name: str):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self._cost_curve: CostCurve | None = None
 

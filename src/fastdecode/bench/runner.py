@@ -85,6 +85,14 @@ def total_answers(questions: list[Question], contenders: list, repeats: int) -> 
     return repeats * len(contenders) * sum(len(q.turns) for q in questions)
 
 
+def _prompt_ids(llm, messages: list[dict]) -> list[int]:
+    """The conversation through the chat template; for a base model, which has none (gemma-3-270m),
+    as plain text: the turns so far, a blank line apart, for the model to continue."""
+    if llm.tokenizer.info.chat_template:
+        return llm.prompt_ids(messages)
+    return llm.prompt_ids("\n\n".join(m["content"] for m in messages) + "\n\n", raw=True)
+
+
 def run(llm, questions: list[Question], contenders: list, *, max_new_tokens: int, temperature: float,
         repeats: int, on_warmup: Callable[[str], None] = lambda name: None) -> Iterator[dict]:
     """Yield one record per answer, in run order: repeat, question, turn, contender."""
@@ -101,7 +109,7 @@ def run(llm, questions: list[Question], contenders: list, *, max_new_tokens: int
                 for c in contenders:
                     messages = conversations[c.name]
                     messages.append({"role": "user", "content": text})
-                    prompt_ids = llm.prompt_ids(messages)
+                    prompt_ids = _prompt_ids(llm, messages)
                     answer = c.generate(prompt_ids, max_new_tokens, temperature, answer_seed(q, turn, repeat))
                     messages.append({"role": "assistant", "content": tokenizer.decode(answer.token_ids)})
                     yield make_record(q, turn, repeat, c, prompt_ids, answer)

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..errors import FastDecodeError
-from ..models.llama import LlamaModel
+from ..models.contract import CausalLM
 from ..served import ServedModel
 from ..runtime.kv_cache import KVCache
 from ..runtime.sampling import SamplingParams
@@ -29,7 +29,7 @@ class DecodeState:
     # The target model and its KV cache, for self-speculation (layerskip). A drafter may run
     # target layers into rows at and beyond cache.length (commit them while drafting, then
     # rollback(length) before returning); the verify forward overwrites those rows.
-    model: LlamaModel | None = None
+    model: CausalLM | None = None
     cache: KVCache | None = None
 
 

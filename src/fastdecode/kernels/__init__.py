@@ -4,7 +4,8 @@ matmul.c   every matrix product, with the weights in their stored format (float3
            GGUF blocks of 4- and 8-bit integers expanded in registers: kernels.h tells the layouts)
 attention.c attention of new rows over the paged KV cache
 layer.c    one whole decoder layer as one call (norms, products, rotary embedding, cache writes,
-           attention, SiLU, residuals): a decode step is one native call per layer
+           attention, SiLU or GELU, residuals), with the options the model families need (q/k/v
+           biases, QK-norm, post-norms, a sliding window): a decode step is one native call per layer
 threads.c  the threads they share the work on, with barriers that yield the core while waiting
 
 Each gives every row a result independent of the other rows in the call (bitwise), which is
@@ -70,23 +71,27 @@ class Product(ctypes.Structure):
 
 
 class LayerWeights(ctypes.Structure):
+    """layer.c LayerWeights: a layer's matrices and its options (NULL pointers where a family has
+    no such part; window 0 for global attention)."""
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
-                ("qkv", Product), ("o", Product), ("gate_up", Product), ("down", Product)]
+                ("qkv", Product), ("o", Product), ("gate_up", Product), ("down", Product),
+                ("qkv_bias", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("post_attn_norm", ctypes.c_void_p), ("post_mlp_norm", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("window", ctypes.c_long)]
 
 
 class Dims(ctypes.Structure):
     _fields_ = [(name, ctypes.c_long) for name in
                 ("hidden", "q_size", "kv_size", "inter", "heads", "kv_heads", "head_dim", "block_shift")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("act_bf16", ctypes.c_int)]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("act_bf16", ctypes.c_int), ("gelu", ctypes.c_int)]
 
 
 class Step(ctypes.Structure):
     """layer.c Step: one forward's rows (positions, cache slots, attention) and scratch space."""
     _fields_ = [("rows", ctypes.c_long), ("positions", ctypes.c_void_p), ("slot_block", ctypes.c_void_p),
-                ("slot_offset", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-                ("nseg", ctypes.c_long), ("seg", ctypes.c_void_p), ("tables", ctypes.c_void_p),
+                ("slot_offset", ctypes.c_void_p), ("nseg", ctypes.c_long), ("seg", ctypes.c_void_p), ("tables", ctypes.c_void_p),
                 ("masks", ctypes.c_void_p), ("h", ctypes.c_void_p), ("xsum", ctypes.c_void_p),
-                ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p)]
+                ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p), ("y", ctypes.c_void_p)]
 
 
 def _build() -> ctypes.CDLL | None:
@@ -112,7 +117,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.matmul.argtypes = [ctypes.POINTER(Matrix), p, i, n, p, i]
-    lib.attention.argtypes = [p, p, p, i, n, p, p, p, p, n, n, n, n, f]
+    lib.attention.argtypes = [p, p, p, i, n, p, p, p, p, n, n, n, n, f, n]
     lib.decoder_layer.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(LayerWeights), ctypes.POINTER(Step), p, p, p]
     lib.rms_norm.argtypes = [p, n, n, p, f, p, i]
     for fn in (lib.matmul, lib.attention, lib.decoder_layer, lib.rms_norm):
@@ -172,19 +177,20 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
 
 def attention(
     lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    segments: torch.Tensor, tables: torch.Tensor, masks: torch.Tensor | None, scale: float,
+    segments: torch.Tensor, tables: torch.Tensor, masks: torch.Tensor | None, scale: float, window: int = 0,
 ) -> torch.Tensor:
     """Attention of every sequence of a batched forward over its paged cache.
     q [rows, heads, D] float32; keys [blocks, kv_heads, D, B] and values [blocks, kv_heads, B, D]: one
     layer's pools (contiguous, float32 or bfloat16); segments int64 [sequences, 5]: first row, new
     rows n, committed rows, offset of its block table in `tables` (int64), offset of its [n, n]
-    mask in `masks` (uint8: new rows each row may see) or -1 for causal -> [rows, heads, D] float32."""
+    mask in `masks` (uint8: new rows each row may see) or -1 for causal; window > 0: each row sees only
+    its last `window` visible keys (a sliding window) -> [rows, heads, D] float32."""
     rows, heads, d = q.shape
     kv_heads, block = keys.shape[1], keys.shape[-1]
     out = torch.empty_like(q)
     lib.attention(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), len(segments),
         segments.data_ptr(), tables.data_ptr(), None if masks is None else masks.data_ptr(), out.data_ptr(),
-        heads, kv_heads, d, block.bit_length() - 1, scale,
+        heads, kv_heads, d, block.bit_length() - 1, scale, window,
     )
     return out

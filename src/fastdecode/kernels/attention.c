@@ -9,6 +9,9 @@
  *   score[k] = sum_d q[d] * key[d]          (a fused multiply-add chain over d = 0 .. D-1)
  *   p[k]     = exp(score[k] * scale - max)  (one vector exp for every element)
  *   out      = (sum_k p[k] * value[k]) / sum_k p[k]   (in rank order)
+ * A sliding window (Mistral, Gemma-3's local layers) keeps the last `window` ranks of a row: the
+ * ranks below get p[k] = 0 exactly, and a sum that meets them adds an exact zero, so a row sums
+ * the same numbers in the same order whichever rows share its block of queries.
  *
  * The cache is paged (runtime/kv_cache.py): a sequence's row j lives in block table[j / B] at
  * offset j % B of a pool shared by every sequence. A block holds keys transposed, [kv_heads, D, B],
@@ -54,10 +57,10 @@ static inline float score_one(const float *q, const Paged *p, long D, long j) {
 /* Scores of nq queries against key slots [0, span): one key vector load serves them all. A lane
  * computes exactly what score_one computes for its slot. */
 static inline __attribute__((always_inline)) void slot_scores(const float *const *qs, long nq, const Paged *p,
-                                                              long D, long span, float *const *score) {
+                                                              long D, long from, long span, float *const *score) {
 #ifdef __AVX512F__
     long B = 1L << p->shift;
-    for (long j = 0; j < span; j += 16) {
+    for (long j = from & ~15L; j < span; j += 16) {
         __mmask16 m = span - j >= 16 ? 0xffff : (__mmask16)((1u << (span - j)) - 1);
         const void *kt = keys_at(p, j);
         __m512 acc[QB];
@@ -75,7 +78,7 @@ static inline __attribute__((always_inline)) void slot_scores(const float *const
     }
 #else
     for (long i = 0; i < nq; i++)
-        for (long j = 0; j < span; j++)
+        for (long j = from; j < span; j++)
             score[i][j] = score_one(qs[i], p, D, j);
 #endif
 }
@@ -117,7 +120,7 @@ static float softmax_numerators(float *score, long count, float scale) {
 
 /* out[i] = sum over ranks of p[i][rank] * value[slot(rank)], in rank order: the committed rows
  * (shared by the nq queries, one value load for all), then each query's own new rows. */
-static inline __attribute__((always_inline)) void weighted_values(long nq, const Paged *pg, long D, long start, float *const *p,
+static inline __attribute__((always_inline)) void weighted_values(long nq, const Paged *pg, long D, long from, long start, float *const *p,
                             const long *const *slots, const long *counts, float *const *out) {
     int bf16 = pg->bf16;
 #ifdef __AVX512F__
@@ -131,7 +134,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
         for (long i = 0; i < QB; i++)
             for (long c = 0; c < VD; c++)
                 acc[i][c] = _mm512_setzero_ps();
-        for (long k = 0; k < start; k++) {
+        for (long k = from; k < start; k++) {
             __m512 val[VD];
             for (long c = 0; c < VD; c++)
                 val[c] = act_load16(value_at(pg, k, D), d0 + 16 * c, bf16, m[c]);
@@ -152,7 +155,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
             __m512 o[VD];
             for (long c = 0; c < VD; c++)
                 o[c] = _mm512_maskz_loadu_ps(m[c], out[i] + d0 + 16 * c);
-            for (long k = start; k < counts[i]; k++) {
+            for (long k = from > start ? from : start; k < counts[i]; k++) {
                 __m512 w = _mm512_set1_ps(p[i][k]);
                 for (long c = 0; c < VD; c++)
                     o[c] = _mm512_fmadd_ps(w, act_load16(value_at(pg, slots[i][k - start], D), d0 + 16 * c, bf16, m[c]), o[c]);
@@ -165,7 +168,7 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
     for (long i = 0; i < nq; i++) {
         for (long d = 0; d < D; d++)
             out[i][d] = 0.0f;
-        for (long k = 0; k < counts[i]; k++) {
+        for (long k = from; k < counts[i]; k++) {
             long slot = k < start ? k : slots[i][k - start];
             for (long d = 0; d < D; d++)
                 out[i][d] = fmaf(p[i][k], act_at(value_at(pg, slot, D), d, bf16), out[i][d]);
@@ -232,24 +235,33 @@ void attention_items(void *arg, long lo, long hi) {
          * query's visible new rows moved into rank order (slots only grow, so in place).
          * Constant block sizes let the compiler keep the accumulators in registers. */
         long span = start + (mask ? n : (first + nq - 1) / group + 1);
+        /* The window: query i's first rank lo[i]; `from`, the lowest of the block (a visible new
+         * row's slot is at least its rank, so every score needed is computed from there). */
+        long lo[QB], from = span;
+        for (long i = 0; i < nq; i++) {
+            lo[i] = a->window > 0 && counts[i] > a->window ? counts[i] - a->window : 0;
+            from = lo[i] < from ? lo[i] : from;
+        }
         if (nq == QB)
-            slot_scores(qs, QB, &pg, D, span, score);
+            slot_scores(qs, QB, &pg, D, from, span, score);
         else if (nq == 1)
-            slot_scores(qs, 1, &pg, D, span, score);
+            slot_scores(qs, 1, &pg, D, from, span, score);
         else
-            slot_scores(qs, nq, &pg, D, span, score);
+            slot_scores(qs, nq, &pg, D, from, span, score);
         float inv[QB];
         for (long i = 0; i < nq; i++) {
             for (long k = start; k < counts[i]; k++)
                 score[i][k] = score[i][slots[i][k - start]];
-            inv[i] = 1.0f / softmax_numerators(score[i], counts[i], a->scale);
+            inv[i] = 1.0f / softmax_numerators(score[i] + lo[i], counts[i] - lo[i], a->scale);
+            for (long k = from; k < lo[i]; k++)
+                score[i][k] = 0.0f;
         }
         if (nq == QB)
-            weighted_values(QB, &pg, D, start, score, (const long *const *)slots, counts, outs);
+            weighted_values(QB, &pg, D, from, start, score, (const long *const *)slots, counts, outs);
         else if (nq == 1)
-            weighted_values(1, &pg, D, start, score, (const long *const *)slots, counts, outs);
+            weighted_values(1, &pg, D, from, start, score, (const long *const *)slots, counts, outs);
         else
-            weighted_values(nq, &pg, D, start, score, (const long *const *)slots, counts, outs);
+            weighted_values(nq, &pg, D, from, start, score, (const long *const *)slots, counts, outs);
         for (long i = 0; i < nq; i++)
             for (long d = 0; d < D; d++)
                 outs[i][d] *= inv[i];
@@ -261,8 +273,8 @@ void attention_items(void *arg, long lo, long hi) {
 /* The same as one call of its own (q rows contiguous), for tests. */
 void attention(const float *q, const void *kpool, const void *vpool, int bf16, long nseg, const long *seg,
                const long *tables, const uint8_t *masks, float *out, long heads, long kv_heads, long D,
-               long shift, float scale) {
-    Attention a = {q, heads * D, kpool, vpool, bf16, nseg, seg, tables, masks, out, heads, kv_heads, D, shift, scale};
+               long shift, float scale, long window) {
+    Attention a = {q, heads * D, kpool, vpool, bf16, nseg, seg, tables, masks, out, heads, kv_heads, D, shift, scale, window};
     long first_item[nseg + 1], qbs[nseg];
     run_items(attention_items, &a, attention_plan(&a, first_item, qbs), 1);
 }

@@ -160,7 +160,9 @@ void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows,
  * float32, rows ldq floats apart; out: [rows, heads, D] float32. kpool, vpool: one layer's pools,
  * [blocks, kv_heads, D, B] and [blocks, kv_heads, B, D] (bfloat16 when bf16 != 0). Sequence s is
  * seg[5s .. 5s+4] = {first row, n new rows, start (committed rows), offset of its block table in
- * tables, offset of its [n, n] mask in masks or -1 for causal}. */
+ * tables, offset of its [n, n] mask in masks or -1 for causal}. window > 0: a sliding window, each
+ * query sees only the last `window` of its visible keys (the keys at positions > p - window for a
+ * query at position p, as a visible key's rank is its position). */
 typedef struct {
     const float *q;
     long ldq;
@@ -172,6 +174,7 @@ typedef struct {
     float *out;
     long heads, kv_heads, D, shift;
     float scale;
+    long window;
     long *first_item, *qbs, most, most_n; /* the plan: attention_plan fills it */
 } Attention;
 long attention_plan(Attention *a, long *first_item, long *qbs);

@@ -1,13 +1,20 @@
-/* One Llama decoder layer as one native call, for every row of a batched forward:
+/* One decoder layer of the Llama family and its relatives as one native call, for every row of a
+ * batched forward:
  *
  *   h = rms_norm(x) * attn_norm               (rounded to the activation dtype: the products' input)
- *   q, k, v = h @ Wqkv.T                      (float32)
- *   q, k = rotary(q, k); cache[slot] = k, v   (in the cache's dtype)
- *   a = attention(q, cache)                   (attention.c)
- *   x = x + a @ Wo.T
+ *   q, k, v = h @ Wqkv.T (+ qkv_bias)         (float32; biases: Qwen2)
+ *   q, k = rms_norm(q) * q_norm, ... per head (QK-norm: Qwen3, Gemma-3)
+ *   q, k = rotary(q, k); cache[slot] = k, v   (in the cache's dtype; the layer's own rotary tables)
+ *   a = attention(q, cache)                   (attention.c; within the layer's sliding window)
+ *   x = x + a @ Wo.T                          (Gemma: x + rms_norm(a @ Wo.T) * post_attn_norm)
  *   h = rms_norm(x) * mlp_norm
  *   g, u = h @ Wgate_up.T
- *   x = x + (silu(g) * u) @ Wdown.T
+ *   x = x + (act(g) * u) @ Wdown.T            (act: SiLU, or GELU with the tanh approximation;
+ *                                              Gemma: x + rms_norm(...) * post_mlp_norm)
+ *
+ * The options are per layer in LayerWeights (NULL / 0 when the family has no such part), so every
+ * family runs this one layer rather than a copy of its own: what differs between families is
+ * which weights they bring, not how a row goes through them.
  *
  * x, the residual stream, stays float32 [rows, hidden] from the embedding to the final norm. The
  * phases run one after another, each shared among the kernel threads (threads.c) as items: rows
@@ -22,6 +29,7 @@ typedef struct {
     long hidden, q_size, kv_size, inter, heads, kv_heads, head_dim, block_shift;
     float eps, scale;
     int act_bf16; /* the products' inputs and the KV cache in bfloat16, else float32 */
+    int gelu;     /* the gate's activation: 0 SiLU (SwiGLU), 1 GELU with the tanh approximation (GeGLU) */
 } Dims;
 
 /* A product whose output rows come in up to 3 parts, each in its own format (q, k, v of a file
@@ -35,13 +43,17 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *mlp_norm;
     Product qkv, o, gate_up, down;
+    const float *qkv_bias;                      /* [q_size + 2 kv_size] or NULL */
+    const float *q_norm, *k_norm;               /* [head_dim] or NULL: QK-norm */
+    const float *post_attn_norm, *post_mlp_norm; /* [hidden] or NULL: norms of the sublayers' outputs */
+    const float *cos, *sin; /* the layer's rotary tables [positions, head_dim]; sin's first half negated */
+    long window;            /* a row at position p sees keys at positions > p - window; 0: every key */
 } LayerWeights;
 
 /* One forward's rows: where they go in the cache, whom they attend, and scratch space. */
 typedef struct {
     long rows;
     const long *positions, *slot_block, *slot_offset;
-    const float *cos, *sin; /* rotary tables [positions, head_dim]; sin's first half negated */
     long nseg;
     const long *seg, *tables; /* attention.c's description of the sequences */
     const uint8_t *masks;
@@ -50,6 +62,7 @@ typedef struct {
     float *qkv;  /* [rows, q_size + 2 kv_size] */
     float *att;  /* [rows, q_size] */
     float *gu;   /* [rows, 2 inter] */
+    float *y;    /* [rows, hidden]: a sublayer's output before its post-norm */
 } Step;
 
 static int needs_sums(const Product *p) {
@@ -113,6 +126,36 @@ static void silu_mul(const float *g, const float *u, long n, void *out, int bf16
 #endif
 }
 
+/* out[i] = gelu(g[i]) * u[i], gelu(g) = g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g^3))) and
+ * tanh(t) = 1 - 2 / (exp(2 t) + 1), in the activation dtype. */
+static void gelu_mul(const float *g, const float *u, long n, void *out, int bf16) {
+    const float c = 0.7978845608028654f, k = 0.044715f;
+#ifdef __AVX512F__
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = lanes(n - i);
+        __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+        __m512 t = _mm512_mul_ps(_mm512_set1_ps(c), _mm512_add_ps(gv, _mm512_mul_ps(_mm512_set1_ps(k), _mm512_mul_ps(gv, _mm512_mul_ps(gv, gv)))));
+        __m512 e = exp16(_mm512_add_ps(t, t));
+        __m512 th = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), gv), _mm512_add_ps(_mm512_set1_ps(1.0f), th)),
+                                 _mm512_maskz_loadu_ps(m, u + i));
+        act_store16(out, i, v, bf16, m);
+    }
+#else
+    for (long i = 0; i < n; i++) {
+        float t = c * (g[i] + k * (g[i] * (g[i] * g[i])));
+        float th = 1.0f - 2.0f / (expf(t + t) + 1.0f);
+        act_store(out, i, 0.5f * g[i] * (1.0f + th) * u[i], bf16);
+    }
+#endif
+}
+
+/* x += y, n values. */
+static void add_into(float *x, const float *y, long n) {
+    for (long i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
 /* Rotary embedding of one head in place: x * cos + cat(x2, x1) * sin (sin's first half negated). */
 static void rotate(float *x, const float *cos, const float *sin, long D) {
     float t[D];
@@ -136,6 +179,7 @@ typedef struct {
     long ldout;
     int add;
     long tiles[4]; /* tiles of each of the product's parts */
+    const float *post_norm; /* of the post-norm phase */
 } Layer;
 
 static void *h_row(const Layer *L, long r) { return (char *)L->s->h + r * L->width_h * (L->c->act_bf16 ? 2 : 4); }
@@ -186,9 +230,17 @@ static void rotary_items(void *arg, long lo, long hi) {
     const Dims *c = L->c;
     const Step *s = L->s;
     const long D = c->head_dim, Q = c->q_size, KV = c->kv_size, B = 1L << c->block_shift;
+    const LayerWeights *w = L->w;
     for (long r = lo; r < hi; r++) {
         float *row = s->qkv + r * L->width;
-        const float *cos = s->cos + s->positions[r] * D, *sin = s->sin + s->positions[r] * D;
+        if (w->qkv_bias)
+            add_into(row, w->qkv_bias, L->width);
+        for (long h = 0; h < c->heads + c->kv_heads; h++) {
+            const float *norm = h < c->heads ? w->q_norm : w->k_norm;
+            if (norm) /* in place, float32 */
+                rms_norm_row(row + h * D, D, norm, c->eps, row + h * D, 0);
+        }
+        const float *cos = w->cos + s->positions[r] * D, *sin = w->sin + s->positions[r] * D;
         for (long h = 0; h < c->heads + c->kv_heads; h++)
             rotate(row + h * D, cos, sin, D);
         long blk = s->slot_block[r], off = s->slot_offset[r];
@@ -210,15 +262,40 @@ static void attention_out_items(void *arg, long lo, long hi) {
     }
 }
 
-/* items: rows. silu(g) * u in the activation dtype (down's input). */
-static void silu_items(void *arg, long lo, long hi) {
+/* items: rows. act(g) * u in the activation dtype (down's input). */
+static void gate_items(void *arg, long lo, long hi) {
     const Layer *L = arg;
     const long I = L->c->inter;
     for (long r = lo; r < hi; r++) {
-        silu_mul(L->s->gu + r * 2 * I, L->s->gu + r * 2 * I + I, I, h_row(L, r), L->c->act_bf16);
+        if (L->c->gelu)
+            gelu_mul(L->s->gu + r * 2 * I, L->s->gu + r * 2 * I + I, I, h_row(L, r), L->c->act_bf16);
+        else
+            silu_mul(L->s->gu + r * 2 * I, L->s->gu + r * 2 * I + I, I, h_row(L, r), L->c->act_bf16);
         if (needs_sums(&L->w->down))
             row_block_sums(h_row(L, r), L->c->act_bf16, I, L->s->xsum + r * L->nsum);
     }
+}
+
+/* items: rows. x += rms_norm(y) * post_norm (the sublayer's output, normed in float32). */
+static void post_norm_items(void *arg, long lo, long hi) {
+    const Layer *L = arg;
+    const long H = L->c->hidden;
+    for (long r = lo; r < hi; r++) {
+        float *y = L->s->y + r * H;
+        rms_norm_row(y, H, L->post_norm, L->c->eps, y, 0);
+        add_into(L->x + r * H, y, H);
+    }
+}
+
+/* x += the product's output: added in place, or through the post-norm where the layer has one. */
+static void residual_product(Layer *L, const Product *p, const float *post_norm) {
+    if (post_norm == NULL) {
+        product(L, p, L->x, L->c->hidden, 1);
+        return;
+    }
+    product(L, p, L->s->y, L->c->hidden, 0);
+    L->post_norm = post_norm;
+    run_items(post_norm_items, L, L->s->rows, 4);
 }
 
 void decoder_layer(const Dims *c, const LayerWeights *w, const Step *s, void *kpool, void *vpool, float *x) {
@@ -229,15 +306,15 @@ void decoder_layer(const Dims *c, const LayerWeights *w, const Step *s, void *kp
     product(&L, &w->qkv, s->qkv, L.width, 0);
     run_items(rotary_items, &L, rows, chunk);
     Attention a = {s->qkv, L.width, kpool, vpool, c->act_bf16, s->nseg, s->seg, s->tables, s->masks, s->att,
-                   c->heads, c->kv_heads, c->head_dim, c->block_shift, c->scale};
+                   c->heads, c->kv_heads, c->head_dim, c->block_shift, c->scale, w->window};
     long first_item[s->nseg + 1], qbs[s->nseg];
     run_items(attention_items, &a, attention_plan(&a, first_item, qbs), 1);
     run_items(attention_out_items, &L, rows, chunk);
-    product(&L, &w->o, x, H, 1);
+    residual_product(&L, &w->o, w->post_attn_norm);
     run_items(mlp_norm_items, &L, rows, chunk);
     product(&L, &w->gate_up, s->gu, 2 * I, 0);
-    run_items(silu_items, &L, rows, chunk);
-    product(&L, &w->down, x, H, 1);
+    run_items(gate_items, &L, rows, chunk);
+    residual_product(&L, &w->down, w->post_mlp_norm);
 }
 
 typedef struct {

@@ -27,7 +27,7 @@ from ..files import atomic_write
 from ..tokenizer import TokenizerInfo
 from .cache_dir import cache_root
 from .config import ModelConfig
-from .gguf_file import GGUFFile, TensorInfo, llama_state_dict
+from .gguf_file import GGUFFile, TensorInfo, hf_state_dict
 
 
 def cache_folder(gguf_path: Path) -> Path:
@@ -47,7 +47,7 @@ def prepare(gguf_path: Path, dtype: torch.dtype | None) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     gguf = GGUFFile(gguf_path)
-    config = gguf.llama_config()
+    config = gguf.model_config()
     if not (folder / "config.json").exists():
         atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=1)))
     if not (folder / "tensors.json").exists():
@@ -58,7 +58,7 @@ def prepare(gguf_path: Path, dtype: torch.dtype | None) -> Path:
     if dtype is not None and not weights.exists():
         tensors = {}
         bar = tqdm(
-            llama_state_dict(gguf, config), total=len(gguf.tensor_infos()), file=sys.stderr,
+            hf_state_dict(gguf, config), total=len(gguf.tensor_infos()), file=sys.stderr,
             desc=f"Converting {gguf_path.name} to {dtype} (first load only)", unit="tensor",
         )
         for name, arr in bar:

@@ -5,8 +5,8 @@ which the model cache keeps, so that loading does not parse the file's metadata 
 
 GGUF lists a tensor's dimensions innermost first (ne0, ne1, ...); numpy wants them outermost first,
 so shapes are reversed on the way out. llama.cpp's converter also permutes the rows of Llama's
-q/k projections to suit its rotary kernel; `llama_tensors` says which rows to put back, so a GGUF
-file and a Hugging Face checkpoint give the native model the same weights.
+q/k projections to suit its rotary kernel, and adds 1 to Gemma's norm weights; `hf_tensors` says
+what to undo, so a GGUF file and a Hugging Face checkpoint give the native model the same weights.
 """
 from __future__ import annotations
 
@@ -109,15 +109,17 @@ class GGUFFile:
             ) from exc
         return np.array(arr.reshape(shape), dtype=np.float32)  # a writable copy
 
-    def llama_config(self) -> ModelConfig:
+    def model_config(self) -> ModelConfig:
+        """The config from the `<architecture>.*` metadata (models/families.py names the ones run)."""
+        from .families import FAMILIES, GGUF_ARCHITECTURES, unsupported
+
         arch = self.architecture
-        if arch != "llama":
-            raise FastDecodeError(
-                f"{self.path.name}: architecture {arch!r} is not supported yet (supported: llama)"
-            )
-        f = lambda key, default=None: self.field(f"llama.{key}", default)  # noqa: E731
+        if arch not in GGUF_ARCHITECTURES:
+            raise unsupported(f"{self.path.name}: architecture", arch, GGUF_ARCHITECTURES)
+        f = lambda key, default=None: self.field(f"{arch}.{key}", default)  # noqa: E731
         heads = int(f("attention.head_count"))
         hidden = int(f("embedding_length"))
+        layers = int(f("block_count"))
         vocab = f("vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
         rope_scaling = None
         scaling_type = f("rope.scaling.type")
@@ -129,20 +131,38 @@ class GGUFFile:
         if "rope_freqs.weight" in names:
             factors = self.tensor("rope_freqs.weight").tolist()
             rope_scaling = {"rope_type": "frequency_factors", "factors": factors}
-        return ModelConfig(
+        head_dim = int(f("attention.key_length") or f("rope.dimension_count") or hidden // heads)
+        gemma = GGUF_ARCHITECTURES[arch] == "gemma3"
+        window = f("attention.sliding_window")
+        layer_types = None
+        if gemma and window:
+            # llama.cpp's Gemma-3: every sixth layer global, the others local with a base of 10k
+            # (a file may say so: sliding_window_pattern, a period or one flag per layer)
+            pattern = f("attention.sliding_window_pattern", 6)
+            sliding = list(pattern) if isinstance(pattern, list) else [(i + 1) % int(pattern) != 0 for i in range(layers)]
+            layer_types = tuple("sliding_attention" if s else "full_attention" for s in sliding)
+        config = ModelConfig(
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(f("feed_forward_length")),
-            num_layers=int(f("block_count")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(f("attention.head_count_kv", heads)),
-            head_dim=int(f("attention.key_length") or f("rope.dimension_count") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(f("rope.freq_base", 10000.0)),
             max_position_embeddings=int(f("context_length", 2048)),
             tie_word_embeddings="output.weight" not in names,
             rope_scaling=rope_scaling,
+            architecture=GGUF_ARCHITECTURES[arch],
+            sliding_window=int(window) if window else None,
+            layer_types=layer_types,
+            rope_local_theta=10000.0 if gemma else None,
+            query_pre_attn_scalar=float(head_dim) if gemma else None,
+            attention_bias="blk.0.attn_q.bias" in names,
         )
+        assert config.architecture in FAMILIES
+        return config
 
 
 _LAYER_NAMES = {
@@ -152,9 +172,18 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma's sandwich norms: llama.cpp's ffn_norm is the pre-feedforward norm there.
+_GEMMA_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -170,24 +199,33 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_tensors(infos: list[TensorInfo], config: ModelConfig) -> Iterator[tuple[str, TensorInfo, int | None]]:
-    """(Hugging Face name, tensor, heads whose rows to unpermute or None) for each weight."""
+def hf_tensors(infos: list[TensorInfo], config: ModelConfig) -> Iterator[tuple[str, TensorInfo, int | None, float]]:
+    """(Hugging Face name, tensor, heads whose rows to unpermute or None, offset to add) for each
+    weight. llama.cpp permutes q/k rows for its llama architecture only (Mistral included), and
+    writes Gemma's norm weights with their 1 already added: the offset -1 gives back the weights
+    transformers keeps (its own GGUF loader subtracts the same 1)."""
+    gemma = config.architecture == "gemma3"
+    layer_names = _GEMMA_NAMES if gemma else _LAYER_NAMES
     for t in infos:
+        offset = -1.0 if gemma and t.name.endswith("norm.weight") else 0.0
         if t.name in _TOP_NAMES:
-            yield _TOP_NAMES[t.name], t, None
+            yield _TOP_NAMES[t.name], t, None, offset
             continue
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
-        if not m or m.group(2) not in _LAYER_NAMES:
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+        if not m or m.group(2) not in layer_names:
             if t.name == "rope_freqs.weight":
                 continue  # folded into config.rope_scaling
-            raise FastDecodeError(f"unexpected tensor {t.name} for a llama model")
+            raise FastDecodeError(f"unexpected tensor {t.name} for a {config.architecture} model")
         kind = m.group(2)
-        heads = config.num_heads if kind == "attn_q" else config.num_kv_heads if kind == "attn_k" else None
-        yield f"model.layers.{m.group(1)}.{_LAYER_NAMES[kind]}.weight", t, heads
+        heads = None
+        if config.architecture in ("llama", "mistral") and m.group(3) == "weight":
+            heads = config.num_heads if kind == "attn_q" else config.num_kv_heads if kind == "attn_k" else None
+        yield f"model.layers.{m.group(1)}.{layer_names[kind]}.{m.group(3)}", t, heads, offset
 
 
-def llama_state_dict(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (Hugging Face name, float32 array) for the weights of a llama GGUF file."""
-    for name, t, heads in llama_tensors(gguf.tensor_infos(), config):
+def hf_state_dict(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (Hugging Face name, float32 array) for the weights of a GGUF file."""
+    for name, t, heads, offset in hf_tensors(gguf.tensor_infos(), config):
         arr = dequantize_raw(read_raw(gguf.path, t), t)
-        yield name, arr if heads is None else unpermute_rows(arr, heads)
+        arr = arr if heads is None else unpermute_rows(arr, heads)
+        yield name, arr + np.float32(offset) if offset else arr

@@ -11,7 +11,8 @@ from ..errors import FastDecodeError
 from ..tokenizer import Tokenizer
 from . import gguf_cache, weights as formats
 from .checkpoint import read_config, read_tokenizer, read_weights
-from .llama import LlamaModel
+from .contract import CausalLM
+from .families import build
 from .registry import MODELS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -24,7 +25,7 @@ WEIGHT_FORMATS = formats.WEIGHT_FORMATS
 @dataclass
 class LoadedModel:
     name: str
-    model: LlamaModel
+    model: CausalLM
     tokenizer: Tokenizer
     load_time_s: float
     weights: str = "gguf"  # the weight format it was loaded in (models/weights.py)
@@ -54,16 +55,9 @@ def model_source(name_or_path: str | Path) -> Path:
     )
 
 
-def _supported_source(name_or_path: str | Path) -> Path:
-    entry = MODELS.get(str(name_or_path))
-    if entry is not None and not entry.supported:
-        raise FastDecodeError(f"model {entry.name!r} is not supported yet: {entry.unsupported_reason}")
-    return model_source(name_or_path)
-
-
 def model_folder(name_or_path: str | Path, dtype: torch.dtype) -> Path:
     """A folder holding config.json, tokenizer files and safetensors weights for this model."""
-    source = _supported_source(name_or_path)
+    source = model_source(name_or_path)
     return gguf_cache.prepare(source, dtype) if source.is_file() else source
 
 
@@ -82,7 +76,7 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = DEFAULT_DTYPE, wei
     None for the source's default (a GGUF file's own formats; a checkpoint's weights in dtype)."""
     start = time.perf_counter()
     dtype = parse_dtype(dtype)
-    source = _supported_source(name_or_path)
+    source = model_source(name_or_path)
     weights = formats.resolve(source, weights, dtype)
     dense = formats.DENSE.get(weights)
     if source.is_file():
@@ -97,5 +91,5 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = DEFAULT_DTYPE, wei
         tensors = read_weights(weight_files(folder, dense or torch.float32), dense or torch.float32)
         if weights == "q8_0":
             tensors = formats.quantize_matrices(tensors)
-    model = LlamaModel(config, tensors, dtype)
+    model = build(config, tensors, dtype)
     return LoadedModel(str(name_or_path), model, read_tokenizer(folder), time.perf_counter() - start, weights)

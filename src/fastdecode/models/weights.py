@@ -21,7 +21,7 @@ import torch
 
 from ..errors import FastDecodeError
 from .config import ModelConfig
-from .gguf_file import TensorInfo, dequantize_raw, llama_tensors, read_raw, unpermute_rows
+from .gguf_file import TensorInfo, dequantize_raw, hf_tensors, read_raw, unpermute_rows
 from .quant import KERNEL_TYPES, PackedMatrix, decode, from_gguf, quantize_q8_0
 
 WEIGHT_FORMATS = ("gguf", "bfloat16", "float32", "q8_0")
@@ -43,13 +43,13 @@ def resolve(source: Path, weights: str | None, dtype: torch.dtype) -> str:
 
 def gguf_weights(path: Path, infos: list[TensorInfo], config: ModelConfig,
                  requantize: bool = False) -> dict[str, torch.Tensor | PackedMatrix]:
-    """The matrices of a llama GGUF file in its own formats, read tensor by tensor (never the whole
+    """The matrices of a GGUF file in its own formats, read tensor by tensor (never the whole
     model in float32). requantize: every matrix as Q8_0 instead (Q8_0 tensors stay as they are)."""
     out, fallback = {}, {}
-    for name, t, heads in llama_tensors(infos, config):
+    for name, t, heads, offset in hf_tensors(infos, config):
         raw = read_raw(path, t)
-        if len(t.shape) == 1:  # norms
-            out[name] = torch.from_numpy(dequantize_raw(raw, t))
+        if len(t.shape) == 1:  # norms and biases
+            out[name] = torch.from_numpy(dequantize_raw(raw, t)) + offset
         elif t.type_name in KERNEL_TYPES and (not requantize or t.type_name == "Q8_0"):
             out[name] = from_gguf(t.type_name, raw if heads is None else unpermute_rows(raw, heads))
         else:

@@ -4,7 +4,7 @@ https://docs.vllm.ai/en/latest/design/prefix_caching.html).
 A full block's key is a hash of its BLOCK_ROWS token ids chained to its parent block's key, so a key
 names the whole prefix up to the block's last row, not only the block's own tokens. Equal keys mean
 equal prefixes, and equal prefixes mean bitwise equal rows: the forward is batch- and
-chunk-invariant (models/llama.py), so the rows any prefill of that prefix writes, in any chunks and
+chunk-invariant (models/decoder.py), so the rows any prefill of that prefix writes, in any chunks and
 beside any other sequences, are the rows the block already holds. A later request whose prompt
 starts with the same tokens shares those blocks instead of computing them again, and its output
 does not change.

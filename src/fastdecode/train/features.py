@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..models.llama import Segment
+from ..models.segment import Segment
 from ..runtime.kv_cache import KVCache
 from ..files import atomic_write
 

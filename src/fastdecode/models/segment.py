@@ -1,0 +1,21 @@
+"""The batch contract: one sequence's rows in a batched forward (models/contract.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.kv_cache import KVCache
+
+
+@dataclass
+class Segment:
+    """One sequence's rows in a batched forward: tokens [n], positions [n], its own cache, and
+    mask [n, n] (ancestor-or-self among the new rows) or None for causal."""
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache
+    mask: torch.Tensor | None = None
+    last_only: bool = False  # logits of its last row only (a prefill chunk)
+    capture: tuple[int, ...] = ()  # decoder layers whose output states this segment wants
+    hidden: torch.Tensor | None = None  # set by the forward: [n, len(capture), hidden_size] float32
