@@ -53,6 +53,9 @@ class Segment:
     last_only: bool = False  # logits of its last row only (a prefill chunk)
     capture: tuple[int, ...] = ()  # decoder layers whose output states this segment wants
     hidden: torch.Tensor | None = None  # set by the forward: [n, len(capture), hidden_size] float32
+    # Its first rows that are its request's prompt: their products may take a faster path for many
+    # rows (AMX tiles, kernels/matmul.c), chosen by what a row is, never by how many share the call.
+    prompt_rows: int = 0
 
 
 def _packed(w: torch.Tensor | PackedMatrix) -> PackedMatrix:
@@ -105,6 +108,9 @@ class _Rows:
                 masks.append(seg.mask.to(torch.uint8).flatten())
                 mask_at += n * n
         self.meta = torch.tensor(meta, dtype=torch.long)
+        self.prompt = None  # uint8 [rows]: 1 for a prompt row, when there are any
+        if any(seg.prompt_rows for seg in segments):
+            self.prompt = torch.cat([(torch.arange(len(seg.tokens)) < seg.prompt_rows).to(torch.uint8) for seg in segments])
         self.tables = torch.cat(tables) if len(tables) > 1 else tables[0]
         self.masks = torch.cat(masks) if masks else None
 
@@ -140,6 +146,13 @@ class LlamaModel:
         self.cos, self.sin_signed = angles.cos().contiguous(), sin.contiguous()
         self.dims = Dims(c.hidden_size, self.q_size, self.kv_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
                          c.head_dim, BLOCK_ROWS.bit_length() - 1, c.rms_norm_eps, self.scale, int(dtype == torch.bfloat16))
+
+    @property
+    def prompt_rows_differ(self) -> bool:
+        """Whether a prompt's rows take another path through the products than other rows (AMX tiles
+        for prompts, kernels/matmul.c): each row's result is still independent of its neighbours,
+        but a token computed as a prompt row is not bitwise the same token computed as a generated one."""
+        return self.native is not None and self.dtype == torch.bfloat16 and self.native.kernel_amx() == 1
 
     @property
     def embed(self) -> torch.Tensor:
@@ -284,7 +297,7 @@ class _NativeLayers:
         self.step = Step(n, rows.positions.data_ptr(), rows.blocks.data_ptr(), rows.offsets.data_ptr(),
                          model.cos.data_ptr(), model.sin_signed.data_ptr(), len(rows.meta), rows.meta.data_ptr(),
                          rows.tables.data_ptr(), None if rows.masks is None else rows.masks.data_ptr(),
-                         *(t.data_ptr() for t in self.scratch))
+                         *(t.data_ptr() for t in self.scratch), None if rows.prompt is None else rows.prompt.data_ptr())
         self.model = model
         k, v = rows.pool.k, rows.pool.v  # [layers, ...]: layer i's pool starts i * stride(0) elements on
         self.k, self.v = k.data_ptr(), v.data_ptr()
