@@ -147,13 +147,16 @@ def test_paged_attention_kernel_matches_pytorch(dtype, window):
 def test_sequences_in_one_batched_forward_equal_each_alone(model):
     """Continuous batching stacks several sequences' rows in one forward, each with its own cache:
     a prefill chunk, a decode step and a draft tree side by side must each give, bitwise, what they
-    give alone, and leave the same rows in their caches."""
+    give alone, and leave the same rows in their caches. The chunk ends past its prompt (as when a
+    preempted sequence prefills its generated tokens again): its prompt rows may take the AMX path
+    and the rest the vector path, within one forward."""
     from fastdecode.models.llama import Segment
 
     g = torch.Generator().manual_seed(7)
     tree = DraftTree([5, 6, 7, 8], [-1, 0, -1, 2])
     tree_mask = tree.attention_mask()  # the root row, then the 4 nodes
     shapes = [(1, None), (5, tree_mask), (17, None)]  # decode step, tree (root + 4 nodes), prefill chunk
+    prompt_rows = [0, 0, 11]
     tokens = [torch.randint(0, _vocab(model), (n,), generator=g) for n, _ in shapes]
 
     def run(batched: bool):
@@ -163,14 +166,14 @@ def test_sequences_in_one_batched_forward_equal_each_alone(model):
         pool.k.fill_(float("nan"))
         pool.v.fill_(float("nan"))
         segments = []
-        for (length, seed), toks, (n, mask) in zip(((30, 1), (120, 2), (0, 3)), tokens, shapes):
+        for (length, seed), toks, (n, mask), prompt in zip(((30, 1), (120, 2), (0, 3)), tokens, shapes, prompt_rows):
             cache = _prefilled(model, length, seed, pool)
             positions = cache.length + (torch.arange(n) if mask is None else torch.tensor([0] + tree.depths()))
-            segments.append(Segment(toks, positions, cache, mask))
+            segments.append(Segment(toks, positions, cache, mask, prompt_rows=prompt))
         if batched:
             logits = model.forward_batch(segments)
         else:
-            logits = torch.cat([model.forward(s.tokens, s.positions, s.cache, s.mask) for s in segments])
+            logits = torch.cat([model.forward_batch([s]) for s in segments])
         rows = [[(s.cache.keys(i, s.cache.length + len(s.tokens)), s.cache.values(i, s.cache.length + len(s.tokens)))
                  for i in range(model.config.num_layers)] for s in segments]
         return logits, rows, segments
@@ -185,3 +188,18 @@ def test_sequences_in_one_batched_forward_equal_each_alone(model):
     segments[2].last_only = True  # a prefill chunk needs its last row's logits only
     mixed = model.forward_batch(segments)
     assert torch.equal(mixed, torch.cat([alone[:6], alone[-1:]]))
+
+
+@needs_kernel
+def test_prompt_rows_take_their_own_path_where_the_kernels_have_one(model):
+    """Where prompt rows run on AMX tiles (bfloat16 activations on a CPU with AMX), a prompt row's
+    logits are not the vector path's: the test above then really mixes two paths in one forward."""
+    from fastdecode.models.llama import Segment
+
+    tokens = torch.randint(0, _vocab(model), (9,), generator=torch.Generator().manual_seed(3))
+
+    def logits(prompt_rows: int) -> torch.Tensor:
+        return model.forward_batch([Segment(tokens, torch.arange(9), model.new_cache(16), prompt_rows=prompt_rows)])
+
+    assert torch.equal(logits(9), logits(9))
+    assert torch.equal(logits(9), logits(0)) != model.prompt_rows_differ

@@ -28,6 +28,9 @@ finds the previous answer's blocks too), and before its first prompt chunk, on s
 resuming, it adopts the pool's cached blocks holding the longest prefix of what it is to prefill
 (runtime/prefix_cache.py). At least one token is always prefilled: its logits give the first token.
 The adopted rows are bitwise those its prefill would write, so the output does not change either.
+Where the kernels compute a prompt's rows on another path than generated ones (AMX tiles for
+prompts, kernels/matmul.c), only prompt rows are shared: a generated row would not be bitwise
+the row that a later request computes for it as part of its own prompt.
 A sequence whose drafter reads the target's hidden states (`capture`: eagle, medusa, hydra) never
 adopts: its drafter needs `prefilled(...)` with the states of every prompt row. It still publishes.
 """
@@ -180,7 +183,7 @@ class Sequence:
             return
         self._looked_up = True
         if self.prefix_cache and not self.capture and self.cache.length == 0:
-            adopted = self.cache.adopt(self._prefix, len(self._prefix) - 1)
+            adopted = self.cache.adopt(self._shareable(self._prefix), len(self._prefix) - 1)
             if self.state is None:  # the request's own start, not a resume after preemption
                 self.stats.cached_prompt_tokens = adopted
 
@@ -199,7 +202,8 @@ class Sequence:
             self.cache.reserve(begin + len(chunk))
             self._planned, self.expected_tokens = len(chunk), 0.0
             self._segment = Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache,
-                                    last_only=True, capture=self.capture)
+                                    last_only=True, capture=self.capture,
+                                    prompt_rows=max(0, min(len(chunk), len(self.prompt) - begin)))
             return self._segment
         room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free) - 1
         tree = self._drafted_tree(room, other_rows, other_tokens)
@@ -278,8 +282,13 @@ class Sequence:
                 break
         self.state.tokens.extend(kept)
         if self.prefix_cache:
-            cache.publish(self.state.tokens)
+            cache.publish(self._shareable(self.state.tokens))
         return self.out.add(kept)
+
+    def _shareable(self, tokens: list[int]) -> list[int]:
+        """The part of `tokens` whose KV rows may be shared with other requests: all of it, or only
+        the prompt's where prompt rows are computed on another path than generated ones (AMX)."""
+        return tokens[: len(self.prompt)] if self.served.model.prompt_rows_differ else tokens
 
     def _source(self, tree: DraftTree, node: int) -> str:
         return tree.sources[node] if tree.sources else self.drafter.name
@@ -301,7 +310,7 @@ class Sequence:
             self.drafter.prefilled(self.cache.length, self._segment.hidden)
         self.cache.commit(self._planned)
         if self.prefix_cache:
-            self.cache.publish(self._prefix)
+            self.cache.publish(self._shareable(self._prefix))
         self.stats.forward_passes += 1
         if self.prefilling or self.state is not None:  # more to read, or a preempted sequence caught up
             return None

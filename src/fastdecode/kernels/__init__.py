@@ -91,7 +91,8 @@ class Step(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_long), ("positions", ctypes.c_void_p), ("slot_block", ctypes.c_void_p),
                 ("slot_offset", ctypes.c_void_p), ("nseg", ctypes.c_long), ("seg", ctypes.c_void_p), ("tables", ctypes.c_void_p),
                 ("masks", ctypes.c_void_p), ("h", ctypes.c_void_p), ("xsum", ctypes.c_void_p),
-                ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p), ("y", ctypes.c_void_p)]
+                ("qkv", ctypes.c_void_p), ("att", ctypes.c_void_p), ("gu", ctypes.c_void_p), ("y", ctypes.c_void_p),
+                ("prompt", ctypes.c_void_p)]
 
 
 def _build() -> ctypes.CDLL | None:

@@ -148,14 +148,15 @@ static inline void act_store16(void *x, long i, __m512 v, int bf16, __mmask16 m)
 typedef void (*items_fn)(void *arg, long lo, long hi);
 void run_items(items_fn fn, void *arg, long n, long chunk);
 int kernel_threads(void);
-int kernel_amx(void);          /* matmul.c: 1 when bfloat16 products run on AMX tiles (FASTDECODE_AMX=1) */
+int kernel_amx(void);          /* matmul.c: which bfloat16 products run on AMX tiles: 0 none, 1 prompt rows, 2 all */
 const char *kernel_isa(void);  /* the instructions the products run on, for reports */
 
 /* matmul.c: a product is matmul_tiles(W, rows) items; matmul_run(..., lo, hi) computes items
- * [lo, hi) (each: 16 to 64 output rows of W for every row of x). */
-long matmul_tiles(const Matrix *W, int x_bf16, long rows);
-void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows, const float *xsum, long ldsum,
-                float *y, long ldy, int add, long lo, long hi);
+ * [lo, hi) (each: 16 to 64 output rows of W for every row of x). prompt: the rows are a prompt's
+ * (they may take the AMX path, see kernel_amx). */
+long matmul_tiles(const Matrix *W, int x_bf16, int prompt, long rows);
+void matmul_run(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx, long rows, const float *xsum,
+                long ldsum, float *y, long ldy, int add, long lo, long hi);
 /* attention.c: attention of one layer's new rows over the paged cache, as items. q: [rows, heads, D]
  * float32, rows ldq floats apart; out: [rows, heads, D] float32. kpool, vpool: one layer's pools,
  * [blocks, kv_heads, D, B] and [blocks, kv_heads, B, D] (bfloat16 when bf16 != 0). Sequence s is

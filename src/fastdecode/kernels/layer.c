@@ -63,6 +63,7 @@ typedef struct {
     float *att;  /* [rows, q_size] */
     float *gu;   /* [rows, 2 inter] */
     float *y;    /* [rows, hidden]: a sublayer's output before its post-norm */
+    const uint8_t *prompt; /* [rows]: 1 for a prompt's row (its products may run on AMX tiles), or NULL */
 } Step;
 
 static int needs_sums(const Product *p) {
@@ -178,7 +179,9 @@ typedef struct {
     float *out;
     long ldout;
     int add;
-    long tiles[4]; /* tiles of each of the product's parts */
+    long first, rows; /* the rows of the product's run */
+    int prompt;       /* whether they are prompt rows */
+    long tiles[4];    /* tiles of each of the product's parts */
     const float *post_norm; /* of the post-norm phase */
 } Layer;
 
@@ -203,25 +206,36 @@ static void mlp_norm_items(void *arg, long lo, long hi) {
     norm_rows(L, L->w->mlp_norm, &L->w->gate_up, lo, hi);
 }
 
-/* items: tiles of the product's parts, one after another. */
+/* items: tiles of the product's parts, one after another, for the rows of one run. */
 static void product_items(void *arg, long lo, long hi) {
     const Layer *L = arg;
     const Product *p = L->product;
+    const long r0 = L->first, xsize = L->c->act_bf16 ? 2 : 4;
     long first = 0;
     for (long i = 0; i < p->parts; first += L->tiles[i++]) {
         long a = lo > first ? lo - first : 0, b = hi - first < L->tiles[i] ? hi - first : L->tiles[i];
         if (a < b) /* xsum rows are as far apart as h's, / 32 */
-            matmul_run(&p->part[i], L->in, L->c->act_bf16, L->width_h, L->s->rows, L->s->xsum, L->nsum,
-                       L->out + p->at[i], L->ldout, L->add, a, b);
+            matmul_run(&p->part[i], (const char *)L->in + r0 * L->width_h * xsize, L->c->act_bf16, L->prompt,
+                       L->width_h, L->rows, L->s->xsum + r0 * L->nsum, L->nsum, L->out + r0 * L->ldout + p->at[i],
+                       L->ldout, L->add, a, b);
     }
 }
 
+/* The product over every row, one run of rows at a time: prompt rows and the others may take
+ * different paths (kernel_amx), so each run is a product of its own. */
 static void product(Layer *L, const Product *p, float *out, long ldout, int add) {
-    long tiles = 0;
-    for (long i = 0; i < p->parts; i++)
-        tiles += L->tiles[i] = matmul_tiles(&p->part[i], L->c->act_bf16, L->s->rows);
+    const uint8_t *prompt = L->s->prompt;
     L->product = p, L->in = L->s->h, L->out = out, L->ldout = ldout, L->add = add;
-    run_items(product_items, L, tiles, 1);
+    for (long r0 = 0, r1; r0 < L->s->rows; r0 = r1) {
+        const int kind = prompt ? prompt[r0] : 0;
+        for (r1 = r0 + 1; r1 < L->s->rows && (prompt ? prompt[r1] : 0) == kind; r1++)
+            ;
+        L->first = r0, L->rows = r1 - r0, L->prompt = kind;
+        long tiles = 0;
+        for (long i = 0; i < p->parts; i++)
+            tiles += L->tiles[i] = matmul_tiles(&p->part[i], L->c->act_bf16, kind, L->rows);
+        run_items(product_items, L, tiles, 1);
+    }
 }
 
 /* items: rows. Rotary embedding of q and k; the new keys and values into their cache slots. */

@@ -166,22 +166,31 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-static int amx_ok;
+enum { AMX_OFF, AMX_PROMPTS, AMX_ALL };
+static int amx_mode;
 static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 
+/* FASTDECODE_AMX: unset, the prompt's rows on AMX and every other row on the vector path; "1" every
+ * row on AMX; "0" none. Linux lets a process use the tile registers once it asks
+ * (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
 static void amx_init(void) {
     const char *env = getenv("FASTDECODE_AMX");
-    /* Linux lets a process use the tile registers once it asks (ARCH_REQ_XCOMP_PERM, XTILEDATA) */
-    amx_ok = env && env[0] == '1' && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    int want = !env || !env[0] ? AMX_PROMPTS : env[0] == '1' ? AMX_ALL : AMX_OFF;
+    amx_mode = want != AMX_OFF && syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? want : AMX_OFF;
 }
 
 int kernel_amx(void) {
     pthread_once(&amx_once, amx_init);
-    return amx_ok;
+    return amx_mode;
 }
 
-static int amx_for(const Matrix *W, int x_bf16) {
-    return x_bf16 && W->format != FMT_F32 && (W->format != FMT_BF16 || W->in % 32 == 0) && kernel_amx();
+/* A row's product runs on AMX or on the vector path by what the row is (a prompt row or not), never
+ * by how many rows share the call: either way its result is the same whatever its neighbours. */
+static int amx_for(const Matrix *W, int x_bf16, int prompt) {
+    if (!x_bf16 || W->format == FMT_F32 || (W->format == FMT_BF16 && W->in % 32))
+        return 0;
+    int mode = kernel_amx();
+    return mode == AMX_ALL || (mode == AMX_PROMPTS && prompt);
 }
 
 /* Tile numbers are immediates: group u of a tile uses C tile u and B tile 4 + u. */
@@ -367,8 +376,8 @@ static inline __attribute__((always_inline)) void tile_f32(const Matrix *W, cons
         else CALL(nb, nr);                                                                           \
     } while (0)
 
-static void run_tile(const Matrix *W, const void *x, int x_bf16, long ldx, const float *xsum, long ldsum, float *y,
-                     long ldy, int add, long g0, long nb, long nr) {
+static void run_tile(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx, const float *xsum, long ldsum,
+                     float *y, long ldy, int add, long g0, long nb, long nr) {
     const int fmt = W->format;
 #if defined(__AVX512BF16__)
     if (x_bf16 && fmt != FMT_F32) {
@@ -381,7 +390,7 @@ static void run_tile(const Matrix *W, const void *x, int x_bf16, long ldx, const
         __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
         const uint16_t *xb = x;
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-        if (amx_for(W, x_bf16)) {
+        if (amx_for(W, x_bf16, prompt)) {
             amx_tile(W, fmt, table, xb, ldx, xsum, ldsum, y, ldy, add, g0, nb, nr);
             return;
         }
@@ -408,36 +417,36 @@ static void run_tile(const Matrix *W, const void *x, int x_bf16, long ldx, const
 }
 
 /* Groups per tile, and rows per tile. */
-static long tile_width(const Matrix *W, int x_bf16, long rows) {
+static long tile_width(const Matrix *W, int x_bf16, int prompt, long rows) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    if (amx_for(W, x_bf16))
+    if (amx_for(W, x_bf16, prompt))
         return AMX_NB;
 #endif
     return rows == 1 ? NB1 : NB;
 }
 
-static long tile_rows(const Matrix *W, int x_bf16) {
+static long tile_rows(const Matrix *W, int x_bf16, int prompt) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    if (amx_for(W, x_bf16))
+    if (amx_for(W, x_bf16, prompt))
         return AMX_ROWS;
 #endif
     return NR;
 }
 
-long matmul_tiles(const Matrix *W, int x_bf16, long rows) {
-    long groups = (W->out + 15) / 16, width = tile_width(W, x_bf16, rows);
+long matmul_tiles(const Matrix *W, int x_bf16, int prompt, long rows) {
+    long groups = (W->out + 15) / 16, width = tile_width(W, x_bf16, prompt, rows);
     return (groups + width - 1) / width;
 }
 
-void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows, const float *xsum, long ldsum,
-                float *y, long ldy, int add, long lo, long hi) {
-    const long groups = (W->out + 15) / 16, width = tile_width(W, x_bf16, rows), xsize = x_bf16 ? 2 : 4;
-    const long per_tile = tile_rows(W, x_bf16);
+void matmul_run(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx, long rows, const float *xsum,
+                long ldsum, float *y, long ldy, int add, long lo, long hi) {
+    const long groups = (W->out + 15) / 16, width = tile_width(W, x_bf16, prompt, rows), xsize = x_bf16 ? 2 : 4;
+    const long per_tile = tile_rows(W, x_bf16, prompt);
     for (long t = lo; t < hi; t++) {
         long g0 = t * width, nb = groups - g0 < width ? groups - g0 : width;
         for (long r0 = 0; r0 < rows; r0 += per_tile) {
             long nr = rows - r0 < per_tile ? rows - r0 : per_tile;
-            run_tile(W, (const char *)x + r0 * ldx * xsize, x_bf16, ldx, xsum ? xsum + r0 * ldsum : NULL, ldsum,
+            run_tile(W, (const char *)x + r0 * ldx * xsize, x_bf16, prompt, ldx, xsum ? xsum + r0 * ldsum : NULL, ldsum,
                      y + r0 * ldy, ldy, add, g0, nb, nr);
         }
     }
@@ -485,13 +494,14 @@ static float scale_at(const Matrix *W, const uint8_t *cell, long o, int which) {
     return f;
 }
 
-long matmul_tiles(const Matrix *W, int x_bf16, long rows) {
-    (void)rows, (void)x_bf16;
+long matmul_tiles(const Matrix *W, int x_bf16, int prompt, long rows) {
+    (void)rows, (void)x_bf16, (void)prompt;
     return (W->out + 15) / 16;
 }
 
-void matmul_run(const Matrix *W, const void *x, int x_bf16, long ldx, long rows, const float *xsum, long ldsum,
-                float *y, long ldy, int add, long lo, long hi) {
+void matmul_run(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx, long rows, const float *xsum,
+                long ldsum, float *y, long ldy, int add, long lo, long hi) {
+    (void)prompt;
     const int dense = W->format == FMT_F32 || W->format == FMT_BF16;
     /* bfloat16 pairs as vdpbf16ps takes them (the second product first) where the vector path would */
     const int pairs = x_bf16 && W->format != FMT_F32;
@@ -538,7 +548,7 @@ static void sums_items(void *arg, long lo, long hi) {
 
 static void product_items(void *arg, long lo, long hi) {
     const MatmulCall *c = arg;
-    matmul_run(c->W, c->x, c->x_bf16, c->W->in, c->rows, c->xsum, c->W->in / 32, c->y, c->W->out, c->add, lo, hi);
+    matmul_run(c->W, c->x, c->x_bf16, 0, c->W->in, c->rows, c->xsum, c->W->in / 32, c->y, c->W->out, c->add, lo, hi);
 }
 
 /* y = x @ W.T (add: y += x @ W.T) as one call: the product alone, outside a decoder layer. */
@@ -546,7 +556,7 @@ void matmul(const Matrix *W, const void *x, int x_bf16, long rows, float *y, int
     MatmulCall c = {W, x, x_bf16, add, rows, W->has_min ? malloc(sizeof(float) * rows * (W->in / 32)) : NULL, y};
     if (c.xsum)
         run_items(sums_items, &c, rows, 8);
-    run_items(product_items, &c, matmul_tiles(W, x_bf16, rows), 1);
+    run_items(product_items, &c, matmul_tiles(W, x_bf16, 0, rows), 1);
     free(c.xsum);
 }
 
@@ -606,7 +616,8 @@ void matrix_rows(const Matrix *W, const long *ids, long n, float *out) {
 /* Which instructions the products run on, for the reports. */
 const char *kernel_isa(void) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    return kernel_amx() ? "AVX-512 BF16 and AMX-BF16" : "AVX-512 BF16";
+    static const char *paths[] = {"AVX-512 BF16", "AVX-512 BF16, AMX-BF16 for prompts", "AVX-512 BF16 and AMX-BF16"};
+    return paths[kernel_amx()];
 #elif defined(__AVX512F__) && defined(__AVX512BW__)
     return "AVX-512";
 #else

@@ -23,6 +23,9 @@ class CausalLM(Protocol):
     weight_format: str  # what the matrices are stored as, e.g. "Q4_1+Q8_0" (cost curves are kept per format)
     norm: torch.Tensor  # the final norm's multiplicative weight [hidden] float32 (a draft head starts from it)
     lm_head: Linear  # the output head
+    # whether prompt rows are computed on another path than generated ones (then only prompt rows
+    # are shared between requests by the prefix cache)
+    prompt_rows_differ: bool
 
     def forward_batch(self, segments: Sequence[Segment], layers: Sequence[int] | None = None,
                       head: Linear | None = None) -> torch.Tensor:

@@ -131,6 +131,9 @@ class _Rows:
                 masks.append(seg.mask.to(torch.uint8).flatten())
                 mask_at += n * n
         self.meta = torch.tensor(meta, dtype=torch.long)
+        self.prompt = None  # uint8 [rows]: 1 for a prompt row, when there are any
+        if any(seg.prompt_rows for seg in segments):
+            self.prompt = torch.cat([(torch.arange(len(seg.tokens)) < seg.prompt_rows).to(torch.uint8) for seg in segments])
         self.tables = torch.cat(tables) if len(tables) > 1 else tables[0]
         self.masks = torch.cat(masks) if masks else None
 
@@ -184,6 +187,13 @@ class DecoderModel:
         return None
 
     # --- the contract ----------------------------------------------------------------------------
+
+    @property
+    def prompt_rows_differ(self) -> bool:
+        """Whether a prompt's rows take another path through the products than other rows (AMX tiles
+        for prompts, kernels/matmul.c): each row's result is still independent of its neighbours,
+        but a token computed as a prompt row is not bitwise the same token computed as a generated one."""
+        return self.native is not None and self.dtype == torch.bfloat16 and self.native.kernel_amx() == 1
 
     @property
     def embed(self) -> torch.Tensor:
@@ -349,7 +359,8 @@ class _NativeLayers:
         self.rows = rows
         self.step = Step(n, rows.positions.data_ptr(), rows.blocks.data_ptr(), rows.offsets.data_ptr(),
                          len(rows.meta), rows.meta.data_ptr(), rows.tables.data_ptr(),
-                         None if rows.masks is None else rows.masks.data_ptr(), *(t.data_ptr() for t in self.scratch))
+                         None if rows.masks is None else rows.masks.data_ptr(), *(t.data_ptr() for t in self.scratch),
+                         None if rows.prompt is None else rows.prompt.data_ptr())
         self.model = model
         k, v = rows.pool.k, rows.pool.v  # [layers, ...]: layer i's pool starts i * stride(0) elements on
         self.k, self.v = k.data_ptr(), v.data_ptr()
