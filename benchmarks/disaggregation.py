@@ -11,6 +11,7 @@ that share its forward. This script measures those costs once and asks the quest
 
     --measure                 time forwards of the real default model here, and a short `auto` run for
                               speculation's acceptance (about 3 minutes); stored in COSTS
+    --refit                   fit the cost model again from the forwards stored in COSTS (no timing)
     (default)                 load COSTS, find goodput per configuration, print tables, save the plot
     --validate                start `fastdecode serve`, send it a Poisson stream of Spec-Bench questions,
                               store the trace, and compare it with the simulator's M=1 colocated run
@@ -50,12 +51,13 @@ PREFILL_CHUNK = 512  # a prefill-only machine reads this many prompt tokens per 
 class CostModel:
     """Seconds of one batched forward, from measurements on this machine:
 
-        cost = dense(rows) + attention_s * sum(rows_i * (cached_i + rows_i / 2))
+        cost = dense(rows) + cache_s * sum(cached_i) + attention_s * sum(rows_i * (cached_i + rows_i / 2))
                + segment_s * (segments - 1) - head_s * (prompt rows whose logits are not computed)
 
     dense(rows) is the forward's cost without attention (matrix products, norms, the output head on
-    every row), linear between measured sizes; the attention term is what each new row reads of its
-    own sequence's cache; a prompt chunk computes logits for its last row only (head_s a row saved).
+    every row), linear between measured sizes. Attention reads each sequence's cache once (cache_s a
+    cached row: what a decode row pays) and computes over it per new row (attention_s). A prompt
+    chunk computes logits for its last row only (head_s a row saved).
     Speculation is a chain of draft rows whose k-th row adds gains[k] accepted tokens on average when
     a draft is made (a share draft_share of steps), measured on a single stream."""
     rows: list[int]
@@ -64,6 +66,7 @@ class CostModel:
     segment_s: float
     head_s: float
     kv_bytes_per_token: int
+    cache_s: float = 0.0
     draft_share: float = 0.0
     gains: list[float] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)  # Spec-Bench first turns, chat-templated
@@ -79,8 +82,8 @@ class CostModel:
         which prompt_rows are prompt rows other than a chunk's last (no logits)."""
         rows = sum(r for r, _ in segments)
         work = sum(r * (kv + r / 2) for r, kv in segments)
-        return (self.dense(rows) + self.attention_s * work + self.segment_s * (len(segments) - 1)
-                - self.head_s * prompt_rows)
+        return (self.dense(rows) + self.cache_s * sum(kv for _, kv in segments) + self.attention_s * work
+                + self.segment_s * (len(segments) - 1) - self.head_s * prompt_rows)
 
     def draft(self, contexts: list[int]) -> tuple[float, float]:
         """(rows, tokens) per decoding sequence this step: the draft length that maximises the batch's
@@ -88,7 +91,7 @@ class CostModel:
         b, cached = len(contexts), sum(contexts)
 
         def rate(rows: float, tokens: float) -> float:  # self.forward of b segments of `rows`, summed once
-            seconds = self.dense(b * rows) + self.attention_s * (rows * cached + b * rows * rows / 2)
+            seconds = self.dense(b * rows) + self.cache_s * cached + self.attention_s * (rows * cached + b * rows * rows / 2)
             return b * tokens / (seconds + self.segment_s * (b - 1))
 
         best = (1.0, 1.0, rate(1.0, 1.0))
@@ -267,14 +270,41 @@ def goodput(cost: CostModel, speculate: bool, prefill: int, decode: int, a) -> f
 # ---------------------------------------------------------------- measuring (needs the model)
 
 
+def fit_costs(raw: dict, kv_bytes_per_token: int) -> CostModel:
+    """The CostModel from measured forwards (seconds by shape, as measure() stores them in notes["raw"])."""
+    short = {int(n): t for n, t in raw["rows_over_16_cached"].items()}
+    sizes = sorted(short)
+    long = {tuple(int(x) for x in k.split("x")): t for k, t in raw["rows_x_cached"].items()}
+    # The same n rows over 512 and 1,536 cached rows: the extra 1,024 cost cache_s + n * attention_s each.
+    xs = sorted({n for n, _ in long})
+    ys = [(long[(n, 1536)] - long[(n, 512)]) / 1024 for n in xs]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    attention_s = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs), 0.0)
+    cache_s = max(my - attention_s * mx, 0.0)
+    dense_s = [max(short[n] - cache_s * 16 - attention_s * n * (16 + n / 2), 1e-4) for n in sizes]
+    for i in range(1, len(dense_s)):  # noise must not make a bigger forward look cheaper
+        dense_s[i] = max(dense_s[i], dense_s[i - 1])
+    heads = {int(n): t for n, t in raw["prompt_chunk_rows_over_16_cached"].items()}
+    head_s = max(statistics.median((short[n] - heads[n]) / (n - 1) for n in heads), 0.0)
+    cost = CostModel(sizes, dense_s, attention_s, 0.0, head_s, kv_bytes_per_token, cache_s)
+    extra = []  # B sequences of r rows against the model without a per-segment cost
+    for key, t in raw["segments_over_256_cached"].items():
+        b, r = (int(x) for x in key.split("x"))
+        extra.append((t - cost.forward([(r, 256)] * b)) / (b - 1))
+    cost.segment_s = max(statistics.median(extra), 0.0)
+    cost.notes = {"raw": raw, "held_out": [{**h, "model_s": cost.forward([tuple(x) for x in h["segments"]], h["prompt_rows"])}
+                                           for h in raw["held_out"]]}
+    return cost
+
+
 def measure(a) -> CostModel:
     """Time forwards of the default model here and fit the CostModel; a short `auto` run gives
     speculation's gains; Spec-Bench's first turns give the prompt lengths."""
     import torch
 
     from fastdecode.api import LLM
-    from fastdecode.models.llama import Segment
     from fastdecode.bench.questions import load_questions, questions_path, sample_questions
+    from fastdecode.models.llama import Segment
     from fastdecode.runtime.kv_cache import BLOCK_ROWS as BLOCK, KVCache
     from fastdecode.runtime.sampling import SamplingParams
 
@@ -327,24 +357,14 @@ def measure(a) -> CostModel:
     def timed(shape: list[tuple[int, int]], chunk_first: bool = False) -> float:
         return fastest[(tuple(shape), chunk_first)]
 
-    short = {n: timed([(n, 16)]) for n in sizes}
-    long = {p: timed([p]) for p in pairs}
-    attention_s = statistics.median((long[(n, 1536)] - long[(n, 512)]) / (n * 1024) for n in (1, 8, 32, 128))
-    dense_s = [max(short[n] - attention_s * n * (16 + n / 2), 1e-4) for n in sizes]
-    for i in range(1, len(dense_s)):  # noise must not make a bigger forward look cheaper
-        dense_s[i] = max(dense_s[i], dense_s[i - 1])
-    heads = {n: timed([(n, 16)], chunk_first=True) for n in (64, 256)}
-    head_s = statistics.median((short[n] - heads[n]) / (n - 1) for n in heads)
-    fit = CostModel(sizes, dense_s, attention_s, 0.0, max(head_s, 0.0),
-                    2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize)
-    extra = [(timed([(r, 256)] * b) - fit.forward([(r, 256)] * b)) / (b - 1) for b, r in batches]
-    fit.segment_s = max(statistics.median(extra), 0.0)
-    held_out = []
-    for chunk, streams in checks:
-        shape = ([chunk] if chunk else []) + streams
-        held_out.append({"segments": shape, "measured_s": timed(shape, chunk_first=chunk is not None),
-                         "model_s": fit.forward(shape, chunk[0] - 1 if chunk else 0)})
+    raw = {"rows_over_16_cached": {n: timed([(n, 16)]) for n in sizes},
+           "rows_x_cached": {f"{n}x{kv}": timed([(n, kv)]) for n, kv in pairs},
+           "prompt_chunk_rows_over_16_cached": {n: timed([(n, 16)], chunk_first=True) for n in (64, 256)},
+           "segments_over_256_cached": {f"{b}x{r}": timed([(r, 256)] * b) for b, r in batches},
+           "held_out": [{"segments": ([ch] if ch else []) + st, "prompt_rows": ch[0] - 1 if ch else 0,
+                         "measured_s": timed(([ch] if ch else []) + st, chunk_first=ch is not None)} for ch, st in checks]}
     del prepared
+    fit = fit_costs(raw, 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize)
 
     questions = load_questions(questions_path("spec-bench"))
     fit.prompt_tokens = [len(llm.prompt_ids(q.turns[0])) for q in questions]
@@ -364,10 +384,7 @@ def measure(a) -> CostModel:
     one = fit.draft([300])
     fit.notes.update({
         "model": llm.model_name, "weights": llm.weights, "dtype": str(model.dtype), "measure_seconds": round(measured_s, 1),
-        "measured_forwards": {"rows_over_16_cached": short, "rows_x_cached": {f"{n}x{kv}": t for (n, kv), t in long.items()},
-                              "prompt_chunk_rows_over_16_cached": heads,
-                              "segment_overhead_s": {f"{b}x{r}@256": e for (b, r), e in zip(batches, extra)}},
-        "held_out": held_out,
+        "measure_rounds": a.measure_rounds,
         "speculation": {"method": a.spec_method, "questions": len(sample), "forwards": passes, "drafts": drafts,
                         "tokens_per_forward": (passes + accepted) / passes, "draft_rows_per_draft": draft_rows / max(drafts, 1),
                         "model_one_stream_rows_tokens": one},
@@ -589,6 +606,7 @@ def plot(results: list[dict], a, path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--measure", action="store_true", help=f"measure the cost model here and store it in --costs")
+    p.add_argument("--refit", action="store_true", help="fit the cost model again from the forwards stored in --costs")
     p.add_argument("--costs", type=Path, default=COSTS, help="the cost model's JSON (default %(default)s)")
     p.add_argument("--ttft", type=float, default=2.0, help="time-to-first-token target, seconds (default 2)")
     p.add_argument("--tpot", type=float, default=0.1, help="time-per-output-token target, seconds (default 0.1)")
@@ -613,10 +631,18 @@ def main() -> int:
     p.add_argument("--validate-requests", type=int, default=30)
     p.add_argument("--validate-against", type=Path, help="a stored trace (this script's --validate schema) to compare")
     a = p.parse_args()
+    if a.refit:  # the stored measurements, fitted again (after a change to the cost model)
+        stored = json.loads(a.costs.read_text())
+        cost = fit_costs(stored["notes"]["raw"], stored["kv_bytes_per_token"])
+        cost.draft_share, cost.gains, cost.prompt_tokens = stored["draft_share"], stored["gains"], stored["prompt_tokens"]
+        cost.notes = {**stored["notes"], **cost.notes}
+        cost.notes["speculation"]["model_one_stream_rows_tokens"] = cost.draft([300])
+        a.costs.write_text(json.dumps(asdict(cost), indent=1))
     if a.measure:
         cost = measure(a)
         a.costs.parent.mkdir(parents=True, exist_ok=True)
         a.costs.write_text(json.dumps(asdict(cost), indent=1))
+    if a.measure or a.refit:
         print(f"cost model: {a.costs}")
         for h in cost.notes["held_out"]:
             print(f"  held-out forward {h['segments'][:2]}...: measured {h['measured_s'] * 1e3:.1f} ms, "

@@ -123,3 +123,11 @@ def test_validating_the_simulator_against_its_own_trace_gives_no_error(capsys):
     errors = dis.compare(trace, cost, settings())["relative_error"]
     assert all(abs(e) < 1e-9 for e in errors.values())
     assert "validation" in capsys.readouterr().out
+
+
+def test_each_sequence_pays_for_reading_its_own_cache():
+    """Eight decode rows over 900 cached rows each read eight caches: cache_s per cached row, per sequence."""
+    cost = cost_model(cache_s=3e-6)
+    one, eight = cost.forward([(1, 900)]), cost.forward([(1, 900)] * 8)
+    assert eight - cost.dense(8) == pytest.approx(8 * (one - cost.dense(1)))
+    assert cost.forward([(8, 900)]) < eight  # one sequence of 8 rows reads its cache once
