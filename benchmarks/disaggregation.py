@@ -5,9 +5,9 @@ Language Model Serving", OSDI'24) puts prefill and decode on different GPUs: a l
 stalls running streams, and each phase gets the machines it needs. It judges a deployment by goodput,
 the highest request rate at which a share of requests (90% here) meets both a time-to-first-token
 (TTFT) and a time-per-output-token (TPOT) target. Whether that pays for fastdecode depends on costs
-that differ from a GPU's: on these 2 cores a forward of 8 rows costs little more than one, but past
-about 16 rows every row costs about 1.1 ms, so a prompt chunk is paid almost in full by the streams
-that share its forward. This script measures those costs once and asks the question in a simulator:
+that differ from a GPU's: on these 2 cores, idle, a forward of 8 rows costs 1.4 times one, and past
+about 16 rows every row costs about 1.1 ms (README), so a prompt chunk is paid almost in full by the
+streams that share its forward. This script measures those costs once and asks the question in a simulator:
 
     --measure                 time forwards of the real default model here, and a short `auto` run for
                               speculation's acceptance (about 3 minutes); stored in COSTS
@@ -39,6 +39,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 COSTS = RESULTS / "disaggregation_costs.json"
 TRACE = RESULTS / "disaggregation_validation.json"
+GOODPUT = RESULTS / "disaggregation_goodput.json"
 PLOT = Path(__file__).resolve().parents[1] / "docs" / "disaggregation.png"
 STEP_TOKENS = 32  # the server's prompt chunk (scheduler.STEP_TOKENS), not imported: simulating needs no torch
 PREFILL_CHUNK = 512  # a prefill-only machine reads this many prompt tokens per forward (sequence.PREFILL_CHUNK)
@@ -625,6 +626,8 @@ def main() -> int:
     p.add_argument("--spec-method", default="auto", help="method whose acceptance --measure takes (default auto)")
     p.add_argument("--spec-per-group", type=int, default=2, help="Spec-Bench questions per group for it")
     p.add_argument("--plot", type=Path, default=PLOT)
+    p.add_argument("--out", type=Path, default=GOODPUT, help="the study's results JSON (default %(default)s)")
+    p.add_argument("--trace", type=Path, default=TRACE, help="where --validate stores its trace (default %(default)s)")
     p.add_argument("--validate", action="store_true", help="measure a real server's trace and compare")
     p.add_argument("--validate-method", default="ar")
     p.add_argument("--validate-rate", type=float, default=0.25, help="Poisson requests/s of --validate")
@@ -651,17 +654,16 @@ def main() -> int:
     if a.validate or a.validate_against:
         trace = json.loads(a.validate_against.read_text()) if a.validate_against else serve_and_measure(a)
         if a.validate:
-            RESULTS.mkdir(exist_ok=True)
-            TRACE.write_text(json.dumps(trace, indent=1))
+            a.trace.parent.mkdir(parents=True, exist_ok=True)
+            a.trace.write_text(json.dumps(trace, indent=1))
         compare(trace, cost, a)
         return 0
     results = study(cost, a)
     report(results, a)
     rates = rate_table(cost, results, a)
-    RESULTS.mkdir(exist_ok=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(a).items() if not isinstance(v, Path)}
-    (RESULTS / "disaggregation_goodput.json").write_text(json.dumps({"settings": settings, "results": results,
-                                                                     "rates": rates}, indent=1))
+    a.out.write_text(json.dumps({"settings": settings, "results": results, "rates": rates}, indent=1))
     plot(results, a, a.plot)
     return 0
 
