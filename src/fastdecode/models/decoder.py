@@ -157,10 +157,11 @@ class DecoderModel:
         self.norm = self._norm(take(weights, "model.norm.weight"))
         self.head_matrix = self.embedding if c.tie_word_embeddings else packed(take(weights, "lm_head.weight"))
         self.lm_head = Linear([self.head_matrix], dtype)
-        sources = {s for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                   for s in lin.sources} | {self.head_matrix.source}
+        layer_sources = {s for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                         for s in lin.sources}
         # what the matrices are stored as, e.g. "Q4_1+Q8_0" (the cost curve is kept per format)
-        self.weight_format = "+".join(sorted(sources))
+        self.weight_format = "+".join(sorted(layer_sources | {self.head_matrix.source}))
+        self._layers_in_float32 = layer_sources == {"float32"}  # products AMX never takes
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self.group = c.num_heads // c.num_kv_heads
@@ -193,7 +194,8 @@ class DecoderModel:
         """Whether a prompt's rows take another path through the products than other rows (AMX tiles
         for prompts, kernels/matmul.c): each row's result is still independent of its neighbours,
         but a token computed as a prompt row is not bitwise the same token computed as a generated one."""
-        return self.native is not None and self.dtype == torch.bfloat16 and self.native.kernel_amx() == 1
+        return (self.native is not None and self.dtype == torch.bfloat16 and not self._layers_in_float32
+                and self.native.kernel_amx() == 1)
 
     @property
     def embed(self) -> torch.Tensor:
