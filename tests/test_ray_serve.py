@@ -209,3 +209,48 @@ def test_cli_refuses_bad_ray_flags(argv, capsys):
 
     assert main(["serve", *argv]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_affinity_keys_follow_the_conversation_not_its_later_turns():
+    pytest.importorskip("ray")
+    from fastdecode.server.ray_router import affinity_key
+
+    def key(messages, path="/v1/chat/completions"):
+        import json
+
+        return affinity_key(path, json.dumps({"model": MODEL, "messages": messages}).encode())
+
+    system, first = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}
+    later = [system, first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And?"}]
+    assert key([system, first]) == key(later) != key([system, {"role": "user", "content": "Other"}])
+    assert key([system, first]) != key([first])
+    assert affinity_key("/v1/chat/completions", b"{not json") is None
+    assert affinity_key("/v1/completions", b'{"prompt": "abc"}') == affinity_key("/v1/completions", b'{"prompt": "abc", "n": 2}')
+
+
+def test_the_router_prefers_the_keys_replica_unless_it_is_busier_by_imbalance():
+    pytest.importorskip("ray")
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastdecode.server.ray_router import PrefixAffinityRouter, rendezvous
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), max_ongoing_requests=20) for name in "abc"]
+    loads = {}
+    router = object.__new__(PrefixAffinityRouter)  # choose_replicas reads only these two
+    router.imbalance = 4
+    router._replica_queue_len_cache = SimpleNamespace(get=lambda rid: loads.get(rid.unique_id))
+
+    def choose(**kwargs):
+        ranks = asyncio.run(router.choose_replicas(replicas, SimpleNamespace(kwargs=kwargs)))
+        return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+    best, second, third = rendezvous("k", ["a", "b", "c"])
+    assert choose(affinity="k")[0] == [best]
+    loads.update({best: 4, second: 2, third: 1})
+    assert choose(affinity="k")[0] == [best]  # 3 busier than the least: still its own
+    loads[best] = 5
+    assert choose(affinity="k") == [[third, second], [best]]  # 4 (imbalance) busier: the least loaded first
+    assert choose(affinity="k", replica=second) == [[second]]  # a pin wins
+    assert choose(affinity="k", replica="gone")[-1] == [best]  # a pin naming no replica is ignored
+    assert len(choose()[0]) == 2  # no key: two random replicas, the less loaded wins
