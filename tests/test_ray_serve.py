@@ -254,3 +254,25 @@ def test_the_router_prefers_the_keys_replica_unless_it_is_busier_by_imbalance():
     assert choose(affinity="k", replica=second) == [[second]]  # a pin wins
     assert choose(affinity="k", replica="gone")[-1] == [best]  # a pin naming no replica is ignored
     assert len(choose()[0]) == 2  # no key: two random replicas, the less loaded wins
+
+
+def test_autoscaling_flags_become_ray_serves_autoscaling_config(monkeypatch):
+    pytest.importorskip("ray")
+    from fastdecode.cli import main
+    from fastdecode.server import ray_launch
+    from fastdecode.server.ray_serve import build
+
+    seen = {}
+    monkeypatch.setenv("RAY_SERVE_DEFAULT_HTTP_PORT", "8000")  # run_from_cli sets it when absent
+    monkeypatch.setattr(ray_launch, "serve_until_stopped", lambda config, host, port, address, **kw: seen.update(kw) or 0)
+    argv = ["serve", "--ray", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "3",
+            "--target-ongoing-requests", "6", "--cpus-per-replica", "1"]
+    assert main(argv) == 0
+    assert seen == {"replicas": 2, "cpus_per_replica": 1,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6.0}}
+    config = {"max_batch": 8, "max_queue": 64}
+    app = build(config, **seen)  # Ray Serve validates the options here
+    model = app._bound_deployment.init_args[0]._bound_deployment  # the Front's argument: the model deployment
+    scaling = model._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 3, 2)
+    assert scaling.target_ongoing_requests == 6.0 and model._deployment_config.max_ongoing_requests == 72

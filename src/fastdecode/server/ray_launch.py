@@ -7,6 +7,7 @@ minute or more before it gives up on a host that does not answer.
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -14,6 +15,8 @@ import threading
 from urllib.parse import urlparse
 
 from ..errors import FastDecodeError
+
+TEARDOWN_S = 60
 
 
 def import_ray():
@@ -74,8 +77,6 @@ def deploy(config: dict, host: str, port: int, **build_options) -> None:
 
 def serve_until_stopped(config: dict, host: str, port: int, address: str | None, **build_options) -> int:
     ray = connect(address)
-    from ray import serve
-
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -90,20 +91,32 @@ def serve_until_stopped(config: dict, host: str, port: int, address: str | None,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if address is None:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            from .ray_serve import APP_NAME
-
-            serve.delete(APP_NAME)
+        teardown = threading.Thread(target=_take_down, args=(ray, address), daemon=True)
+        teardown.start()
+        teardown.join(TEARDOWN_S)
+        if teardown.is_alive():  # e.g. the signal reached Ray's own processes too and the instance is gone
+            print(f"fastdecode: Ray did not stop within {TEARDOWN_S} s; exiting without it", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(1)
     return 0
+
+
+def _take_down(ray, address: str | None) -> None:
+    """A local instance goes whole (running requests get Ray Serve's graceful shutdown); on a cluster,
+    only this application."""
+    from ray import serve
+
+    if address is None:
+        serve.shutdown()
+        ray.shutdown()
+    else:
+        from .ray_serve import APP_NAME
+
+        serve.delete(APP_NAME)
 
 
 def run_from_cli(args, options: dict, origins: list[str] | None) -> int:
     """`fastdecode serve --ray`: the serve arguments (already checked by cli._serve) and the Ray ones."""
-    import os
-
     from ..models.loader import model_source
 
     if args.replicas < 1 or args.cpus_per_replica < 1:
@@ -121,6 +134,10 @@ def run_from_cli(args, options: dict, origins: list[str] | None) -> int:
                                   f"--max-replicas {high}")
         autoscaling = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target}
     model_source(args.model)  # an unknown name or missing path fails here; each replica loads from its own node
+    # serve.run re-checks the proxy's options against Ray's defaults, and warns that the port "differs" and
+    # "is ignored" (it is not); Ray reads its defaults from these at import.
+    os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", args.host)
+    os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_PORT", str(args.port))
     import_ray()
     config = {"model": args.model, "dtype": args.dtype, "weights": args.weights, "threads": args.cpus_per_replica,
               "method": args.method, "options": options, "max_batch": args.max_batch, "max_queue": args.max_queue,
