@@ -153,6 +153,43 @@ def test_bad_bodies_get_the_apps_openai_errors(client, endpoint):
         assert info.value.code == status and "message" in json.loads(info.value.read())["error"]
 
 
+def test_a_client_that_leaves_cancels_its_generation_on_the_replica(endpoint, replicas):
+    import json
+    import time
+    import urllib.request
+
+    try:  # the HTTP client the openai package ships with
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    pin = replicas[0]
+
+    def state():
+        request = urllib.request.Request(f"{endpoint}/health", headers={HEADER: pin})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            health = json.loads(response.read())
+        request = urllib.request.Request(f"{endpoint}/metrics", headers={HEADER: pin})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read().decode()
+        done = sum(float(v) for v in re.findall(r"^fastdecode:request_success_total\{.*\} (\S+)$", text, re.M))
+        return health["running"] + health["waiting"], done
+
+    _, finished_before = state()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 3000,
+            "temperature": 0, "fastdecode": {"method": "ar"}}
+    with httpx.stream("POST", f"{endpoint}/v1/chat/completions", json={**body, "stream": True}, headers={HEADER: pin},
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(3)]  # streaming has begun; then the client closes it
+    with pytest.raises(httpx.TimeoutException):  # a plain request whose client gives up before the answer
+        httpx.post(f"{endpoint}/v1/chat/completions", json=body, headers={HEADER: pin}, timeout=3)
+    deadline = time.monotonic() + 120  # 3000 tokens take minutes here; the cancelled ones leave at the next step
+    while state()[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    busy, finished = state()
+    assert busy == 0 and finished == finished_before  # both left the batch, neither finished
+
+
 def test_a_replica_killed_mid_stream_ends_its_stream_and_the_survivor_serves(client, llm_default):
     import ray
 

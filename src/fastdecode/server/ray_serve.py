@@ -29,6 +29,7 @@ hang; Ray Serve's controller replaces the replica, and the router stops choosing
 """
 from __future__ import annotations
 
+import asyncio
 import json
 
 from ray import serve
@@ -92,7 +93,7 @@ class Front:
         self.retries = retries
 
     async def __call__(self, request: Request):
-        body = b""
+        body = bytearray()
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             return error_response(413, f"the request body is over {MAX_BODY_BYTES} bytes")
@@ -100,6 +101,7 @@ class Front:
             body += chunk
             if len(body) > MAX_BODY_BYTES:
                 return error_response(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        body = bytes(body)
         forwarded = {"method": request.method, "path": request.url.path, "query_string": request.scope["query_string"],
                      "headers": list(request.scope["headers"]), "body": body,
                      "client": tuple(request.scope["client"]) if request.scope.get("client") else None}
@@ -111,6 +113,9 @@ class Front:
             try:
                 _, status, headers = await stream.__anext__()
                 break
+            except asyncio.CancelledError:  # the client left before the response began (a whole answer's wait):
+                stream.cancel()  # Ray Serve cancels child calls with their parent too; this does not rely on it
+                raise
             except GONE as exc:  # nothing was sent yet: another replica may take it
                 failure = exc
             except Exception as exc:
