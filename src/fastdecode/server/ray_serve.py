@@ -65,6 +65,9 @@ class ModelReplica:
                          allowed_origins=config["allowed_origins"], prefix_cache=config["prefix_cache"])
         pool = app.state.drafters  # the default method's drafter (a draft model, a head) loads now, as in serve
         pool.release(method, options, pool.acquire(method, options))
+        if config["draft_model"] is not None and method != "draft":  # the draft model clients may choose, too
+            chosen, draft_options = app.state.policy.resolve("draft", {})
+            pool.release(chosen, draft_options, pool.acquire(chosen, draft_options))
         self.app = app
         self.thread = app.state.worker.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
