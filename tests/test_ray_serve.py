@@ -1,10 +1,12 @@
 """`fastdecode serve --ray`: one OpenAI endpoint over two model replicas (one CPU each) on a local Ray
 instance, through the official openai client. Greedy answers are the library's token for token on
 either replica; streams work; a conversation's second turn goes to the first turn's replica and hits
-its prefix cache; a replica killed mid-stream ends that stream cleanly and later requests succeed.
-And the CLI's refusals: Ray missing, an unreachable --ray-address, Ray flags without --ray.
+its prefix cache; a client that leaves cancels its generation; a replica killed mid-stream ends that
+stream cleanly and later requests succeed. The routing rule and the autoscaling flags' mapping
+without a cluster, and the CLI's refusals: Ray missing, an unreachable --ray-address, bad Ray flags.
 
-One deployment serves the module (about 10 s to start); the kill test runs last."""
+One deployment serves the module (about 10 s to start; the file runs in about 45 s here); the kill
+test runs last of those that use it. Tests that need Ray skip without it."""
 import re
 import sys
 
