@@ -88,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--kv-cache-mb", type=int, default=KV_BUDGET_MB,
                    help=f"MiB for all requests' KV cache, taken in blocks as they grow; requests wait for room "
                         f"(default {KV_BUDGET_MB})")
+    r = v.add_argument_group("Ray Serve (many replicas behind one endpoint; pip install 'fastdecode[ray]')")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: replicas of the model behind one "
+                                                      "OpenAI endpoint, a conversation's turns kept on one replica")
+    r.add_argument("--replicas", type=int, default=1, help="model replicas (default 1; the start when autoscaled)")
+    r.add_argument("--ray-address", help="an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); default: "
+                                         "a new local Ray instance")
+    r.add_argument("--cpus-per-replica", type=int, default=1, help="CPUs each replica reserves and computes on (default 1)")
+    r.add_argument("--min-replicas", type=int, help="autoscale: at least this many replicas")
+    r.add_argument("--max-replicas", type=int, help="autoscale: at most this many replicas")
+    r.add_argument("--target-ongoing-requests", type=float,
+                   help="autoscale: the ongoing requests per replica Ray Serve aims for (default: --max-batch)")
     v.set_defaults(run=_serve)
 
     b = sub.add_parser("bench", help="speed, exactness and acceptance of every method and of other engines, with reports")
@@ -296,6 +307,14 @@ def _serve(args) -> int:
     if min(args.max_batch, args.kv_cache_mb, args.step_tokens) < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
         raise FastDecodeError("--max-batch, --step-tokens and --kv-cache-mb take 1 or more, --max-queue 0 or more, "
                               "--port 1 to 65535")
+    if args.ray:
+        from .server.ray_launch import run_from_cli
+
+        return run_from_cli(args, options, origins)
+    ray_only = (args.ray_address, args.min_replicas, args.max_replicas, args.target_ongoing_requests)
+    if any(x is not None for x in ray_only) or args.replicas != 1 or args.cpus_per_replica != 1:
+        raise FastDecodeError("--replicas, --ray-address, --cpus-per-replica, --min-replicas, --max-replicas and "
+                              "--target-ongoing-requests need --ray")
     try:
         from .server.app import create_app
         from .server.serve import serve
