@@ -141,14 +141,16 @@ def test_a_streamed_answer_marked_token_by_token(server, browser, tmp_path):
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000, "the screenshot is empty"
 
-    # A second turn carries the conversation; Stop ends it early and keeps what came.
-    page.fill("#max-tokens", "400")
-    page.fill("#prompt", "Now count from one to one hundred in words.")
+    # A second turn carries the conversation; Stop ends it early and keeps what came. The answer
+    # must still be running when Stop is clicked: a long count, and room for it (a short one ended
+    # before the click once prompts ran on AMX tiles).
+    page.fill("#max-tokens", "1500")
+    page.fill("#prompt", "Now count from one to one thousand in words.")
     with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as asked:
         page.click("#send")
     history = asked.value.post_data_json["messages"]
     assert history == [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": text},
-                       {"role": "user", "content": "Now count from one to one hundred in words."}]
+                       {"role": "user", "content": "Now count from one to one thousand in words."}]
     second = page.locator(".msg.assistant").last
     sync_api.expect(second.locator(".text")).to_have_text(re.compile(r"\S"), timeout=60_000)  # (no eval: the page's CSP)
     sync_api.expect(page.locator("#stop")).to_be_enabled()
