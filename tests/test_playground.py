@@ -142,15 +142,16 @@ def test_a_streamed_answer_marked_token_by_token(server, browser, tmp_path):
     assert screenshot.stat().st_size > 10_000, "the screenshot is empty"
 
     # A second turn carries the conversation; Stop ends it early and keeps what came. The answer
-    # must still be running when Stop is clicked: a long count, and room for it (a short one ended
-    # before the click once prompts ran on AMX tiles).
+    # must still be running when Stop is clicked: an essay with room for 1,500 tokens (about 10 s
+    # here) rather than a count, which this model answers by repeating its first answer (31 tokens,
+    # over in 0.3 s once prompts ran on AMX tiles, before the click).
     page.fill("#max-tokens", "1500")
-    page.fill("#prompt", "Now count from one to one thousand in words.")
+    page.fill("#prompt", "Write a long essay about the history of the Roman Empire.")
     with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as asked:
         page.click("#send")
     history = asked.value.post_data_json["messages"]
     assert history == [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": text},
-                       {"role": "user", "content": "Now count from one to one thousand in words."}]
+                       {"role": "user", "content": "Write a long essay about the history of the Roman Empire."}]
     second = page.locator(".msg.assistant").last
     sync_api.expect(second.locator(".text")).to_have_text(re.compile(r"\S"), timeout=60_000)  # (no eval: the page's CSP)
     sync_api.expect(page.locator("#stop")).to_be_enabled()
