@@ -15,8 +15,8 @@ streams that share its forward. This script measures those costs once and asks t
     (default)                 load COSTS, find goodput per configuration, print tables, save the plot
     --validate                start `fastdecode serve`, send it a Poisson stream of Spec-Bench questions,
                               store the trace, and compare it with the simulator's M=1 colocated run
-    --validate-against FILE   compare another trace of the same schema (for instance M replicas behind
-                              Ray Serve: "machines": M)
+    --validate --validate-replicas N   the same against `fastdecode serve --ray --replicas N` (M=N)
+    --validate-against FILE   compare another trace of the same schema ("machines": M)
 
 The simulator is discrete-event and deterministic (seeded arrivals and prompts); see `simulate`.
 """
@@ -412,11 +412,12 @@ def serve_and_measure(a) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
+    replicas = ["--ray", "--replicas", str(a.validate_replicas)] if a.validate_replicas else []
     server = subprocess.Popen([sys.executable, "-c", "import sys; from fastdecode.cli import main; sys.exit(main())",
-                               "serve", "--port", str(port), "--method", a.validate_method, "--no-prefix-caching"],
-                              env=os.environ.copy())
+                               "serve", "--port", str(port), "--method", a.validate_method, "--no-prefix-caching",
+                               *replicas], env=os.environ.copy())
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + (300 if replicas else 120)  # Ray starts its cluster first
         while True:
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=2)
@@ -436,7 +437,7 @@ def serve_and_measure(a) -> dict:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    return {"machines": 1, "method": a.validate_method, "rate": a.validate_rate, "max_tokens": a.output_tokens,
+    return {"machines": a.validate_replicas or 1, "method": a.validate_method, "rate": a.validate_rate, "max_tokens": a.output_tokens,
             "load_average": list(os.getloadavg()), "requests": records}
 
 
@@ -632,6 +633,8 @@ def main() -> int:
     p.add_argument("--validate-method", default="ar")
     p.add_argument("--validate-rate", type=float, default=0.25, help="Poisson requests/s of --validate")
     p.add_argument("--validate-requests", type=int, default=30)
+    p.add_argument("--validate-replicas", type=int, default=0,
+                   help="--validate against `serve --ray --replicas N` (N machines in the simulator) instead of one server")
     p.add_argument("--validate-against", type=Path, help="a stored trace (this script's --validate schema) to compare")
     a = p.parse_args()
     if a.refit:  # the stored measurements, fitted again (after a change to the cost model)
