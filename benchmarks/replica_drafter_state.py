@@ -14,22 +14,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import urllib.request
 from urllib.parse import urlparse
 
 from fastdecode.bench.questions import load_questions, questions_path, sample_questions
-
-HEADER = "x-fastdecode-replica"
+from fastdecode.server.ray_launch import REPLICA_HEADER as HEADER, find_replicas
 
 
 def replicas(url: str) -> list[str]:
-    seen = set()
-    for _ in range(200):
-        with urllib.request.urlopen(f"{url}/ping", timeout=30) as response:
-            seen.add(response.headers[HEADER])
-        if len(seen) == 2:
-            return sorted(seen)
-    raise SystemExit(f"error: found only replicas {sorted(seen)}; start with --replicas 2")
+    seen = find_replicas(url, 2)
+    if len(seen) < 2:
+        raise SystemExit(f"error: found only replicas {seen}; start with --replicas 2")
+    return seen
 
 
 def main() -> int:

@@ -13,12 +13,13 @@ import sys
 import pytest
 from live_server import free_port, wait_until_up
 
+from fastdecode.server.ray_launch import REPLICA_HEADER as HEADER, find_replicas
+
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
-HEADER = "x-fastdecode-replica"
 QUESTIONS = ["Name three primary colors.", "What is the capital of France?", "Write a haiku about rain.",
              "Why is the sky blue?"]
 
@@ -53,15 +54,10 @@ def client(endpoint):
 @pytest.fixture(scope="module")
 def replicas(endpoint):
     """Both replicas' ids, from the header of requests routed without a key (two random choices)."""
-    import urllib.request
-
-    seen = set()
-    for _ in range(200):
-        with urllib.request.urlopen(f"{endpoint}/ping", timeout=30) as response:
-            seen.add(response.headers[HEADER])
-        if len(seen) == 2:
-            return sorted(seen)
-    pytest.fail(f"only replicas {seen} answered 200 requests")
+    seen = find_replicas(endpoint, 2)
+    if len(seen) < 2:
+        pytest.fail(f"only replicas {seen} answered 200 requests")
+    return seen
 
 
 def chat(client, messages, max_tokens=24, pin=None, **kw):

@@ -17,6 +17,21 @@ from urllib.parse import urlparse
 from ..errors import FastDecodeError
 
 TEARDOWN_S = 60
+REPLICA_HEADER = "x-fastdecode-replica"  # each response names its replica; a request that sends it is pinned there
+
+
+def find_replicas(url: str, count: int, tries: int = 200) -> list[str]:
+    """The ids of up to `count` replicas behind `url`, read from the header of unpinned /ping
+    requests (which Ray spreads over the replicas), within `tries` requests."""
+    import urllib.request
+
+    seen: set[str] = set()
+    for _ in range(tries):
+        with urllib.request.urlopen(f"{url}/ping", timeout=30) as response:
+            seen.add(response.headers[REPLICA_HEADER])
+        if len(seen) == count:
+            break
+    return sorted(seen)
 
 
 def import_ray():

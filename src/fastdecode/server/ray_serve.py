@@ -40,9 +40,9 @@ from starlette.responses import StreamingResponse
 
 from . import asgi_bridge
 from .http import MAX_BODY_BYTES, error_body, error_response
+from .ray_launch import REPLICA_HEADER
 from .ray_router import PrefixAffinityRouter, affinity_key
 
-REPLICA_HEADER = "x-fastdecode-replica"
 APP_NAME = "fastdecode"
 GONE = (RayActorError, ActorUnavailableError)  # the replica died or cannot be reached
 NOT_FORWARDED = {"transfer-encoding", "connection"}
