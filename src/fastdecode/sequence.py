@@ -143,6 +143,7 @@ class Sequence:
         self.capture = tuple(getattr(drafter, "hidden_layers", ()))
         self.expected_tokens = 0.0  # new tokens the planned step should yield, on its drafter's scores
         self.prefix_cache = prefix_cache
+        self._share_generated = not served.model.prompt_rows_differ  # generated rows' KV may be shared too
         self._looked_up = False  # whether this prefill has adopted cached blocks yet (once per start or resume)
         self.preempted = False
         drafter.begin(prompt)
@@ -281,14 +282,14 @@ class Sequence:
             if self.finish:
                 break
         self.state.tokens.extend(kept)
-        if self.prefix_cache:
-            cache.publish(self._shareable(self.state.tokens))
+        if self.prefix_cache and self._share_generated:  # else the prefill published every block to share
+            cache.publish(self.state.tokens)
         return self.out.add(kept)
 
     def _shareable(self, tokens: list[int]) -> list[int]:
         """The part of `tokens` whose KV rows may be shared with other requests: all of it, or only
         the prompt's where prompt rows are computed on another path than generated ones (AMX)."""
-        return tokens[: len(self.prompt)] if self.served.model.prompt_rows_differ else tokens
+        return tokens if self._share_generated else tokens[: len(self.prompt)]
 
     def _source(self, tree: DraftTree, node: int) -> str:
         return tree.sources[node] if tree.sources else self.drafter.name

@@ -161,7 +161,12 @@ class DecoderModel:
                          for s in lin.sources}
         # what the matrices are stored as, e.g. "Q4_1+Q8_0" (the cost curve is kept per format)
         self.weight_format = "+".join(sorted(layer_sources | {self.head_matrix.source}))
-        self._layers_in_float32 = layer_sources == {"float32"}  # products AMX never takes
+        # Whether a prompt's rows take another path through the products than other rows (AMX tiles
+        # for prompts, kernels/matmul.c; never for float32 weights): each row's result is still
+        # independent of its neighbours, but a token computed as a prompt row is not bitwise the same
+        # token computed as a generated one. Fixed for the process, so found once here.
+        self.prompt_rows_differ = (self.native is not None and dtype == torch.bfloat16
+                                   and layer_sources != {"float32"} and self.native.kernel_amx() == 1)
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self.group = c.num_heads // c.num_kv_heads
@@ -188,14 +193,6 @@ class DecoderModel:
         return None
 
     # --- the contract ----------------------------------------------------------------------------
-
-    @property
-    def prompt_rows_differ(self) -> bool:
-        """Whether a prompt's rows take another path through the products than other rows (AMX tiles
-        for prompts, kernels/matmul.c): each row's result is still independent of its neighbours,
-        but a token computed as a prompt row is not bitwise the same token computed as a generated one."""
-        return (self.native is not None and self.dtype == torch.bfloat16 and not self._layers_in_float32
-                and self.native.kernel_amx() == 1)
 
     @property
     def embed(self) -> torch.Tensor:
