@@ -181,14 +181,14 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
         torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
 
 
-AMX_CHECK = """
+PATH_CHECK = """
 import torch, sys
 sys.path.insert(0, {tests!r})
 from test_kernels import FORMATS, packed_matrix, check_product
 from fastdecode.kernels import kernel_description
 from fastdecode.models.linear import Linear
-if "AMX" not in kernel_description():
-    print("no AMX"); sys.exit(0)
+if ("AMX" in kernel_description()) != {amx}:
+    print("path absent"); sys.exit(0)
 for fmt in FORMATS:
     packed = packed_matrix(fmt)
     linear = Linear([packed], torch.bfloat16)
@@ -202,18 +202,21 @@ print("ok")
 
 
 @needs_kernel
-def test_the_amx_path_is_exact_and_row_invariant_too():
-    """FASTDECODE_AMX=1 runs bfloat16 products on AMX tiles (Intel Sapphire Rapids and later): the
-    same checks, in a process of its own (the path is chosen once per process)."""
+@pytest.mark.parametrize("setting, amx", [("1", True), ("0", False)], ids=["amx", "vector"])
+def test_each_bfloat16_path_is_exact_and_row_invariant(setting, amx):
+    """bfloat16 products run on AMX tiles (Intel Sapphire Rapids and later; every row with
+    FASTDECODE_AMX=1, a prompt's rows by default) or on AVX-512 BF16 vector instructions (every row
+    with FASTDECODE_AMX=0, a CPU without AMX): the same checks on each, in a process of its own (the
+    path is chosen once per process)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    code = AMX_CHECK.format(tests=str(Path(__file__).parent))
+    code = PATH_CHECK.format(tests=str(Path(__file__).parent), amx=amx)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "FASTDECODE_AMX": "1"})
+                          env={**os.environ, "FASTDECODE_AMX": setting})
     assert done.returncode == 0, done.stderr[-2000:]
-    if done.stdout.strip() == "no AMX":
-        pytest.skip("this CPU (or its operating system) offers no AMX tiles")
+    if done.stdout.strip() == "path absent":
+        pytest.skip(f"this CPU (or its operating system) has no {'AMX' if amx else 'AVX-512 BF16 vector'} path")
     assert done.stdout.strip() == "ok"

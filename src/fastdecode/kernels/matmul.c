@@ -154,11 +154,17 @@ static inline __attribute__((always_inline)) void tile_bf16(const Matrix *W, con
  * once, in float32, each row of C from its own row of A. The weights of a block are expanded into
  * a tile (B) exactly as for vdpbf16ps, the block's product lands in C, and the scales are folded in
  * with the same float32 operations as above: t = t + c * s (+ m * xsum), block after block. Every
- * row of every call goes this way, so results stay independent of the other rows. */
+ * row of every call goes this way, so results stay independent of the other rows.
+ *
+ * Costs measured here: 8 rows of a decode step cost 1.5x one row, against 3.3x on the vector path,
+ * but one row costs 1.3-1.5x the vector path's while decoding (the expanded weights go through
+ * memory to reach a tile), and one-row steps are most of plain decoding and of speculation when
+ * nothing is drafted. So by default only a prompt's rows come here (FASTDECODE_AMX below). */
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_NB 3    /* groups per tile: C tiles 0-2, A tile 3, B tiles 4-6 */
 #define AMX_ROWS 16 /* rows of A and C */
+#define AMX_CHUNKS 4 /* row tiles per call: a block's expanded weights serve all of them */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -209,79 +215,126 @@ static int amx_for(const Matrix *W, int x_bf16, int prompt) {
 #define STORE_C(u, p) FOR_TILE(u, _tile_stored(0, p, 64), _tile_stored(1, p, 64), _tile_stored(2, p, 64))
 #define ZERO_C(u) FOR_TILE(u, _tile_zero(0), _tile_zero(1), _tile_zero(2))
 
-/* Groups [g0, g0 + nb) x m rows of x (nb <= AMX_NB, m <= AMX_ROWS). */
+/* Block b's weights of groups [g0, g0 + nb), expanded to bfloat16 in B's layout (as for vdpbf16ps). */
+static inline void expand_cells(const Matrix *W, const int fmt, __m512i table, long b, long g0, long nb, long k,
+                                uint16_t buf[AMX_NB][16 * 32]) {
+    const long cells = cells_per_group(W), cb = cell_bytes(W);
+    for (long u = 0; u < nb; u++) {
+        const uint8_t *cell = W->data + ((g0 + u) * cells + b) * cb;
+        for (long l = 0; l < cb; l += 64) /* 16 blocks on: the hardware prefetchers lag this loop */
+            _mm_prefetch((const char *)cell + 16 * cb + l, _MM_HINT_T0);
+        if (fmt == FMT_Q4)
+            for (long v = 0; v < 4; v++) {
+                __m512i raw = _mm512_loadu_si512(cell + 64 * v);
+                for (int q = 0; q < 4; q++)
+                    _mm512_store_si512(buf[u] + 32 * (4 * v + q),
+                                       _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4 * q), table));
+            }
+        else
+            for (long p = 0; p < k / 2; p++)
+                _mm512_store_si512(buf[u] + 32 * p, (__m512i)q8_pair_bf16(cell, p));
+    }
+}
+
+/* t = t + c * s (+ m * xsum) for block b of groups [g0, g0 + nb) and `rows` rows, c their tile
+ * products, t their totals (float32 in memory: 16 lanes a row), the rows from row r0 of x. */
+static inline void fold_block(const Matrix *W, long b, long g0, long nb, long rows, const float c[AMX_NB][AMX_ROWS * 16],
+                              const float *xsum, long ldsum, long r0, float total[AMX_NB][AMX_ROWS * 16]) {
+    const long cells = cells_per_group(W), cb = cell_bytes(W), wb = cell_weight_bytes(W), sb = W->half_scales ? 32 : 64;
+    for (long u = 0; u < nb; u++) {
+        const uint8_t *cell = W->data + ((g0 + u) * cells + b) * cb;
+        __m512 s = load_scales(cell + wb, W->half_scales);
+        __m512 mn = W->has_min ? load_scales(cell + wb + sb, W->half_scales) : _mm512_setzero_ps();
+        for (long r = 0; r < rows; r++) {
+            __m512 t = _mm512_fmadd_ps(_mm512_load_ps(c[u] + 16 * r), s, _mm512_load_ps(total[u] + 16 * r));
+            if (W->has_min)
+                t = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[(r0 + r) * ldsum + b]), t);
+            _mm512_store_ps(total[u] + 16 * r, t);
+        }
+    }
+}
+
+/* Row tile j of an m-row call starts here. When m > 16 every row tile has 16 rows: the last one
+ * ends at row m and overlaps the one before, whose rows it computes again (to the same bits). */
+static inline long chunk_start(long j, long m) { return j * AMX_ROWS + AMX_ROWS > m && m > AMX_ROWS ? m - AMX_ROWS : j * AMX_ROWS; }
+
+/* Groups [g0, g0 + nb) x m rows of x (nb <= AMX_NB, m <= AMX_ROWS * AMX_CHUNKS). */
 static void amx_tile(const Matrix *W, const int fmt, __m512i table, const uint16_t *x, long ldx, const float *xsum,
                      long ldsum, float *y, long ldy, int add, long g0, long nb, long m) {
     const long k = fmt == FMT_Q8 ? W->block : 32; /* inputs per tile product */
-    const long cells = cells_per_group(W), cb = cell_bytes(W), wb = cell_weight_bytes(W), sb = W->half_scales ? 32 : 64;
+    const long cells = cells_per_group(W), cb = cell_bytes(W);
+    const long rows = m < AMX_ROWS ? m : AMX_ROWS, chunks = (m + AMX_ROWS - 1) / AMX_ROWS;
     TileConfig cfg = {.palette = 1};
     for (int t = 0; t < 3; t++)
-        cfg.rows[t] = (uint8_t)m, cfg.colsb[t] = 64, cfg.rows[4 + t] = (uint8_t)(k / 2), cfg.colsb[4 + t] = 64;
-    cfg.rows[3] = (uint8_t)m, cfg.colsb[3] = (uint16_t)(2 * k);
+        cfg.rows[t] = (uint8_t)rows, cfg.colsb[t] = 64, cfg.rows[4 + t] = (uint8_t)(k / 2), cfg.colsb[4 + t] = 64;
+    cfg.rows[3] = (uint8_t)rows, cfg.colsb[3] = (uint16_t)(2 * k);
     TileConfig now; /* loading a configuration costs more than a block's product: only when it changes */
     _tile_storeconfig(&now);
     if (memcmp(&now, &cfg, sizeof cfg))
         _tile_loadconfig(&cfg);
-    uint16_t buf[AMX_NB][16 * 32] __attribute__((aligned(64)));
-    float c[AMX_NB][AMX_ROWS * 16] __attribute__((aligned(64)));
-    __m512 total[AMX_NB][AMX_ROWS];
+    uint16_t buf[2][AMX_NB][16 * 32] __attribute__((aligned(64)));
+    float c[2][AMX_NB][AMX_ROWS * 16] __attribute__((aligned(64)));
+    float total[AMX_CHUNKS][AMX_NB][AMX_ROWS * 16] __attribute__((aligned(64)));
     if (fmt == FMT_BF16) { /* no scales: C sums every input */
-        for (long u = 0; u < nb; u++)
-            ZERO_C(u);
-        for (long i = 0; i < W->in; i += 32) {
-            _tile_loadd(3, x + i, ldx * 2);
-            for (long u = 0; u < nb; u++) {
-                LOAD_B(u, W->data + (g0 + u) * cb + i * 32);
-                DOT(u);
-            }
-        }
-        for (long u = 0; u < nb; u++) {
-            STORE_C(u, c[u]);
-            for (long r = 0; r < m; r++)
-                total[u][r] = _mm512_load_ps(c[u] + 16 * r);
-        }
-    } else {
-        for (long u = 0; u < nb; u++)
-            for (long r = 0; r < m; r++)
-                total[u][r] = _mm512_setzero_ps();
-        for (long b = 0; b < cells; b++) {
-            _tile_loadd(3, x + b * k, ldx * 2);
-            for (long u = 0; u < nb; u++) {
-                const uint8_t *cell = W->data + ((g0 + u) * cells + b) * cb;
-                if (fmt == FMT_Q4)
-                    for (long v = 0; v < 4; v++) {
-                        __m512i raw = _mm512_loadu_si512(cell + 64 * v);
-                        for (int q = 0; q < 4; q++)
-                            _mm512_store_si512(buf[u] + 32 * (4 * v + q),
-                                               _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4 * q), table));
-                    }
-                else
-                    for (long p = 0; p < k / 2; p++)
-                        _mm512_store_si512(buf[u] + 32 * p, (__m512i)q8_pair_bf16(cell, p));
-                LOAD_B(u, buf[u]);
+        for (long j = 0; j < chunks; j++) {
+            const uint16_t *xj = x + chunk_start(j, m) * ldx;
+            for (long u = 0; u < nb; u++)
                 ZERO_C(u);
-                DOT(u);
-                STORE_C(u, c[u]);
-                __m512 s = load_scales(cell + wb, W->half_scales);
-                for (long r = 0; r < m; r++)
-                    total[u][r] = _mm512_fmadd_ps(_mm512_load_ps(c[u] + 16 * r), s, total[u][r]);
-                if (W->has_min) {
-                    __m512 mn = load_scales(cell + wb + sb, W->half_scales);
-                    for (long r = 0; r < m; r++)
-                        total[u][r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[r * ldsum + b]), total[u][r]);
+            for (long i = 0; i < W->in; i += 32) {
+                _tile_loadd(3, xj + i, ldx * 2);
+                for (long u = 0; u < nb; u++) {
+                    LOAD_B(u, W->data + (g0 + u) * cb + i * 32);
+                    DOT(u);
                 }
             }
+            for (long u = 0; u < nb; u++)
+                STORE_C(u, total[j][u]);
         }
-    }
-    for (long u = 0; u < nb; u++) {
-        long o = (g0 + u) * 16;
-        __mmask16 mask = lanes(W->out - o);
-        for (long r = 0; r < m; r++) {
-            float *dst = y + r * ldy + o;
-            __m512 v = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), total[u][r]) : total[u][r];
-            _mm512_mask_storeu_ps(dst, mask, v);
+    } else {
+        /* Software-pipelined, because a tile reads memory only after the stores before it have
+         * landed: block b + 1's weights are expanded while block b's are on the tile unit, and
+         * each row tile's sums are folded in after the next product was issued. Block b's expanded
+         * weights serve every row tile. The folds keep their order (block after block for each
+         * row), so the bits are those of a plain loop over one row tile at a time. */
+        for (long j = 0; j < chunks; j++)
+            for (long u = 0; u < nb; u++)
+                memset(total[j][u], 0, sizeof(float) * 16 * rows);
+        expand_cells(W, fmt, table, 0, g0, nb, k, buf[0]);
+        long pending = -1; /* the (block, row tile) whose products wait in c, as b * chunks + j */
+        for (long b = 0; b < cells; b++) {
+            if (b + 1 < cells)
+                expand_cells(W, fmt, table, b + 1, g0, nb, k, buf[(b + 1) & 1]);
+            for (long u = 0; u < nb; u++)
+                LOAD_B(u, buf[b & 1][u]);
+            for (long j = 0; j < chunks; j++) {
+                const long item = b * chunks + j, r0 = chunk_start(j, m);
+                _tile_loadd(3, x + r0 * ldx + b * k, ldx * 2);
+                for (long u = 0; u < nb; u++) { /* the products in flight together, then stored */
+                    ZERO_C(u);
+                    DOT(u);
+                }
+                for (long u = 0; u < nb; u++)
+                    STORE_C(u, c[item & 1][u]);
+                if (pending >= 0) {
+                    const long pb = pending / chunks, pj = pending % chunks;
+                    fold_block(W, pb, g0, nb, rows, c[pending & 1], xsum, ldsum, chunk_start(pj, m), total[pj]);
+                }
+                pending = item;
+            }
         }
+        const long pj = pending % chunks;
+        fold_block(W, cells - 1, g0, nb, rows, c[pending & 1], xsum, ldsum, chunk_start(pj, m), total[pj]);
     }
+    for (long j = 0; j < chunks; j++)
+        for (long u = 0; u < nb; u++) {
+            long o = (g0 + u) * 16;
+            __mmask16 mask = lanes(W->out - o);
+            for (long r = j * AMX_ROWS - chunk_start(j, m); r < rows; r++) { /* an overlap's rows once */
+                float *dst = y + (chunk_start(j, m) + r) * ldy + o;
+                __m512 v = _mm512_load_ps(total[j][u] + 16 * r);
+                _mm512_mask_storeu_ps(dst, mask, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), v) : v);
+            }
+        }
 }
 #endif
 #endif
@@ -428,7 +481,7 @@ static long tile_width(const Matrix *W, int x_bf16, int prompt, long rows) {
 static long tile_rows(const Matrix *W, int x_bf16, int prompt) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
     if (amx_for(W, x_bf16, prompt))
-        return AMX_ROWS;
+        return AMX_ROWS * AMX_CHUNKS;
 #endif
     return NR;
 }
