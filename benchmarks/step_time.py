@@ -3,7 +3,7 @@ native kernels (the decoder layers, the final norm, the head) and the rest (Pyth
 rows, building the step, the loop over layers); and prefill tokens per second.
 
     python benchmarks/step_time.py --weights gguf --dtype bfloat16
-    FASTDECODE_AMX=1 python benchmarks/step_time.py      # the AMX tile path (kernels/matmul.c)
+    FASTDECODE_AMX=0 python benchmarks/step_time.py      # the vector path (AMX tiles are the default where present)
 
 Each size runs for --seconds after a warm-up; the median forward is reported (and the fastest,
 since other processes on these two cores only ever add time), and the CPU time the process spent

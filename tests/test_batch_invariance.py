@@ -203,3 +203,30 @@ def test_prompt_rows_take_their_own_path_where_the_kernels_have_one(model):
 
     assert torch.equal(logits(9), logits(9))
     assert torch.equal(logits(9), logits(0)) != model.prompt_rows_differ
+
+
+@needs_kernel
+def test_the_prompts_only_path_too():
+    """FASTDECODE_AMX=prompts puts only a prompt's rows on AMX tiles (every row goes there by
+    default): the two tests above, and the prefix cache's real second turn, in a process on that
+    path, where a forward really mixes the two paths and an answer's rows are not shared."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastdecode.kernels import kernel_description
+
+    if "AMX" not in kernel_description():
+        pytest.skip("this CPU (or its operating system) offers no AMX tiles")
+    here = Path(__file__).parent
+    tests = [f"{here / 'test_batch_invariance.py'}::test_sequences_in_one_batched_forward_equal_each_alone",
+             f"{here / 'test_batch_invariance.py'}::test_prompt_rows_take_their_own_path_where_the_kernels_have_one",
+             f"{here / 'test_prefix_cache.py'}::test_real_chat_second_turn_reuses_the_first_turn_and_its_answer"]
+    code = ("import sys, pytest\nfrom fastdecode.kernels import kernel_description\n"
+            "assert 'for prompts' in kernel_description(), kernel_description()\n"
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *{tests!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "FASTDECODE_AMX": "prompts"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout

@@ -204,10 +204,10 @@ print("ok")
 @needs_kernel
 @pytest.mark.parametrize("setting, amx", [("1", True), ("0", False)], ids=["amx", "vector"])
 def test_each_bfloat16_path_is_exact_and_row_invariant(setting, amx):
-    """bfloat16 products run on AMX tiles (Intel Sapphire Rapids and later; every row with
-    FASTDECODE_AMX=1, a prompt's rows by default) or on AVX-512 BF16 vector instructions (every row
-    with FASTDECODE_AMX=0, a CPU without AMX): the same checks on each, in a process of its own (the
-    path is chosen once per process)."""
+    """bfloat16 products run on AMX tiles (Intel Sapphire Rapids and later; every row by default or
+    with FASTDECODE_AMX=1) or on AVX-512 BF16 vector instructions (every row with FASTDECODE_AMX=0,
+    and on a CPU without AMX): the same checks on each, in a process of its own (the path is chosen
+    once per process)."""
     import os
     import subprocess
     import sys

@@ -365,7 +365,7 @@ def test_real_chat_second_turn_reuses_the_first_turn_and_its_answer(llm_default)
     read_back = turn1 + first.token_ids
     common = next(i for i, (x, y) in enumerate(zip(turn2, read_back)) if x != y)
     assert common >= (len(turn1) // B + 1) * B  # past the block the prompt ended in, which decode steps filled
-    if llm.engine.model.prompt_rows_differ:  # prompts on AMX tiles: an answer's rows are not shared
+    if llm.engine.model.prompt_rows_differ:  # FASTDECODE_AMX=prompts: an answer's rows are not shared
         assert hits == len(turn1) // B * B
     else:
         assert hits == common // B * B  # every block up to there: the prompt's and the answer's

@@ -29,8 +29,9 @@ resuming, it adopts the pool's cached blocks holding the longest prefix of what 
 (runtime/prefix_cache.py). At least one token is always prefilled: its logits give the first token.
 The adopted rows are bitwise those its prefill would write, so the output does not change either.
 Where the kernels compute a prompt's rows on another path than generated ones (AMX tiles for
-prompts, kernels/matmul.c), only prompt rows are shared: a generated row would not be bitwise
-the row that a later request computes for it as part of its own prompt.
+prompts only with FASTDECODE_AMX=prompts, kernels/matmul.c), only prompt rows are shared: a
+generated row would not be bitwise the row that a later request computes for it as part of its
+own prompt.
 A sequence whose drafter reads the target's hidden states (`capture`: eagle, medusa, hydra) never
 adopts: its drafter needs `prefilled(...)` with the states of every prompt row. It still publishes.
 """

@@ -157,9 +157,10 @@ static inline __attribute__((always_inline)) void tile_bf16(const Matrix *W, con
  * row of every call goes this way, so results stay independent of the other rows.
  *
  * Costs measured here: 8 rows of a decode step cost 1.5x one row, against 3.3x on the vector path,
- * but one row costs 1.3-1.5x the vector path's while decoding (the expanded weights go through
- * memory to reach a tile), and one-row steps are most of plain decoding and of speculation when
- * nothing is drafted. So by default only a prompt's rows come here (FASTDECODE_AMX below). */
+ * while one row costs about 1.4x the vector path's (the expanded weights go through memory to reach
+ * a tile). Speculation, batches and prompts live on extra rows: the best methods tie with the
+ * vector path's on free text and win on structured output and under concurrent load, so every
+ * row comes here by default (FASTDECODE_AMX below). */
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_NB 3    /* groups per tile: C tiles 0-2, A tile 3, B tiles 4-6 */
@@ -176,12 +177,13 @@ enum { AMX_OFF, AMX_PROMPTS, AMX_ALL };
 static int amx_mode;
 static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 
-/* FASTDECODE_AMX: unset, the prompt's rows on AMX and every other row on the vector path; "1" every
- * row on AMX; "0" none. Linux lets a process use the tile registers once it asks
- * (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+/* FASTDECODE_AMX: unset or "1", every row on AMX; "prompts", a prompt's rows on AMX and every other
+ * row on the vector path (plain decoding about 1.3x faster, draft trees and batches far dearer);
+ * "0", none. Linux lets a process use the tile registers once it asks (ARCH_REQ_XCOMP_PERM,
+ * XTILEDATA). */
 static void amx_init(void) {
     const char *env = getenv("FASTDECODE_AMX");
-    int want = !env || !env[0] ? AMX_PROMPTS : env[0] == '1' ? AMX_ALL : AMX_OFF;
+    int want = !env || !env[0] || !strcmp(env, "1") ? AMX_ALL : !strcmp(env, "prompts") ? AMX_PROMPTS : AMX_OFF;
     amx_mode = want != AMX_OFF && syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? want : AMX_OFF;
 }
 

@@ -162,9 +162,10 @@ class DecoderModel:
         # what the matrices are stored as, e.g. "Q4_1+Q8_0" (the cost curve is kept per format)
         self.weight_format = "+".join(sorted(layer_sources | {self.head_matrix.source}))
         # Whether a prompt's rows take another path through the products than other rows (AMX tiles
-        # for prompts, kernels/matmul.c; never for float32 weights): each row's result is still
-        # independent of its neighbours, but a token computed as a prompt row is not bitwise the same
-        # token computed as a generated one. Fixed for the process, so found once here.
+        # for prompts only with FASTDECODE_AMX=prompts, kernels/matmul.c; never for float32
+        # weights): each row's result is still independent of its neighbours, but a token computed
+        # as a prompt row is not bitwise the same token computed as a generated one. Fixed for the
+        # process, so found once here.
         self.prompt_rows_differ = (self.native is not None and dtype == torch.bfloat16
                                    and layer_sources != {"float32"} and self.native.kernel_amx() == 1)
         self.q_size = c.num_heads * c.head_dim

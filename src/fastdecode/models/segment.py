@@ -19,6 +19,7 @@ class Segment:
     last_only: bool = False  # logits of its last row only (a prefill chunk)
     capture: tuple[int, ...] = ()  # decoder layers whose output states this segment wants
     hidden: torch.Tensor | None = None  # set by the forward: [n, len(capture), hidden_size] float32
-    # Its first rows that are its request's prompt: their products may take a faster path for many
-    # rows (AMX tiles, kernels/matmul.c), chosen by what a row is, never by how many share the call.
+    # Its first rows that are its request's prompt: their products may take another path (AMX tiles
+    # with FASTDECODE_AMX=prompts, kernels/matmul.c), chosen by what a row is, never by how many
+    # rows share the call.
     prompt_rows: int = 0
