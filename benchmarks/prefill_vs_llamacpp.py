@@ -2,7 +2,8 @@
 
     python benchmarks/prefill_vs_llamacpp.py --lengths 128,512,1024 --repeats 3
 
-The prompt is real text: the Spec-Bench questions (read from --questions, never copied here),
+The prompt is real text: the Spec-Bench questions (found as `fastdecode bench --questions
+spec-bench` finds them, or --questions FILE; never copied here),
 concatenated and cut to each length in the default model's tokens, so both engines read the very
 same ids. fastdecode: time to its first token through the engine (`ar`, one new token: the chunked
 prefill plus the first token's logits). llama.cpp (llama-cpp-python): `reset()` then `eval(ids)`,
@@ -12,26 +13,24 @@ fastest of --repeats is kept (other processes on two cores only ever add time).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
-
 import torch
 
 from fastdecode import LLM
+from fastdecode.bench.questions import load_questions, questions_path
+from fastdecode.errors import FastDecodeError
+from fastdecode.kernels import kernel_description
 from fastdecode.models.loader import model_source
 from fastdecode.runtime.sampling import SamplingParams
 
-QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
-
-def prompt_ids(llm: LLM, path: Path, length: int) -> list[int]:
-    text = "\n\n".join(turn for line in path.open() for turn in json.loads(line)["turns"])
-    ids = llm.tokenizer.encode(text)
-    if len(ids) < length:
-        raise SystemExit(f"{path} holds only {len(ids)} tokens, fewer than {length}")
-    return ids[:length]
+def question_text(spec: str) -> str:
+    """Every turn of every question, one after another; a missing or malformed file exits with its message."""
+    try:
+        return "\n\n".join(turn for q in load_questions(questions_path(spec)) for turn in q.turns)
+    except FastDecodeError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def fastdecode_seconds(llm: LLM, ids: list[int]) -> float:
@@ -50,23 +49,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="128,512,1024")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--questions", type=Path, default=QUESTIONS)
+    p.add_argument("--questions", default="spec-bench", help="spec-bench (found as the bench finds it) or a file")
     args = p.parse_args()
     from llama_cpp import Llama
 
+    text = question_text(args.questions)  # before loading anything: a missing file says so at once
     llm = LLM()
     lengths = [int(n) for n in args.lengths.split(",")]
+    ids_all = llm.tokenizer.encode(text)
+    if len(ids_all) < max(lengths):
+        raise SystemExit(f"error: the questions hold only {len(ids_all)} tokens, fewer than {max(lengths)}")
     threads = torch.get_num_threads()
     peer = Llama(model_path=str(model_source(llm.model_name)), n_ctx=max(lengths) + 16, n_threads=threads,
                  n_threads_batch=threads, n_batch=512, verbose=False)
-    from fastdecode.kernels import kernel_description
-
     print(f"{llm.model_name}, weights {llm.weights} ({llm.engine.model.weight_format}), {kernel_description()}, "
           f"llama.cpp n_threads {threads}, n_batch 512, load average {os.getloadavg()[0]:.1f}")
     print(f"{'tokens':>7} {'fastdecode tok/s':>17} {'llama.cpp tok/s':>16} {'ratio':>6}")
     for n in lengths:
-        ids = prompt_ids(llm, args.questions, n)
-        fastdecode_seconds(llm, ids), llamacpp_seconds(peer, ids)  # warm-up
+        ids = ids_all[:n]
+        fastdecode_seconds(llm, ids)  # warm-up
+        llamacpp_seconds(peer, ids)
         ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(fastdecode_seconds(llm, ids))
