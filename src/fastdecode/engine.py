@@ -41,7 +41,8 @@ class Engine(ServedModel):
     def _run(self, prompt: list[int], params: SamplingParams, drafter: Drafter):
         seq = Sequence(self, prompt, params, drafter)
         while not seq.done:
-            text = seq.complete(self.model.forward_batch([seq.plan()]))
+            with self.stepping():
+                text = seq.complete(self.model.forward_batch([seq.plan()]))
             if text is not None:
                 yield text
         last, result = seq.close()

@@ -138,6 +138,10 @@ class Scheduler:
 
     def step(self) -> list[Request]:
         """One batched forward; returns the requests that finished in it."""
+        with self.served.stepping():
+            return self._step()
+
+    def _step(self) -> list[Request]:
         self._admit()
         if self.pool.fixed:
             self._make_room()
