@@ -291,6 +291,45 @@ def test_the_command_writes_heads_and_cards_and_resumes(tiny_llm, env, capsys):
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 1
 
 
+def test_answers_dataset_trains_on_the_sources_replies(tiny_llm, env):
+    """--answers dataset: no answering; each answer is its reply in the tokens the chat template
+    writes after the prompt, up to the end of the turn, cut at --max-new-tokens."""
+    replies = {t: ("\n" if i == 0 else "") + f"Reply {i}: " + "abc " * (2 + 3 * i) for i, t in enumerate(PROMPTS)}
+    path = env / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t, "reply": r}) + "\n" for t, r in replies.items())
+                    + json.dumps({"prompt": "No reply here."}) + "\n")
+    out = env / "run"
+    argv = ["--model", str(env / "tiny"), "--dtype", "float32", "--heads", "standin", "--prompts-file", str(path),
+            "--prompts", "20", "--max-new-tokens", "24", "--draft-vocab", "48", "--epochs", "1", "--answers", "dataset",
+            "--out", str(out)]
+    assert command.execute(train_args(*argv), ["standin"], STAND_IN_HEADS) == 0
+    assert not (out / "answers.jsonl").exists()  # nothing was generated
+    chosen = [json.loads(line) for line in (out / "prompts.jsonl").open()]
+    assert sorted(c["messages"][0]["content"] for c in chosen) == sorted(PROMPTS)  # the reply-less prompt is not
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"]["dropped"]["no reply"] == 1 and run["data"]["sampled_answers"] == 0
+    tok = tiny_llm.tokenizer
+    answers = command._answers(tiny_llm, train_args(*argv), [command.pr.Prompt(c["id"], c["messages"], c["reply"]) for c in chosen],
+                               out, {"data": {}})
+    for c, answer in zip(chosen, answers):
+        text = c["reply"].strip()
+        whole = tok.encode_chat(c["messages"] + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+        assert answer.prompt_ids + answer.answer_ids == whole[: len(answer.prompt_ids) + len(answer.answer_ids)]
+        assert tok.decode(answer.answer_ids).startswith(text[:20])
+        if answer.finish == "stop":
+            assert answer.answer_ids[-1] in tok.eos_ids and len(answer.answer_ids) <= 24
+        else:
+            assert len(answer.answer_ids) == 24
+    assert {a.finish for a in answers} == {"stop", "length"}
+    card = json.loads((out / "standin.json").read_text())
+    assert card["data"]["answers"] == "the source's own replies" and "sampled_share" not in card["data"]
+
+    no_replies = prompts_file(env / "q.jsonl")
+    with pytest.raises(FastDecodeError, match="none of the 8 in .* has one"):
+        command.execute(train_args(*argv[:-2], "--out", str(env / "run2"), "--prompts-file", str(no_replies)),
+                        ["standin"], STAND_IN_HEADS)
+
+
 def test_fastdecode_train_trains_the_real_heads_and_they_draft_losslessly(tiny_llm, env, capsys):
     """The CLI end to end with eagle, medusa and hydra: each head's loss falls, and the written file
     loads into its drafter, which then gives exactly plain decoding's output."""

@@ -48,6 +48,18 @@ def test_sharegpt_prompts_are_the_opening_human_turns():
                                           {"role": "user", "content": "Explain rainbows."}]
     assert source.prompts[2].messages[0]["content"].startswith("Write a \u00e9l\u00e9gant poem")
     assert source.dropped == {"no opening human turn": 2, "empty": 1}
+    # The reply to the opening turn comes along (for --answers dataset), None where there is none.
+    assert [p.reply for p in source.prompts] == ["It began in 1789...", "Light refracts.", "Roses..."]
+
+
+def test_a_file_prompt_may_carry_its_reply(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "Hi.", "reply": "Hello!"}, {"prompt": "Bye."}, {"prompt": "Why?", "reply": "  "},
+        {"messages": [{"role": "user", "content": "Sum 2+2."}, {"role": "assistant", "content": "4"}]},
+        conversation("x", ("human", "Name a fruit."), ("human", "Another?")),
+    ]) + "\n")
+    assert [p.reply for p in pr.file_prompts(path).prompts] == ["Hello!", None, None, "4", None]
 
 
 def test_the_real_sharegpt_file_is_read_to_its_last_complete_conversation():

@@ -106,9 +106,9 @@ class Tokenizer:
             eos_token=self.info.eos_token or "",
         )
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes the special tokens itself, BOS included when the model wants it.
-        return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self._tok.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False).ids
 
 
 def check_messages(messages) -> None:

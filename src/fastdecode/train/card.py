@@ -42,8 +42,10 @@ def make_card(kind: str, head, model_name: str, model_config, run: dict, train_a
         "data": {
             "source": data["source"], "records": data["records"], "train_prompts": data["train_prompts"],
             "held_out_prompts": data["held_out_prompts"], "train_answer_tokens": train_answer_tokens,
-            "greedy_share": round(1 - data["sampled_answers"] / answered, 4),
-            "sampled_share": round(data["sampled_answers"] / answered, 4), "temperature": fixed["temperature"],
+            "answers": "the source's own replies" if fixed.get("answers") == "dataset" else "the target's own",
+            **({} if fixed.get("answers") == "dataset" else {
+                "greedy_share": round(1 - data["sampled_answers"] / answered, 4),
+                "sampled_share": round(data["sampled_answers"] / answered, 4), "temperature": fixed["temperature"]}),
             "max_new_tokens": fixed["max_new_tokens"], "max_prompt_tokens": fixed["max_prompt_tokens"],
             "spec_bench_dropped": {"exact": dropped.get("spec-bench exact", 0),
                                    "near": dropped.get("spec-bench near", 0)} if data["spec_bench_checked"] else None,

