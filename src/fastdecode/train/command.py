@@ -43,7 +43,7 @@ from .loop import TrainSettings, train
 # streams on an idle machine should reach about 270), features 375 rows/s, and per epoch over
 # 1,722 answers 13.5 minutes for eagle, 6.5 for medusa and 7 for hydra. Scaled to 1,200 prompts and
 # 2 epochs: answers 15-60 minutes, features 18, heads 38. Since then (PyTorch kept off the kernels'
-# cores during steps, every row on AMX, heads in bfloat16), measured alone on the cores: answering
+# cores during steps, heads in bfloat16), measured alone on a 2-core Zen 4 (no AMX): answering
 # about 550 tokens/s, features about 1,000 rows/s, eagle 3.5 s a step of 4,096 rows (5.1 before).
 PROMPTS = 1200
 EPOCHS = 2
