@@ -153,11 +153,12 @@ class EagleHead(TargetHead):
             # steps 1..j, one each: step i's pair t - j + i. As one attention over the keys of
             # every step laid side by side, each step's shifted so that its column t holds pair
             # t - j + i: a fused kernel then never writes the T x T scores out.
-            shifted = [F.pad(x, (0, 0, j - i, 0))[..., :T, :] for i, x in enumerate(keys[1:], start=1)]
-            shifted_v = [F.pad(x, (0, 0, j - i, 0))[..., :T, :] for i, x in enumerate(values[1:], start=1)]
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), torch.cat([keys[0]] + shifted, 2), torch.cat([values[0]] + shifted_v, 2),
-                attn_mask=ttt_mask(T, j, device), enable_gqa=True)
+            def side_by_side(steps: list[torch.Tensor], j: int = j) -> torch.Tensor:
+                return torch.cat([steps[0]] + [F.pad(x, (0, 0, j - i, 0))[..., :T, :]
+                                               for i, x in enumerate(steps[1:], start=1)], 2)
+
+            attended = F.scaled_dot_product_attention(q.transpose(1, 2), side_by_side(keys), side_by_side(values),
+                                                      attn_mask=ttt_mask(T, j, device), enable_gqa=True)
             g = self.finish(feature, attended.transpose(1, 2).reshape(B, T, -1))
             valid = trained & (positions >= j)
             outputs.append((g, valid))

