@@ -118,22 +118,27 @@ class Eagle(TrainedDrafter):
         feature = self.head.fuse(states.float())
         ids = torch.tensor(tokens[start + 1 : end + 1])
         allowed = torch.ones(end - start, end, dtype=torch.bool).tril(start)
-        g = self._layer(feature, ids, torch.arange(start, end), start, allowed)
+        g = self._layer(feature, ids, torch.arange(start, end), start, allowed, last_only=True)
         self.cache.length = end
         self.last_output = g[-1]
 
     def _layer(self, feature: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, start: int,
-               allowed: torch.Tensor) -> torch.Tensor:
+               allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Run pairs (feature [n, H], next-token ids [n]) at cache rows [start, start + n): they attend
-        to the cache rows `allowed` [n, start + n] marks. Returns the head's outputs [n, H]."""
+        to the cache rows `allowed` [n, start + n] marks. Returns the head's outputs [n, H], or only
+        the last pair's [1, H] with `last_only`: a pair's key and value depend on its inputs alone (one
+        layer), so catching up needs the attention and MLP of the last pair only (after a prompt,
+        hundreds of rows fewer)."""
         head = self.head
         q, k, v = head.project(feature, self.model.embed_tokens(ids), positions)
         self.cache.write(start, k, v)
         end = start + len(ids)
+        if last_only:
+            q, feature, allowed = q[-1:], feature[-1:], allowed[-1:]
         keys, values = self.cache.k[:end].transpose(0, 1), self.cache.v[:end].transpose(0, 1)  # [kv_heads, end, d]
         # Each kv head's query heads as one matrix product: a few times faster than PyTorch's masked
         # scaled_dot_product_attention at these sizes (a handful of rows over a few hundred pairs).
-        n, group = len(ids), head.heads // head.kv_heads
+        n, group = len(q), head.heads // head.kv_heads
         q = q.transpose(0, 1).reshape(head.kv_heads, group * n, head.head_dim)
         scores = (q @ keys.transpose(1, 2)) * head.head_dim**-0.5
         scores = scores.view(head.kv_heads, group, n, end).masked_fill(~allowed, float("-inf"))
