@@ -38,13 +38,14 @@ from .features import INDEX, FeatureSet, draft_vocabulary, write_features, write
 from .loop import TrainSettings, train
 
 # Defaults sized so that the whole default run (data, features, three heads) takes one to two hours
-# on 2 cores with SmolLM2-135M. Measured in the run that made the shipped heads (1,793 prompts, 3
-# epochs): answering 65 tokens/s with other jobs on the cores (1,793 answers in 96 minutes; 32
-# streams on an idle machine should reach about 270), features 375 rows/s, and per epoch over
-# 1,722 answers 13.5 minutes for eagle, 6.5 for medusa and 7 for hydra. Scaled to 1,200 prompts and
-# 2 epochs: answers 15-60 minutes, features 18, heads 38. Since then (PyTorch kept off the kernels'
-# cores during steps, heads in bfloat16), measured alone on a 2-core Zen 4 (no AMX): answering
-# about 550 tokens/s, features about 1,000 rows/s, eagle 3.5 s a step of 4,096 rows (5.1 before).
+# on 2 cores with SmolLM2-135M. Measured in the run that made the first shipped heads (1,793
+# prompts, 3 epochs): answering 65 tokens/s with other jobs on the cores (1,793 answers in 96
+# minutes; 32 streams on an idle machine should reach about 270), features 375 rows/s, and per
+# epoch over 1,722 answers 13.5 minutes for eagle, 6.5 for medusa and 7 for hydra. Scaled to 1,200
+# prompts and 2 epochs: answers 15-60 minutes, features 18, heads 38. Since then (PyTorch kept off
+# the kernels' cores during steps, heads in bfloat16), measured alone on a 2-core Zen 4 (no AMX):
+# answering about 550 tokens/s, features 800-1,000 rows/s, eagle 3.5 s a step of 4,096 rows (5.1
+# before), hydra 1.6 s.
 PROMPTS = 1200
 EPOCHS = 2
 HOLD_OUT = 0.04  # share of the prompts held out to measure acceptance (at least one)
