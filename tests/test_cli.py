@@ -189,7 +189,7 @@ def test_calibrate_stores_the_curve_the_engine_reads(capsys, tmp_path, monkeypat
     monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))
     monkeypatch.setattr(cost_curve, "FULL_SIZES", (1, 4, 16))
     monkeypatch.setattr("fastdecode.models.loader.load", lambda name, dtype, weights=None: type("L", (), {
-        "model": reuse_llm.engine.model, "name": reuse_llm.model_name})())
+        "model": reuse_llm.engine.model, "tokenizer": reuse_llm.tokenizer, "name": reuse_llm.model_name})())
     code, out, err = run(capsys, "calibrate", "--repeats", "2")
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:]]

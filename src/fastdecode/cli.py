@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name, .gguf file or checkpoint folder (default {DEFAULT_MODEL})")
     k.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help=f"compute dtype (default {DEFAULT_DTYPE})")
     add_weights_argument(k)
-    k.add_argument("--repeats", type=int, default=7, help="forwards timed per size (the median counts)")
+    k.add_argument("--repeats", type=int, default=7, help="forwards timed per size (the fastest counts)")
     k.set_defaults(run=_calibrate)
 
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
@@ -343,11 +343,14 @@ def _calibrate(args) -> int:
 
     from .models.loader import load
     from .runtime import cost_curve
+    from .served import ServedModel
 
     if args.repeats < 1:
         raise FastDecodeError("--repeats must be at least 1")
     loaded = load(args.model, args.dtype, args.weights)
-    with tqdm(total=len(cost_curve.FULL_SIZES), desc="forward sizes", unit="size", file=sys.stderr) as bar:
+    served = ServedModel(loaded.model, loaded.tokenizer, loaded.name)
+    bar = tqdm(total=len(cost_curve.FULL_SIZES), desc="forward sizes", unit="size", file=sys.stderr)
+    with bar, served.stepping():  # the threads a decode step runs with
         curve = cost_curve.measure(loaded.model, cost_curve.FULL_SIZES, args.repeats, progress=lambda n: bar.update())
     path = cost_curve.curve_path(loaded.name, loaded.model.dtype, loaded.model.weight_format)
     cost_curve.save(curve, path)
