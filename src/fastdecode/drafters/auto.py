@@ -4,9 +4,9 @@ Each step the member drafters propose trees whose nodes carry their own, empiric
 acceptance estimates. The members are `ngram` and `suffix` by default; `members=eagle,ngram,suffix`
 (or passing `head`) adds a trained head, SAMD's idea: the suffix history and prompt lookup take
 over on repeated text, the head everywhere else. The head is not a default member on this CPU:
-with the shipped head on 28 Spec-Bench questions, `auto` with it ran at 0.95x of `ar` (2.63
-tokens per forward) while `suffix` alone ran at 1.41x (2.13 tokens per forward); the head's own
-draft steps and the larger trees cost more than its extra accepted tokens return. The trees are
+on 60 Spec-Bench questions (2-core Zen 4), `auto` with the shipped eagle head ran at 1.13x of
+`ar` (3.07 tokens per forward) and without it at 1.30x (3.33), each against `ar` in its own run;
+the head's own draft steps cost more than its extra accepted tokens return. The trees are
 merged into one trie (a token reached by the same path from two drafters is one node), cut to the
 budget by score, and the engine then keeps the part that pays on this machine's cost curve.
 

@@ -46,8 +46,8 @@ def _weights_file(model_name: str):
 
 # A node is expanded only while its estimated acceptance is at least this: each expansion costs a
 # head evaluation (for eagle about a tenth of a target forward here), which a node less likely
-# than this does not earn back. Measured with the first shipped eagle head on 6 Spec-Bench questions:
-# 0.01 gave 0.75x of ar's speed, 0.1 0.91x, 0.25 0.94x, at the same acceptance length.
+# than this does not earn back. Measured with the first shipped eagle head on 6 Spec-Bench
+# questions: 0.01 gave 0.75x of ar's speed, 0.1 0.91x, 0.25 0.94x, at the same acceptance length.
 MIN_SCORE = 0.25
 
 
