@@ -183,10 +183,9 @@ def test_methods_lists_every_method_with_its_label(capsys):
     assert "draft_model" in out
 
 
-def test_calibrate_stores_the_curve_the_engine_reads(capsys, tmp_path, monkeypatch, reuse_llm):
+def test_calibrate_stores_the_curve_the_engine_reads(capsys, monkeypatch, reuse_llm):
     from fastdecode.runtime import cost_curve
 
-    monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))
     monkeypatch.setattr(cost_curve, "FULL_SIZES", (1, 4, 16))
     monkeypatch.setattr("fastdecode.models.loader.load", lambda name, dtype, weights=None: type("L", (), {
         "model": reuse_llm.engine.model, "tokenizer": reuse_llm.tokenizer, "name": reuse_llm.model_name})())

@@ -3,12 +3,11 @@
 AdamW, a linear warm-up then cosine decay to zero over all steps, gradient clipping. The head's
 weights and optimizer stay in float32; its forward and backward run in bfloat16 under autocast
 where the hardware computes in it (measured on a 2-core Zen 4 with AVX-512 BF16: an eagle step
-of 4,096 rows 2.7x faster than in float32 on short sequences, 1.5x on a real run's, the loss equal to
-three digits). Batches are
-sequences of similar length packed up to `batch_tokens` padded rows, in an order drawn from
-(seed, epoch): the same at every run, so a resumed run sees exactly the batches the first would
-have. After each epoch the head measures its own acceptance on the held-out sequences
-(`head.evaluate`), weighted by their label rows.
+of 4,096 rows 2.7x faster than in float32 on short sequences, 1.5x on a real run's, the loss
+equal to three digits). Batches are sequences of similar length packed up to `batch_tokens`
+padded rows, in an order drawn from (seed, epoch): the same at every run, so a resumed run sees
+exactly the batches the first would have. After each epoch the head measures its own acceptance
+on the held-out sequences (`head.evaluate`), weighted by their label rows.
 
 A checkpoint (head, optimizer, schedule, position, random state) is written after each epoch,
 every `checkpoint_minutes`, and on Ctrl-C: the interrupt is deferred to the end of the current
