@@ -107,8 +107,14 @@ def test_a_token_alone_equals_the_same_token_among_others(model, n):
 @pytest.mark.parametrize("window", [0, 4, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_kernel_matches_pytorch(dtype, window):
+    out, reference = paged_attention_case(native_lib(), dtype, window)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def paged_attention_case(lib, dtype: torch.dtype, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two sequences in one call, each over its own blocks scattered through a shared pool: a draft
-    tree over 37 committed rows, and a causal chunk of 3 rows after 70."""
+    tree over 37 committed rows, and a causal chunk of 3 rows after 70. Returns the kernel's
+    output and PyTorch's."""
     from fastdecode.runtime.kv_cache import BLOCK_ROWS as B
 
     g = torch.Generator().manual_seed(0)
@@ -139,8 +145,8 @@ def test_paged_attention_kernel_matches_pytorch(dtype, window):
             q[row : row + n].transpose(0, 1), keys.float().repeat_interleave(3, 0),
             values.float().repeat_interleave(3, 0), attn_mask=full, scale=d**-0.5).transpose(0, 1))
         row += n
-    out = attention(native_lib(), q, pool_k, pool_v, torch.tensor(meta), torch.cat(tables), torch.cat(masks), d**-0.5, window)
-    torch.testing.assert_close(out, torch.cat(refs), rtol=1e-5, atol=1e-5)
+    out = attention(lib, q, pool_k, pool_v, torch.tensor(meta), torch.cat(tables), torch.cat(masks), d**-0.5, window)
+    return out, torch.cat(refs)
 
 
 @needs_kernel

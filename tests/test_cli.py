@@ -191,7 +191,10 @@ def test_calibrate_stores_the_curve_the_engine_reads(capsys, monkeypatch, reuse_
         "model": reuse_llm.engine.model, "tokenizer": reuse_llm.tokenizer, "name": reuse_llm.model_name})())
     code, out, err = run(capsys, "calibrate", "--repeats", "2")
     assert code == 0
-    rows = [line.split() for line in out.splitlines()[1:]]
+    from fastdecode.kernels import kernel_description
+
+    assert out.splitlines()[0].endswith(f" on {kernel_description()}")  # the path the curve belongs to
+    rows = [line.split() for line in out.splitlines()[2:]]
     assert [int(r[0]) for r in rows] == [1, 4, 16]
     assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
     model = reuse_llm.engine.model

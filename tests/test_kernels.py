@@ -181,6 +181,39 @@ def test_without_a_compiler_it_says_so_and_falls_back(tmp_path, monkeypatch, cap
         torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
 
 
+def has_avx2() -> bool:
+    import platform
+
+    from fastdecode.kernels import cpu_flags
+
+    return platform.machine() == "x86_64" and {b"avx2", b"fma", b"f16c"} <= set(cpu_flags().split())
+
+
+@needs_kernel
+@pytest.mark.skipif(not has_avx2(), reason="this CPU cannot run the AVX2 path")
+def test_the_avx2_path_gives_the_portable_paths_bits():
+    """CPUs without AVX-512 (AMD Zen 1-3, most Intel desktops before 2023) run the AVX2 path; any
+    other CPU, the portable C path. Both are built here, whatever this CPU's own path, and must
+    agree bitwise: products in every format and attention (which ends in the shared vector exp)."""
+    from fastdecode.kernels import build
+    from test_batch_invariance import paged_attention_case
+
+    avx2, portable = build("x86-64-v3"), build("x86-64")
+    assert avx2.kernel_isa() == b"AVX2" and portable.kernel_isa() == b"portable C"
+    for fmt in FORMATS:
+        packed = packed_matrix(fmt, 37, 512)  # two whole groups of 16 outputs and a partial one
+        for dtype in ACTIVATIONS:
+            x = torch.randn(6, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
+            ours = matmul(avx2, packed, matrix(packed), x)
+            assert torch.equal(ours, matmul(portable, packed, matrix(packed), x)), (fmt, dtype)
+            assert torch.equal(ours[2:3], matmul(avx2, packed, matrix(packed), x[2:3]))  # tiles of 4 rows, and 1
+    for dtype in (torch.float32, torch.bfloat16):
+        for window in (0, 4):
+            ours, reference = paged_attention_case(avx2, dtype, window)
+            assert torch.equal(ours, paged_attention_case(portable, dtype, window)[0]), (dtype, window)
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 PATH_CHECK = """
 import torch, sys
 sys.path.insert(0, {tests!r})

@@ -341,6 +341,7 @@ def _serve(args) -> int:
 def _calibrate(args) -> int:
     from tqdm import tqdm
 
+    from .kernels import kernel_description
     from .models.loader import load
     from .runtime import cost_curve
     from .served import ServedModel
@@ -354,6 +355,7 @@ def _calibrate(args) -> int:
         curve = cost_curve.measure(loaded.model, cost_curve.FULL_SIZES, args.repeats, progress=lambda n: bar.update())
     path = cost_curve.curve_path(loaded.name, loaded.model.dtype, loaded.model.weight_format)
     cost_curve.save(curve, path)
+    print(f"{loaded.name} ({loaded.model.dtype}, {loaded.model.weight_format}) on {kernel_description()}")
     print(f"{'new tokens':>10}  {'ms':>7}  {'x one token':>11}")
     for n, t in zip(curve.sizes, curve.seconds):
         print(f"{n:>10}  {t * 1000:>7.1f}  {t / curve.seconds[0]:>11.2f}")

@@ -31,14 +31,14 @@ import torch
 from ..models.cache_dir import cache_root
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / name for name in ("threads.c", "matmul.c", "attention.c", "layer.c")]
+_SOURCES = [_HERE / name for name in ("threads.c", "matmul.c", "matmul_avx2.c", "attention.c", "layer.c")]
 _HEADERS = [_HERE / "kernels.h"]
 _FALLBACK = ("using PyTorch's kernels: slower, quantized weights dequantized at load, and not batch-invariant, "
              "so speculative methods become near-lossless (their greedy output may differ from plain decoding "
              "in rare tokens)")
 # -ffp-contract=off: a multiply and an add stay two roundings wherever they are written so; fused
 # differently in two inlined copies of a loop, they would give a row different bits in two tiles.
-_FLAGS = ["-O3", "-march=native", "-pthread", "-ffp-contract=off", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-pthread", "-ffp-contract=off", "-shared", "-fPIC"]
 
 FORMATS = {"f32": 0, "bf16": 1, "q4": 2, "q8": 3}  # kernels.h FMT_*
 
@@ -51,11 +51,11 @@ def cpu_flags() -> bytes:
         return platform.machine().encode()
 
 
-def build_key() -> str:
+def build_key(march: str = "native") -> str:
     """Identifies the kernels' build: their sources, flags and this CPU (-march=native ties the
     binary to its feature flags). Measurements of the kernels' speed are stored under it too."""
     sources = b"".join(source.read_bytes() for source in _SOURCES + _HEADERS)
-    return hashlib.sha256(sources + " ".join(_FLAGS).encode() + cpu_flags()).hexdigest()[:12]
+    return hashlib.sha256(sources + " ".join([*_FLAGS, f"-march={march}"]).encode() + cpu_flags()).hexdigest()[:12]
 
 
 class Matrix(ctypes.Structure):
@@ -95,17 +95,20 @@ class Step(ctypes.Structure):
                 ("prompt", ctypes.c_void_p)]
 
 
-def _build() -> ctypes.CDLL | None:
+def build(march: str = "native") -> ctypes.CDLL | None:
+    """The kernels compiled for `march` (gcc's -march: "native" for this CPU; tests also build
+    "x86-64-v3", the AVX2 path, and "x86-64", the portable one, to compare them)."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         print(f"fastdecode: no C compiler found; {_FALLBACK}", file=sys.stderr)
         return None
-    target = cache_root() / "kernels" / f"fastdecode-{build_key()}.so"
+    target = cache_root() / "kernels" / f"fastdecode-{build_key(march)}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            done = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+            done = subprocess.run([compiler, *_FLAGS, f"-march={march}", *map(str, _SOURCES), "-o", str(tmp), "-lm"],
+                                  capture_output=True, text=True)
             error = done.stderr.strip()[:200] if done.returncode else None
         except OSError as exc:
             error = str(exc)
@@ -132,7 +135,7 @@ def _build() -> ctypes.CDLL | None:
 @functools.cache
 def native_lib() -> ctypes.CDLL | None:
     """The compiled kernels, built once per process (None when they cannot be built)."""
-    return _build()
+    return build()
 
 
 def kernel_description() -> str:

@@ -76,6 +76,28 @@ static inline __attribute__((always_inline)) void slot_scores(const float *const
             if (i < nq)
                 _mm512_mask_storeu_ps(score[i] + j, m, acc[i]);
     }
+#elif defined(KERNELS_AVX2)
+    long B = 1L << p->shift;
+    for (long j = from & ~15L; j < span; j += 16) {
+        const void *kt = keys_at(p, j);
+        __m256 acc[QB][2];
+        for (long i = 0; i < QB; i++)
+            acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (long d = 0; d < D; d++) {
+            __m256 k0 = act_load8(kt, d * B, p->bf16, 8), k1 = act_load8(kt, d * B + 8, p->bf16, 8);
+            for (long i = 0; i < QB; i++)
+                if (i < nq) {
+                    __m256 qv = _mm256_broadcast_ss(&qs[i][d]);
+                    acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(qv, k1, acc[i][1]);
+                }
+        }
+        for (long i = 0; i < QB; i++)
+            if (i < nq) {
+                store8(score[i] + j, acc[i][0], span - j);
+                store8(score[i] + j + 8, acc[i][1], span - j - 8);
+            }
+    }
 #else
     for (long i = 0; i < nq; i++)
         for (long j = from; j < span; j++)
@@ -107,13 +129,29 @@ static float softmax_numerators(float *score, long count, float scale) {
     return _mm512_reduce_add_ps(vsum);
 #else
     float max = -INFINITY;
-    for (long k = 0; k < count; k++)
+    long k = 0;
+#ifdef KERNELS_AVX2
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (; k + 8 <= count; k += 8)
+        vmax = _mm256_max_ps(vmax, _mm256_mul_ps(_mm256_loadu_ps(score + k), _mm256_set1_ps(scale)));
+    float lanes_max[8];
+    _mm256_storeu_ps(lanes_max, vmax);
+    for (long j = 0; j < 8; j++)
+        max = lanes_max[j] > max ? lanes_max[j] : max;
+#endif
+    for (; k < count; k++)
         max = score[k] * scale > max ? score[k] * scale : max;
-    float sum = 0.0f;
-    for (long k = 0; k < count; k++) {
-        score[k] = expf(score[k] * scale - max);
+    k = 0;
+#ifdef KERNELS_AVX2
+    for (; k + 8 <= count; k += 8)
+        _mm256_storeu_ps(score + k, exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(score + k), _mm256_set1_ps(scale)),
+                                                       _mm256_set1_ps(max))));
+#endif
+    for (; k < count; k++)
+        score[k] = exp_scalar(score[k] * scale - max);
+    float sum = 0.0f; /* in rank order: lanes would change the bits */
+    for (k = 0; k < count; k++)
         sum += score[k];
-    }
     return sum;
 #endif
 }
@@ -162,6 +200,34 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
             }
             for (long c = 0; c < VD; c++)
                 _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], o[c]);
+        }
+    }
+#elif defined(KERNELS_AVX2)
+    for (long d0 = 0; d0 < D; d0 += 16) { /* 16 dims of up to QB queries in registers */
+        const long left0 = D - d0, left1 = D - d0 - 8;
+        __m256 acc[QB][2];
+        for (long i = 0; i < QB; i++)
+            acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (long k = from; k < start; k++) {
+            const void *row = value_at(pg, k, D);
+            __m256 v0 = act_load8(row, d0, bf16, left0), v1 = act_load8(row, d0 + 8, bf16, left1);
+            for (long i = 0; i < QB; i++)
+                if (i < nq) {
+                    __m256 w = _mm256_broadcast_ss(&p[i][k]);
+                    acc[i][0] = _mm256_fmadd_ps(w, v0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(w, v1, acc[i][1]);
+                }
+        }
+        for (long i = 0; i < nq; i++) { /* then each query's own new rows */
+            __m256 o0 = acc[i][0], o1 = acc[i][1];
+            for (long k = from > start ? from : start; k < counts[i]; k++) {
+                const void *row = value_at(pg, slots[i][k - start], D);
+                __m256 w = _mm256_broadcast_ss(&p[i][k]);
+                o0 = _mm256_fmadd_ps(w, act_load8(row, d0, bf16, left0), o0);
+                o1 = _mm256_fmadd_ps(w, act_load8(row, d0 + 8, bf16, left1), o1);
+            }
+            store8(out[i] + d0, o0, left0);
+            store8(out[i] + d0 + 8, o1, left1);
         }
     }
 #else

@@ -27,6 +27,9 @@
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KERNELS_AVX2 /* matmul_avx2.c: the products on 256-bit vectors */
 #endif
 
 enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_Q4 = 2, FMT_Q8 = 3 };
@@ -94,6 +97,30 @@ static inline float half_to_f32(uint16_t h) { /* exact */
     return f;
 }
 
+/* exp(x) = 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, for x >= -87 (exp(-87) below that): the
+ * portable path's exp, and lane by lane the AVX2 path's exp8 (the same operations, so the same
+ * bits). x is clamped to [-87, 88], where 2^n is a normal float (and NaN becomes -87). The AVX-512
+ * path's exp16 is the same polynomial with its own range and scaling. */
+static inline float exp_scalar(float x) {
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
+    float n = rintf(x * 1.44269504f);
+    float r = fmaf(-n, 0.693145752f, x);
+    r = fmaf(-n, 1.42860677e-6f, r);
+    float p = 1.0f / 5040;
+    p = fmaf(p, r, 1.0f / 720);
+    p = fmaf(p, r, 1.0f / 120);
+    p = fmaf(p, r, 1.0f / 24);
+    p = fmaf(p, r, 1.0f / 6);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    uint32_t bits = (uint32_t)((int)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 /* A value of the activation dtype (bfloat16 or float32) as float32. */
 static inline float act_at(const void *x, long i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
@@ -140,6 +167,58 @@ static inline void act_store16(void *x, long i, __m512 v, int bf16, __mmask16 m)
         _mm256_mask_storeu_epi16((uint16_t *)x + i, m, (__m256i)_mm512_cvtneps_pbh(v));
     else
         _mm512_mask_storeu_ps((float *)x + i, m, v);
+}
+#endif
+
+#ifdef KERNELS_AVX2
+/* exp_scalar for 8 lanes. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* Values i .. i+7 (bfloat16 or float32) as float32; only the first `left` are read (the rest 0). */
+static inline __m256 act_load8(const void *x, long i, int bf16, long left) {
+    if (left >= 8)
+        return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16))
+                    : _mm256_loadu_ps((const float *)x + i);
+    float v[8] = {0};
+    for (long j = 0; j < left; j++)
+        v[j] = act_at(x, i + j, bf16);
+    return _mm256_loadu_ps(v);
+}
+
+/* 8 float32 values stored as activations (bfloat16 or float32). */
+static inline void act_store8(void *x, long i, __m256 v, int bf16) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    for (long j = 0; j < 8; j++)
+        act_store(x, i + j, t[j], bf16);
+}
+
+/* The first `left` lanes of v to dst. */
+static inline void store8(float *dst, __m256 v, long left) {
+    if (left >= 8) {
+        _mm256_storeu_ps(dst, v);
+        return;
+    }
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    for (long j = 0; j < left; j++)
+        dst[j] = t[j];
 }
 #endif
 

@@ -122,8 +122,15 @@ static void silu_mul(const float *g, const float *u, long n, void *out, int bf16
         act_store16(out, i, v, bf16, m);
     }
 #else
-    for (long i = 0; i < n; i++)
-        act_store(out, i, g[i] / (1.0f + expf(-g[i])) * u[i], bf16);
+    long i = 0;
+#ifdef KERNELS_AVX2
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i), e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        act_store8(out, i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(u + i)), bf16);
+    }
+#endif
+    for (; i < n; i++)
+        act_store(out, i, g[i] / (1.0f + exp_scalar(-g[i])) * u[i], bf16);
 #endif
 }
 
@@ -143,9 +150,20 @@ static void gelu_mul(const float *g, const float *u, long n, void *out, int bf16
         act_store16(out, i, v, bf16, m);
     }
 #else
-    for (long i = 0; i < n; i++) {
+    long i = 0;
+#ifdef KERNELS_AVX2
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 t = _mm256_mul_ps(_mm256_set1_ps(c), _mm256_add_ps(gv, _mm256_mul_ps(_mm256_set1_ps(k), _mm256_mul_ps(gv, _mm256_mul_ps(gv, gv)))));
+        __m256 e = exp8(_mm256_add_ps(t, t));
+        __m256 th = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+        act_store8(out, i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), gv), _mm256_add_ps(_mm256_set1_ps(1.0f), th)),
+                                         _mm256_loadu_ps(u + i)), bf16);
+    }
+#endif
+    for (; i < n; i++) {
         float t = c * (g[i] + k * (g[i] * (g[i] * g[i])));
-        float th = 1.0f - 2.0f / (expf(t + t) + 1.0f);
+        float th = 1.0f - 2.0f / (exp_scalar(t + t) + 1.0f);
         act_store(out, i, 0.5f * g[i] * (1.0f + th) * u[i], bf16);
     }
 #endif

@@ -507,7 +507,7 @@ void matmul_run(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx
     }
 }
 
-#else /* portable: the same layout and the same order of operations, one output at a time */
+#elif !defined(KERNELS_AVX2) /* portable: the same layout and the same order of operations, one output at a time */
 
 /* The value of W[o, i] (the weight itself for the dense formats, the integer q for Q4 / Q8). */
 static float weight_at(const Matrix *W, long o, long i, const uint8_t **cell_out) {
@@ -675,6 +675,8 @@ const char *kernel_isa(void) {
     return paths[kernel_amx()];
 #elif defined(__AVX512F__) && defined(__AVX512BW__)
     return "AVX-512";
+#elif defined(KERNELS_AVX2)
+    return "AVX2";
 #else
     return "portable C";
 #endif

@@ -1,0 +1,181 @@
+/* The products on AVX2 (x86 CPUs without AVX-512: AMD Zen 1-3, Intel Haswell to Alder Lake).
+ *
+ * Same weight layout as matmul.c (kernels.h) and the same operations as its portable path, one
+ * output per vector lane: a 256-bit vector holds 8 float32 lanes, so a group of 16 outputs is two
+ * halves. Each lane computes exactly the portable path's sequence for its (output, row):
+ *     per block:  acc = 0; acc = fma(w_i, x_i, acc) over the block's inputs
+ *                 (bfloat16 activations with integer or bfloat16 weights take each input pair
+ *                 second first, as the portable path does)
+ *                 t = fma(acc, s, t), then t = fma(m, xsum, t) where there is a minimum
+ *     at the end: y = t (or y + t)
+ * so a row's result is the same bits whichever rows share the call and whatever the tile shape,
+ * and the same bits as the portable path (tests/test_kernels.py builds both and compares).
+ *
+ * Weights are expanded in registers to float32 (integers and bfloat16 are exact there). A tile
+ * keeps 8 sums in flight to cover the FMA latency: 4 groups of one row (a decode step, bound by
+ * memory), 2 groups of 2 rows, or 1 group of up to 4 rows. Its activations are converted to float32
+ * once per 32 inputs, so each weight vector meets broadcasts from memory.
+ */
+#include "kernels.h"
+
+#ifdef KERNELS_AVX2
+
+#define MAXG 4
+#define MAXR 4
+#define CHUNK 32
+
+/* Weights of inputs 2p and 2p+1 (within the cell) for outputs 8h .. 8h+7 of one cell. Q4: word j
+ * of vector v holds output j / 2, input 8v + 2c + j % 2 in nibble c (c = p % 4). */
+static inline __attribute__((always_inline)) void pair_weights(const uint8_t *cell, const int fmt, int signed_q4,
+                                                               long p, long h, __m256 *even, __m256 *odd) {
+    if (fmt == FMT_Q4) {
+        const int c = (int)(p % 4);
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(cell + 64 * (p / 4) + 32 * h)), nibble = _mm256_set1_epi32(15);
+        __m256i e = _mm256_and_si256(_mm256_srli_epi32(raw, 4 * c), nibble);
+        __m256i o = _mm256_and_si256(_mm256_srli_epi32(raw, 4 * c + 16), nibble);
+        if (signed_q4) {
+            e = _mm256_sub_epi32(e, _mm256_set1_epi32(8));
+            o = _mm256_sub_epi32(o, _mm256_set1_epi32(8));
+        }
+        *even = _mm256_cvtepi32_ps(e);
+        *odd = _mm256_cvtepi32_ps(o);
+    } else if (fmt == FMT_Q8) { /* byte j: output j / 2, input 2p + j % 2 */
+        __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(cell + 32 * p + 16 * h)));
+        *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+        *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));
+    } else { /* bfloat16 pairs: [16 outputs][2 inputs] */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(cell + 64 * p + 32 * h));
+        *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000)));
+    }
+}
+
+static inline __m256 load_scales8(const uint8_t *p, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+}
+
+/* Groups [g0, g0 + ng) x rows of x (nr of them). */
+static inline __attribute__((always_inline)) void tile(const Matrix *W, const int fmt, const void *x, const int x_bf16,
+                                                       long ldx, const float *xsum, long ldsum, float *y, long ldy,
+                                                       int add, long g0, const long ng, const long nr) {
+    const long cells = cells_per_group(W), cb = cell_bytes(W), wb = cell_weight_bytes(W);
+    const long sb = W->half_scales ? 32 : 64, hb = W->half_scales ? 16 : 32; /* scale bytes: all, a half's */
+    const int second_first = x_bf16 && fmt != FMT_F32, dense = fmt == FMT_F32 || fmt == FMT_BF16;
+    __m256 total[MAXG][2][MAXR], acc[MAXG][2][MAXR];
+    float xf[MAXR][CHUNK];
+    for (long u = 0; u < ng; u++)
+        for (long h = 0; h < 2; h++)
+            for (long r = 0; r < nr; r++)
+                total[u][h][r] = _mm256_setzero_ps();
+    for (long b = 0; b < cells; b++) {
+        const uint8_t *cell[MAXG];
+        for (long u = 0; u < ng; u++) {
+            cell[u] = W->data + ((g0 + u) * cells + b) * cb;
+            for (long h = 0; h < 2; h++)
+                for (long r = 0; r < nr; r++)
+                    acc[u][h][r] = _mm256_setzero_ps();
+        }
+        for (long k0 = 0; k0 < W->block; k0 += CHUNK) {
+            const long n = W->block - k0 < CHUNK ? W->block - k0 : CHUNK, i0 = b * W->block + k0;
+            for (long r = 0; r < nr; r++)
+                for (long k = 0; k < n; k++)
+                    xf[r][k] = act_at(x, r * ldx + i0 + k, x_bf16);
+            if (fmt == FMT_F32) {
+                for (long k = 0; k < n; k++)
+                    for (long u = 0; u < ng; u++)
+                        for (long h = 0; h < 2; h++) {
+                            __m256 w = _mm256_loadu_ps((const float *)(cell[u] + 64 * (k0 + k) + 32 * h));
+                            for (long r = 0; r < nr; r++)
+                                acc[u][h][r] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(&xf[r][k]), acc[u][h][r]);
+                        }
+                continue;
+            }
+            for (long k = 0; k < n; k += 2)
+                for (long u = 0; u < ng; u++)
+                    for (long h = 0; h < 2; h++) {
+                        __m256 we, wo;
+                        pair_weights(cell[u], fmt, W->signed_q4, (k0 + k) / 2, h, &we, &wo);
+                        __m256 w1 = second_first ? wo : we, w2 = second_first ? we : wo;
+                        for (long r = 0; r < nr; r++) {
+                            const float *x1 = &xf[r][k + second_first], *x2 = &xf[r][k + !second_first];
+                            acc[u][h][r] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(x1), acc[u][h][r]);
+                            acc[u][h][r] = _mm256_fmadd_ps(w2, _mm256_broadcast_ss(x2), acc[u][h][r]);
+                        }
+                    }
+        }
+        for (long u = 0; u < ng; u++)
+            for (long h = 0; h < 2; h++) {
+                if (dense) {
+                    for (long r = 0; r < nr; r++)
+                        total[u][h][r] = acc[u][h][r];
+                    continue;
+                }
+                __m256 s = load_scales8(cell[u] + wb + h * hb, W->half_scales);
+                for (long r = 0; r < nr; r++)
+                    total[u][h][r] = _mm256_fmadd_ps(acc[u][h][r], s, total[u][h][r]);
+                if (W->has_min) {
+                    __m256 m = load_scales8(cell[u] + wb + sb + h * hb, W->half_scales);
+                    for (long r = 0; r < nr; r++)
+                        total[u][h][r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[r * ldsum + b]), total[u][h][r]);
+                }
+            }
+    }
+    for (long u = 0; u < ng; u++)
+        for (long h = 0; h < 2; h++) {
+            const long o = (g0 + u) * 16 + 8 * h, left = W->out - o;
+            if (left <= 0)
+                continue;
+            for (long r = 0; r < nr; r++) {
+                float *dst = y + r * ldy + o, v[8];
+                if (left >= 8) {
+                    __m256 t = add ? _mm256_add_ps(_mm256_loadu_ps(dst), total[u][h][r]) : total[u][h][r];
+                    _mm256_storeu_ps(dst, t);
+                    continue;
+                }
+                _mm256_storeu_ps(v, total[u][h][r]);
+                for (long j = 0; j < left; j++)
+                    dst[j] = add ? dst[j] + v[j] : v[j];
+            }
+        }
+}
+
+/* Groups per tile by the call's rows: 8 sums in flight (see the top). */
+static long tile_groups(long rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
+
+long matmul_tiles(const Matrix *W, int x_bf16, int prompt, long rows) {
+    (void)x_bf16, (void)prompt;
+    long groups = (W->out + 15) / 16, width = tile_groups(rows);
+    return (groups + width - 1) / width;
+}
+
+void matmul_run(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx, long rows, const float *xsum,
+                long ldsum, float *y, long ldy, int add, long lo, long hi) {
+    (void)prompt;
+    const long groups = (W->out + 15) / 16, width = tile_groups(rows), per_tile = rows == 2 ? 2 : MAXR;
+    const long xsize = x_bf16 ? 2 : 4, fmt = W->format;
+    for (long t = lo; t < hi; t++) {
+        const long g0 = t * width, ng = groups - g0 < width ? groups - g0 : width;
+        for (long r0 = 0; r0 < rows; r0 += per_tile) {
+            const long nr = rows - r0 < per_tile ? rows - r0 : per_tile;
+            const void *xr = (const char *)x + r0 * ldx * xsize;
+            const float *sr = xsum ? xsum + r0 * ldsum : NULL;
+            float *yr = y + r0 * ldy;
+/* Tile shapes and formats as constants, so that the sums stay in registers. */
+#define SHAPE(g, r)                                                                                     \
+    (fmt == FMT_Q4   ? tile(W, FMT_Q4, xr, x_bf16, ldx, sr, ldsum, yr, ldy, add, g0, g, r)               \
+     : fmt == FMT_Q8 ? tile(W, FMT_Q8, xr, x_bf16, ldx, sr, ldsum, yr, ldy, add, g0, g, r)               \
+     : fmt == FMT_BF16 ? tile(W, FMT_BF16, xr, x_bf16, ldx, sr, ldsum, yr, ldy, add, g0, g, r)           \
+                       : tile(W, FMT_F32, xr, x_bf16, ldx, sr, ldsum, yr, ldy, add, g0, g, r))
+            if (ng == 4 && nr == 1) SHAPE(4, 1);
+            else if (ng == 2 && nr == 2) SHAPE(2, 2);
+            else if (ng == 1 && nr == 4) SHAPE(1, 4);
+            else if (ng == 1 && nr == 3) SHAPE(1, 3);
+            else if (ng == 1 && nr == 2) SHAPE(1, 2);
+            else if (ng == 1 && nr == 1) SHAPE(1, 1);
+            else SHAPE(ng, nr);
+#undef SHAPE
+        }
+    }
+}
+
+#endif
