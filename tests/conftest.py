@@ -19,12 +19,11 @@ TEST_COST_CURVE = CostCurve([1, 4, 8, 16, 32, 64], [0.0144, 0.0167, 0.0203, 0.02
 @pytest.fixture(scope="session", autouse=True)
 def calibration_kept_out_of_the_user_cache(tmp_path_factory):
     """Curves measured during the suite (on busy cores, some for throwaway models) go to a
-    temporary folder: stored in the user's cache, they would size the user's later drafts."""
-    from fastdecode.runtime import cost_curve
-
-    folder = tmp_path_factory.mktemp("cache")
+    temporary folder: stored in the user's cache, they would size the user's later drafts. An
+    environment variable, so that the tests' child processes (a CLI run, another kernel path)
+    write there too."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cost_curve, "cache_root", lambda: folder)
+        patch.setenv("FASTDECODE_CALIBRATION", str(tmp_path_factory.mktemp("calibration")))
         yield
 
 

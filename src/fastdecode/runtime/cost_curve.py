@@ -82,7 +82,9 @@ def curve_path(model_name: str, dtype: torch.dtype, weight_format: str) -> Path:
 
     cpu = hashlib.sha256(f"{build_key()}|{os.cpu_count()}|{kernel_description()}".encode()).hexdigest()[:8]
     safe = model_name.replace("/", "_")
-    return cache_root() / "calibration" / f"{safe}-{str(dtype).removeprefix('torch.')}-{weight_format}-{cpu}.json"
+    folder = os.environ.get("FASTDECODE_CALIBRATION")  # the curves alone elsewhere (the tests' do)
+    folder = Path(folder).expanduser() if folder else cache_root() / "calibration"
+    return folder / f"{safe}-{str(dtype).removeprefix('torch.')}-{weight_format}-{cpu}.json"
 
 
 def save(curve: CostCurve, path: Path) -> None:
