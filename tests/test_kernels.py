@@ -203,10 +203,11 @@ def test_the_avx2_path_gives_the_portable_paths_bits():
     for fmt in FORMATS:
         packed = packed_matrix(fmt, 37, 512)  # two whole groups of 16 outputs and a partial one
         for dtype in ACTIVATIONS:
-            x = torch.randn(6, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
+            x = torch.randn(53, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
             ours = matmul(avx2, packed, matrix(packed), x)
             assert torch.equal(ours, matmul(portable, packed, matrix(packed), x)), (fmt, dtype)
-            assert torch.equal(ours[2:3], matmul(avx2, packed, matrix(packed), x[2:3]))  # tiles of 4 rows, and 1
+            for rows in (1, 2, 4, 11):  # every tile shape: 1, 2 and up to 4 rows; many rows, 6 at a time and
+                assert torch.equal(ours[:rows], matmul(avx2, packed, matrix(packed), x[:rows]))  # 48 a pass
     for dtype in (torch.float32, torch.bfloat16):
         for window in (0, 4):
             ours, reference = paged_attention_case(avx2, dtype, window)
