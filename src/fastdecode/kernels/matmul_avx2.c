@@ -238,11 +238,11 @@ static const float *float_rows(const void *x, int x_bf16, long ldx, long lo, lon
         *ld = ldx;
         return (const float *)x + lo * ldx;
     }
-    if (size < n * width) {
+    if (size < n * width + 8) { /* + 8: a row's last vector store may pass its end by up to 7 */
         free(buffer);
-        buffer = malloc(n * width * sizeof(float));
-        size = buffer ? n * width : 0;
-        if (!buffer)
+        buffer = malloc((n * width + 8) * sizeof(float));
+        size = buffer ? n * width + 8 : 0;
+        if (!buffer) /* a few kilobytes a row: without them the process has no memory left anyway */
             abort();
     }
     for (long r = 0; r < n; r++)
