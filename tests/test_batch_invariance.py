@@ -111,41 +111,47 @@ def test_paged_attention_kernel_matches_pytorch(dtype, window):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
-def paged_attention_case(lib, dtype: torch.dtype, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two sequences in one call, each over its own blocks scattered through a shared pool: a draft
-    tree over 37 committed rows, and a causal chunk of 3 rows after 70. Returns the kernel's
-    output and PyTorch's."""
+TREE_AND_CHUNK = [(37, [7, 2], DraftTree([1, 2, 3, 4], [-1, 0, -1, 2])), (70, [0, 11, 4], 3)]
+
+
+def paged_attention_case(lib, dtype: torch.dtype, window: int, sequences=TREE_AND_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several sequences in one call, each over its own blocks scattered through a shared pool:
+    (committed rows, blocks, a draft tree or a number of causal new rows). By default a draft tree
+    over 37 committed rows and a causal chunk of 3 rows after 70. Returns the kernel's output and
+    PyTorch's."""
     from fastdecode.runtime.kv_cache import BLOCK_ROWS as B
 
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, d = 6, 2, 64
     pool_k = torch.full((12, kv_heads, d, B), float("nan")).to(dtype)  # unused slots must never be read
     pool_v = torch.full((12, kv_heads, B, d), float("nan")).to(dtype)
-    tree_mask = DraftTree([1, 2, 3, 4], [-1, 0, -1, 2]).attention_mask()
-    sequences = [(37, 5, [7, 2], tree_mask), (70, 3, [0, 11, 4], None)]  # committed, new, blocks, mask
-    q = torch.randn(8, heads, d, generator=g)
+    sequences = [(start, len(new) + 1 if isinstance(new, DraftTree) else new, blocks, new if isinstance(new, DraftTree) else None)
+                 for start, blocks, new in sequences]  # committed, new rows (a tree's root too), blocks, tree
+    q = torch.randn(sum(n for _, n, _, _ in sequences), heads, d, generator=g)
     meta, tables, masks, row, refs = [], [], [], 0, []
-    for start, n, blocks, mask in sequences:
+    for start, n, blocks, tree in sequences:
+        mask = None if tree is None else tree.attention_mask()
         keys = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
         values = torch.randn(kv_heads, start + n, d, generator=g).to(dtype)
         for j in range(start + n):
             pool_k[blocks[j // B], :, :, j % B] = keys[:, j]
             pool_v[blocks[j // B], :, j % B] = values[:, j]
-        meta.append([row, n, start, sum(map(len, tables)), -1 if mask is None else 0])
+        meta.append([row, n, start, sum(map(len, tables)), -1 if mask is None else sum(map(len, masks))])
         tables.append(torch.tensor(blocks))
         if mask is not None:
             masks.append(mask.to(torch.uint8).flatten())
         new = mask if mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
         full = torch.cat([torch.ones(n, start, dtype=torch.bool), new], dim=1)
         if window:  # a query at position p sees the keys at positions > p - window
-            depths = torch.tensor([0] + DraftTree([1, 2, 3, 4], [-1, 0, -1, 2]).depths()) if mask is not None else torch.arange(n)
+            depths = torch.tensor([0] + tree.depths()) if tree is not None else torch.arange(n)
             key_positions = torch.cat([torch.arange(start), start + depths])
             full &= key_positions[None, :] > (start + depths)[:, None] - window
         refs.append(F.scaled_dot_product_attention(
             q[row : row + n].transpose(0, 1), keys.float().repeat_interleave(3, 0),
             values.float().repeat_interleave(3, 0), attn_mask=full, scale=d**-0.5).transpose(0, 1))
         row += n
-    out = attention(lib, q, pool_k, pool_v, torch.tensor(meta), torch.cat(tables), torch.cat(masks), d**-0.5, window)
+    masks = torch.cat(masks) if masks else None
+    out = attention(lib, q, pool_k, pool_v, torch.tensor(meta), torch.cat(tables), masks, d**-0.5, window)
     return out, torch.cat(refs)
 
 

@@ -196,7 +196,8 @@ def test_the_avx2_path_gives_the_portable_paths_bits():
     other CPU, the portable C path. Both are built here, whatever this CPU's own path, and must
     agree bitwise: products in every format and attention (which ends in the shared vector exp)."""
     from fastdecode.kernels import build
-    from test_batch_invariance import paged_attention_case
+    from fastdecode.runtime.tree import DraftTree
+    from test_batch_invariance import TREE_AND_CHUNK, paged_attention_case
 
     avx2, portable = build("x86-64-v3"), build("x86-64")
     assert avx2.kernel_isa() == b"AVX2" and portable.kernel_isa() == b"portable C"
@@ -208,11 +209,15 @@ def test_the_avx2_path_gives_the_portable_paths_bits():
             assert torch.equal(ours, matmul(portable, packed, matrix(packed), x)), (fmt, dtype)
             for rows in (1, 2, 3, 4, 11):  # every tile shape: 1 to 4 rows; many rows, 6 at a time and
                 assert torch.equal(ours[:rows], matmul(avx2, packed, matrix(packed), x[:rows]))  # 48 a pass
+    # Many queries share each key load; a forward of few rows gives each query its own pass (here
+    # 150 + 1 keys: two passes of 64 and the rest 16 at a time).
+    few_rows = [(150, [9, 3, 0, 7, 5], 1), (100, [1, 10, 4, 8], DraftTree([5], [-1]))]
     for dtype in (torch.float32, torch.bfloat16):
-        for window in (0, 4):
-            ours, reference = paged_attention_case(avx2, dtype, window)
-            assert torch.equal(ours, paged_attention_case(portable, dtype, window)[0]), (dtype, window)
-            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+        for window in (0, 4, 90):
+            for sequences in (TREE_AND_CHUNK, few_rows):
+                ours, reference = paged_attention_case(avx2, dtype, window, sequences)
+                assert torch.equal(ours, paged_attention_case(portable, dtype, window, sequences)[0]), (dtype, window)
+                torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 PATH_CHECK = """

@@ -54,6 +54,51 @@ static inline float score_one(const float *q, const Paged *p, long D, long j) {
 #define QB 6 /* queries (rows x heads of one key/value head) sharing each key and value load */
 #define VD 4 /* value vectors per query in registers: QB * VD accumulators fit without spilling */
 
+#ifdef KERNELS_AVX2
+/* One query's scores against the key slots from j (a multiple of 16) to end (j + a multiple of
+ * 64), 64 keys a pass from four blocks' runs of 16. A lane is one key and its fma chain over d is
+ * score_one's: the wider pass only puts eight chains in flight instead of two. */
+static long one_query_scores(const float *q, const Paged *p, long D, long j, long end, float *score) {
+    long B = 1L << p->shift;
+    for (; j < end; j += 64) {
+        const void *kt[4] = {keys_at(p, j), keys_at(p, j + 16), keys_at(p, j + 32), keys_at(p, j + 48)};
+        __m256 acc[8];
+        for (long c = 0; c < 8; c++)
+            acc[c] = _mm256_setzero_ps();
+        for (long d = 0; d < D; d++) {
+            __m256 qv = _mm256_broadcast_ss(q + d);
+            for (long c = 0; c < 8; c++)
+                acc[c] = _mm256_fmadd_ps(qv, act_load8(kt[c / 2], d * B + 8 * (c & 1), p->bf16, 8), acc[c]);
+        }
+        for (long c = 0; c < 8; c++)
+            _mm256_storeu_ps(score + j + 8 * c, acc[c]);
+    }
+    return j;
+}
+
+/* One query's weighted values, 64 dimensions a pass: a lane's chain over the ranks is the
+ * portable path's (committed rows, then the query's own new rows), eight chains in flight. */
+static void one_query_values(const Paged *pg, long D, long from, long start, const float *p, const long *slots,
+                             long count, float *out) {
+    for (long d0 = 0; d0 < D; d0 += 64) {
+        long left[8];
+        __m256 acc[8];
+        for (long c = 0; c < 8; c++) {
+            left[c] = D - d0 - 8 * c;
+            acc[c] = _mm256_setzero_ps();
+        }
+        for (long k = from; k < count; k++) {
+            const void *row = value_at(pg, k < start ? k : slots[k - start], D);
+            __m256 w = _mm256_broadcast_ss(p + k);
+            for (long c = 0; c < 8; c++)
+                acc[c] = _mm256_fmadd_ps(w, act_load8(row, d0 + 8 * c, pg->bf16, left[c]), acc[c]);
+        }
+        for (long c = 0; c < 8; c++)
+            store8(out + d0 + 8 * c, acc[c], left[c]);
+    }
+}
+#endif
+
 /* Scores of nq queries against key slots [0, span): one key vector load serves them all. A lane
  * computes exactly what score_one computes for its slot. */
 static inline __attribute__((always_inline)) void slot_scores(const float *const *qs, long nq, const Paged *p,
@@ -77,8 +122,10 @@ static inline __attribute__((always_inline)) void slot_scores(const float *const
                 _mm512_mask_storeu_ps(score[i] + j, m, acc[i]);
     }
 #elif defined(KERNELS_AVX2)
-    long B = 1L << p->shift;
-    for (long j = from & ~15L; j < span; j += 16) {
+    long B = 1L << p->shift, j = from & ~15L;
+    if (nq == 1) /* one query's 16 keys are two fma chains, each waiting on its last fma: take 64 */
+        j = one_query_scores(qs[0], p, D, j, j + (span - j) / 64 * 64, score[0]);
+    for (; j < span; j += 16) {
         const void *kt = keys_at(p, j);
         __m256 acc[QB][2];
         for (long i = 0; i < QB; i++)
@@ -203,6 +250,10 @@ static inline __attribute__((always_inline)) void weighted_values(long nq, const
         }
     }
 #elif defined(KERNELS_AVX2)
+    if (nq == 1) { /* 16 dimensions are two chains over the ranks: take 64 */
+        one_query_values(pg, D, from, start, p[0], slots[0], counts[0], out[0]);
+        return;
+    }
     for (long d0 = 0; d0 < D; d0 += 16) { /* 16 dims of up to QB queries in registers */
         const long left0 = D - d0, left1 = D - d0 - 8;
         __m256 acc[QB][2];
