@@ -88,6 +88,18 @@ def test_budget_and_no_match():
     assert len(NGram(min_ngram=3).propose(state(TOKENS), 64)) == 0  # only "1 2" repeats
 
 
+def test_a_small_budget_gives_the_best_nodes_of_a_large_one():
+    """Continuations are only followed as deep as the budget: deeper nodes never make the cut."""
+    tokens = [7, 8, 9, 10, 11, 12, 13] * 3 + [7, 8, 9, 5, 6, 7, 8]
+    drafter = NGram(min_score=0)
+    full = drafter.propose(state(tokens), 64)
+    assert max(full.depths()) > 4
+    for budget in (1, 2, 3, 4):
+        small = drafter.propose(state(tokens), budget)
+        head = full.subtree(list(range(budget)))
+        assert (small.tokens, small.parents, small.scores) == (head.tokens, head.parents, head.scores)
+
+
 def test_observe_learns_from_a_cut_proposal():
     drafter = NGram(min_score=0)
     tree = drafter.propose(state(TOKENS), 64)

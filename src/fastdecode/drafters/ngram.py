@@ -92,11 +92,13 @@ class NGram:
             return DraftTree()
 
         # Merge the continuations into a trie; a node remembers its longest match and support.
+        # A node deeper than the budget never makes the cut (its ancestors all rank before it).
         node_tokens, parents, longest, support = [], [], [], []
         child_of: dict[tuple[int, int], int] = {}
+        depth_limit = min(self.max_depth, budget)
         for n, pos in matches:  # longest n first, so a node's creator has its longest match
             parent = -1
-            for token in tokens[pos : pos + self.max_depth]:
+            for token in tokens[pos : pos + depth_limit]:
                 node = child_of.get((parent, token))
                 if node is None:
                     node = child_of[(parent, token)] = len(node_tokens)
@@ -111,12 +113,13 @@ class NGram:
         siblings: dict[int, list[int]] = {}
         for i, p in enumerate(parents):
             siblings.setdefault(p, []).append(i)
-        kind = [0] * len(node_tokens)
+        kind = [UNANIMOUS] * len(node_tokens)
         for group in siblings.values():
-            group.sort(key=lambda i: (-longest[i], -support[i], i))
-            kind[group[0]] = UNANIMOUS if len(group) == 1 else LEADING
-            for i in group[1:]:
-                kind[i] = ALTERNATIVE
+            if len(group) > 1:
+                group.sort(key=lambda i: (-longest[i], -support[i], i))
+                kind[group[0]] = LEADING
+                for i in group[1:]:
+                    kind[i] = ALTERNATIVE
         keys, scores, depth = [], [], []
         for i, p in enumerate(parents):
             depth.append(1 if p < 0 else depth[p] + 1)
