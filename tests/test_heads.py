@@ -183,3 +183,72 @@ def test_any_head_is_lossless_on_the_tiny_model(tmp_path, kind):
         drafted = engine.generate(prompt, params, drafter)
         assert drafted.token_ids == plain.token_ids
         assert drafted.stats.draft_tokens > 0
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_a_head_packed_for_drafting_computes_what_it_trained(kind):
+    """Packing (merged products such as eagle's q, k and v; native norms; the engine's GEMM) changes
+    how the head computes, not what: in float32 its outputs are the unpacked head's."""
+    import copy
+
+    from fastdecode.heads.blocks import pack_for_drafting
+
+    target = tiny_target()
+    torch.manual_seed(0)
+    head = make_head(kind, target.model, DRAFT_IDS)
+    with torch.no_grad():  # no zero-initialised projection may hide a wrong split
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    packed = pack_for_drafting(copy.deepcopy(head), torch.float32)
+    assert packed.merged or not head.MERGED
+    H = TINY.hidden_size
+    with torch.no_grad():
+        if kind == "eagle":
+            batch = teacher_batch(target.model, head, random_sequences(2, 16))
+            for (g, _), (g_packed, _) in zip(head._unroll(batch)[0], packed._unroll(batch)[0]):
+                torch.testing.assert_close(g_packed, g, rtol=1e-4, atol=1e-4)
+        else:
+            states, path = torch.randn(3, 1, H), torch.randn(3, len(head.blocks) + 1, H)
+            hidden = head.base(states)
+            torch.testing.assert_close(packed.base(states), hidden, rtol=1e-4, atol=1e-4)
+            for k in range(len(head.blocks)):
+                torch.testing.assert_close(packed.ahead(k, hidden, path[:, : k + 1]), head.ahead(k, hidden, path[:, : k + 1]),
+                                           rtol=1e-4, atol=1e-4)
+
+
+def test_rotary_from_its_table_is_the_formula_bit_for_bit():
+    from fastdecode.heads.blocks import rotary
+
+    x = torch.randn(3, 700, 2, 16)
+    positions = torch.arange(700).expand(3, 700) + torch.tensor([[0], [100], [900]])  # tables of several sizes
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    angles = positions.float()[..., None] * inv
+    cos = torch.cat([angles.cos(), angles.cos()], -1).unsqueeze(-2)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).unsqueeze(-2)
+    expected = x * cos + torch.cat([-x[..., 8:], x[..., :8]], -1) * sin
+    assert torch.equal(rotary(x, positions, 10000.0), expected)
+
+
+@pytest.mark.parametrize("row_cost, grows", [(0.0, True), (1.0, False)])
+def test_the_tree_grows_only_where_its_rows_can_pay(tmp_path, row_cost, grows):
+    """A node is expanded only when a child could beat the cost of its verify row: with free rows
+    (a GPU) the tree grows as deep as allowed; when a row costs a whole step no child can pay, so
+    only the root's children (which cost no expansion) are drafted, except on the exploring steps
+    that keep the child rates measured."""
+    from fastdecode.drafters.trained import EXPLORE_EVERY
+    from fastdecode.runtime.cost_curve import CostCurve
+
+    target = tiny_target()
+    target.cost_curve = CostCurve([1, 2, 64], [1.0, 1.0 + row_cost, 64.0])  # slow steps: expanding is cheap beside them
+    path, _ = saved_head(tmp_path, "medusa", target, train_steps=5)
+    drafter = make_drafter("medusa", target, head=str(path), depth=3, beam=2, top_k=2, min_score=0.0)
+    prompt = random_sequences(1, 10, seed=1)[0]
+    _, states = target.model.forward(torch.tensor(prompt), torch.arange(10), target.model.new_cache(10),
+                                     capture=drafter.hidden_layers)
+    drafter.prefilled(0, states)
+    depths = []
+    for _ in range(EXPLORE_EVERY):
+        tree = drafter.propose(DecodeState(prompt + [7], 10, SamplingParams()), budget=32)
+        depths.append(max(tree.depths()))
+    assert depths[:-1] == [3 if grows else 1] * (EXPLORE_EVERY - 1)
+    assert depths[-1] == 3  # the exploring proposal

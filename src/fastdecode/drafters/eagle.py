@@ -26,21 +26,22 @@ GROW_ROWS = 256  # rows the head's KV cache grows by
 
 
 class PairCache:
-    """The head's keys and values, one row per pair: rows [0, length) are the caught-up pairs,
-    rows beyond are drafted pairs of the current step."""
+    """The head's keys and values [kv_heads, rows, d], one row per pair: rows [0, length) are the
+    caught-up pairs, rows beyond are drafted pairs of the current step."""
 
     def __init__(self, kv_heads: int, head_dim: int):
-        self.k = torch.empty(0, kv_heads, head_dim)
-        self.v = torch.empty(0, kv_heads, head_dim)
+        self.k = torch.empty(kv_heads, 0, head_dim)
+        self.v = torch.empty(kv_heads, 0, head_dim)
         self.length = 0
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [n, kv_heads, d] of the pairs at rows [start, start + n)."""
         end = start + len(k)
-        if end > len(self.k):
-            grow = max(end - len(self.k), GROW_ROWS)
-            self.k = torch.cat([self.k, self.k.new_empty(grow, *self.k.shape[1:])])
-            self.v = torch.cat([self.v, self.v.new_empty(grow, *self.v.shape[1:])])
-        self.k[start:end], self.v[start:end] = k, v
+        if end > self.k.shape[1]:
+            grow = max(end - self.k.shape[1], GROW_ROWS)
+            self.k = torch.cat([self.k, self.k.new_empty(self.k.shape[0], grow, self.k.shape[2])], 1)
+            self.v = torch.cat([self.v, self.v.new_empty(self.v.shape[0], grow, self.v.shape[2])], 1)
+        self.k[:, start:end], self.v[:, start:end] = k.transpose(0, 1), v.transpose(0, 1)
 
 
 class Eagle(TrainedDrafter):
@@ -135,7 +136,7 @@ class Eagle(TrainedDrafter):
         end = start + len(ids)
         if last_only:
             q, feature, allowed = q[-1:], feature[-1:], allowed[-1:]
-        keys, values = self.cache.k[:end].transpose(0, 1), self.cache.v[:end].transpose(0, 1)  # [kv_heads, end, d]
+        keys, values = self.cache.k[:, :end], self.cache.v[:, :end]  # [kv_heads, end, d]
         # Each kv head's query heads as one matrix product: a few times faster than PyTorch's masked
         # scaled_dot_product_attention at these sizes (a handful of rows over a few hundred pairs).
         n, group = len(q), head.heads // head.kv_heads

@@ -18,6 +18,8 @@ with it, given everything the drafter knew, which holds here (runtime/verify.py)
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..errors import FastDecodeError
@@ -30,6 +32,7 @@ from .acceptance import Calibration
 from .base import DecodeState, StepResult, Target, check_options
 
 DEPTH_KEYS = 4  # depths beyond this share the calibration of depth 4
+EXPLORE_EVERY = 16  # one proposal in this many grows regardless of cost, so the child rates stay measured
 # The head's matrices in bfloat16 for drafting (trained in float32): half the bytes to stream per
 # draft step, and a draft's precision changes only what is proposed, never what is accepted.
 DRAFT_DTYPE = torch.bfloat16
@@ -44,10 +47,10 @@ def _weights_file(model_name: str):
         return None
 
 
-# A node is expanded only while its estimated acceptance is at least this: each expansion costs a
-# head evaluation (for eagle about a tenth of a target forward here), which a node less likely
-# than this does not earn back. Measured with the first shipped eagle head on 6 Spec-Bench
-# questions: 0.01 gave 0.75x of ar's speed, 0.1 0.91x, 0.25 0.94x, at the same acceptance length.
+# A node is expanded only while its estimated acceptance is at least this, and only where its
+# children can pay on this machine's costs (TrainedDrafter._paying). The floor was measured before
+# that rule, with the first shipped eagle head on 6 Spec-Bench questions (2-core Zen 4): 0.01 gave
+# 0.75x of ar's speed, 0.1 0.91x, 0.25 0.94x, at the same acceptance length.
 MIN_SCORE = 0.25
 
 
@@ -85,6 +88,10 @@ class TrainedDrafter:
         self.calibration = Calibration()  # kept across requests
         self._contexts: list[tuple] = []  # calibration key of each proposed node
         self._q: list[float] = []  # the head's probability of each proposed node's token
+        self.target = target
+        self._expand_seconds: float | None = None  # what expanding a frontier takes, on average
+        self._child_rate: dict[int, float] = {}  # depth -> mean calibrated rate of an expanded node's best child
+        self._proposals = 0
 
     # ---- growing the tree ----------------------------------------------------------------------
 
@@ -93,6 +100,7 @@ class TrainedDrafter:
         expand(nodes, depth, tokens, parents) returns the logits [len(nodes), draft_vocab] for the
         children of those nodes, all at `depth` (tokens: draft-vocabulary indices of every node so far)."""
         greedy = params.greedy
+        self._proposals += 1
         tokens: list[int] = []  # draft-vocabulary indices until the end
         parents: list[int] = []
         scores: list[float] = []
@@ -116,11 +124,18 @@ class TrainedDrafter:
                         q_rows.append(row)
             if depth == self.depth:
                 break
+            if depth > 1:
+                self._learn_child_rate(depth, level, parents, scores)
             frontier = [n for n in sorted(level, key=lambda n: -scores[n])
                         if scores[n] >= self.min_score and self.draft_ids[tokens[n]] not in self.eos_ids][: self.beam]
+            if self._proposals % EXPLORE_EVERY:  # else grow as the head allows, to keep measuring the rates
+                frontier = self._paying(frontier, scores, depth + 1)
             if not frontier:
                 break
+            started = time.perf_counter()
             frontier_logits = expand(frontier, depth, tokens, parents)
+            spent = time.perf_counter() - started
+            self._expand_seconds = spent if self._expand_seconds is None else 0.8 * self._expand_seconds + 0.2 * spent
         order = sorted(range(len(tokens)), key=lambda n: (-scores[n], n))[:budget]
         order.sort()  # parents come before children, and a parent scores at least its child
         keep = {old: new for new, old in enumerate(order)}
@@ -134,6 +149,32 @@ class TrainedDrafter:
             probs[:, self.draft_ids] = torch.stack([q_rows[n] for n in order])
             tree.draft_probs = probs
         return tree
+
+    def _paying(self, frontier: list[int], scores: list[float], depth: int) -> list[int]:
+        """The frontier nodes worth expanding into children at `depth`, on this machine's costs. A
+        child is verified only if its score beats the cost of one more verify row (the cost curve's
+        second row, in plain steps: each accepted token saves one), and its score is its parent's
+        times the rate the head's best child has been accepted at, at that depth (learned; 1 until
+        measured). The expansion as a whole must also earn its own time, measured as it runs. On a
+        GPU both costs are near zero and the tree grows as EAGLE-2's; on a 2-core CPU a row costs a
+        third of a step and an expansion a tenth, so only confident chains grow."""
+        curve = self.target.cost_curve
+        step = curve.cost(1)
+        row = curve.cost(2) / step - 1
+        rate = self._child_rate.get(min(depth, DEPTH_KEYS), 1.0)
+        gains = {n: scores[n] * rate - row for n in frontier}
+        paying = [n for n in frontier if gains[n] > 0]
+        return paying if sum(gains[n] for n in paying) * step > (self._expand_seconds or 0.0) else []
+
+    def _learn_child_rate(self, depth: int, level: list[int], parents: list[int], scores: list[float]) -> None:
+        """Keep the mean rate at which the best child of an expanded node is expected to be accepted."""
+        best: dict[int, float] = {}
+        for n in level:
+            best[parents[n]] = max(best.get(parents[n], 0.0), scores[n] / max(scores[parents[n]], 1e-9))
+        key = min(depth, DEPTH_KEYS)
+        for rate in best.values():
+            old = self._child_rate.get(key)
+            self._child_rate[key] = rate if old is None else 0.95 * old + 0.05 * rate
 
     def _children(self, logits: torch.Tensor, params) -> list[list[tuple[int, float, torch.Tensor | None]]]:
         """For each row of logits [n, draft_vocab] (one node each), its children as (draft index, its

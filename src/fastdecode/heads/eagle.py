@@ -46,6 +46,7 @@ def ttt_mask(T: int, j: int, device) -> torch.Tensor:
 
 class EagleHead(TargetHead):
     kind = "eagle"
+    MERGED = (("q", "k", "v"), ("gate", "up"))
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -109,9 +110,9 @@ class EagleHead(TargetHead):
         k and v [..., n, kv_heads, d], with rotary embedding at `positions` applied to q and k."""
         x = torch.cat([self.embed_norm(token_embeds), self.feature_norm(feature)], -1)
         shape = x.shape[:-1]
-        q = self.q(x).view(*shape, self.heads, self.head_dim)
-        k = self.k(x).view(*shape, self.kv_heads, self.head_dim)
-        v = self.v(x).view(*shape, self.kv_heads, self.head_dim)
+        q, k, v = self.products(("q", "k", "v"), x)
+        q = q.view(*shape, self.heads, self.head_dim)
+        k, v = (t.view(*shape, self.kv_heads, self.head_dim) for t in (k, v))
         theta = self.cfg["rope_theta"]
         return rotary(q, positions, theta), rotary(k, positions, theta), v
 
@@ -119,7 +120,8 @@ class EagleHead(TargetHead):
         """The layer's output g from its input feature and the attention result [..., heads * d]."""
         x = feature + self.o(attended)
         h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        gate, up = self.products(("gate", "up"), h)
+        return x + self.down(F.silu(gate) * up)
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (index j is token draft_ids[j])."""
