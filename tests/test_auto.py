@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from fastdecode import SamplingParams
-from fastdecode.drafters.auto import MIN_ASK, RECENT_STEPS, Auto
+from types import SimpleNamespace
+
+from fastdecode.drafters.auto import FULL_EVERY, MIN_ASK, RECENT_STEPS, Auto
 from fastdecode.drafters.base import DecodeState, StepResult
+from fastdecode.runtime.cost_curve import CostCurve
 from fastdecode.runtime.tree import DraftTree
 
 STATE = DecodeState(tokens=[1, 2, 3], num_prompt_tokens=3, params=SamplingParams())
@@ -64,3 +67,38 @@ def test_members_are_asked_for_twice_the_most_nodes_lately_kept():
         auto.observe(StepResult(small, [1] + [-1] * (len(small) - 1), [], [0], torch.zeros(2, 50)))
     auto.propose(STATE, 60)
     assert one.asked[-1] == MIN_ASK
+
+
+def run_steps(auto: Auto, steps: int, path_of) -> None:
+    """Propose and accept, step after step, the path path_of(step, tree) of the merged tree."""
+    for step in range(steps):
+        tree = auto.propose(STATE, 60)
+        path = path_of(step, tree)
+        auto.observe(StepResult.whole(tree, path, [tree.tokens[n] for n in path] + [0], torch.zeros(len(tree) + 1, 50)))
+
+
+def test_a_member_that_adds_nothing_rests_between_full_steps():
+    """Two members that always agree: the second adds no accepted node, so after the first quarter
+    window of full steps it proposes nothing (asked for 0 nodes: it only follows the text), except
+    on one step in FULL_EVERY, where every member proposes and what each adds is measured again."""
+    one = Member("one", DraftTree([5, 6], [-1, 0], scores=[0.9, 0.8]))
+    two = Member("two", DraftTree([5, 6], [-1, 0], scores=[0.9, 0.8]))
+    auto = auto_of(one, two)
+    auto.target = SimpleNamespace(cost_curve=CostCurve([1, 2], [0.01, 0.02]))
+    warm = RECENT_STEPS // 4
+    run_steps(auto, warm + 3 * FULL_EVERY, lambda step, tree: [0, 1])
+    assert all(one.asked) and all(two.asked[:warm])
+    rests = [step for step, asked in enumerate(two.asked) if not asked]
+    full = [step for step in range(warm, len(two.asked)) if (step + 1) % FULL_EVERY == 0]
+    assert rests == [step for step in range(warm, len(two.asked)) if step not in full]
+    assert len(one.results) == len(two.results) == len(one.asked)  # both hear every result
+
+
+def test_a_member_whose_nodes_are_accepted_alone_keeps_proposing():
+    one = Member("one", DraftTree([5, 6], [-1, 0], scores=[0.9, 0.8]))
+    two = Member("two", DraftTree([8], [-1], scores=[0.5]))
+    auto = auto_of(one, two)
+    auto.target = SimpleNamespace(cost_curve=CostCurve([1, 2], [0.01, 0.02]))
+    # every other step the target continues with two's token
+    run_steps(auto, RECENT_STEPS, lambda step, tree: [0, 1] if step % 2 else [tree.tokens.index(8)])
+    assert all(one.asked) and all(two.asked)

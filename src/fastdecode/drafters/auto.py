@@ -25,7 +25,10 @@ at most twice the most nodes the size rule has kept in its last 64 steps (at lea
 Zen 3, where a draft row costs a third of a forward and the rule keeps a few nodes, that (with
 `ngram` following matches only as deep as its budget) cut proposing from 0.37 to 0.23 ms a step on
 12 Spec-Bench questions, against `suffix`'s 0.12 alone; where longer drafts start to pay, the
-request doubles step by step.
+request doubles step by step. And a member proposes only while what it adds pays for its time
+(`_members_to_ask`): the others proposing what it would, it rests, and every member proposes on
+one step in eight, so that what each adds stays measured. A resting member is still told every
+result (it follows the text, and a head keeps the target's states).
 
 Sampling: a node keeps its draft probabilities q only when exactly one member proposed it and drew
 it from q; a node proposed by several members, or by a rule, is verified as a point mass. Both
@@ -33,6 +36,7 @@ are exact (runtime/verify.py): what matters is that each q is what its token was
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
@@ -46,7 +50,8 @@ DEFAULT_MEMBERS = ("ngram", "suffix")
 RATE_BINS = 10  # buckets of the best member estimate in auto's own table
 MAX_DEPTH_KEY = 6
 MIN_ASK = 8  # nodes asked of each member, at least
-RECENT_STEPS = 64  # steps whose kept sizes set the request
+RECENT_STEPS = 64  # steps whose kept sizes set the request (and steps of every member that rank them)
+FULL_EVERY = 8  # every member proposes on one step in this many
 
 
 class Auto:
@@ -77,6 +82,12 @@ class Auto:
         self._keys: list[tuple] = []
         self._sources = {}  # proposers bit mask -> "ngram+suffix"
         self._kept = deque([MIN_ASK], maxlen=RECENT_STEPS)  # nodes verified per recent step
+        self.target = target
+        self._everyone = (1 << len(self.members)) - 1
+        self._asked = self._everyone  # bit m: member m proposed this step
+        self._steps = 0
+        self._full = deque(maxlen=RECENT_STEPS)  # steps every member proposed: proposer masks of the accepted nodes
+        self._seconds = [0.0] * len(self.members)  # each member's proposing time, on average
 
     def begin(self, prompt_ids: list[int]) -> None:
         for member in self.members:
@@ -96,8 +107,12 @@ class Auto:
         node_of: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
         self._maps = []  # per member: (its tree, the merged node of each of its nodes)
         ask = min(budget, max(MIN_ASK, 2 * max(self._kept)))
+        self._asked = self._members_to_ask()
         for m, member in enumerate(self.members):
-            tree = member.propose(state, ask)
+            started = time.perf_counter()
+            tree = member.propose(state, ask if self._asked >> m & 1 else 0)  # 0: it only follows the text
+            if self._asked >> m & 1:
+                self._seconds[m] = 0.9 * self._seconds[m] + 0.1 * (time.perf_counter() - started)
             mapped: list[int] = []
             for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
                 score = tree.scores[i] if tree.scores else 0.0
@@ -121,7 +136,8 @@ class Auto:
         scores, depths, keys = [], [], []
         for node, parent in enumerate(parents):  # parents come first
             depths.append(1 if parent < 0 else depths[parent] + 1)
-            key = (proposers[node], min(depths[node], MAX_DEPTH_KEY), min(int(estimate[node] * RATE_BINS), RATE_BINS - 1))
+            key = (proposers[node], self._asked, min(depths[node], MAX_DEPTH_KEY),
+                   min(int(estimate[node] * RATE_BINS), RATE_BINS - 1))
             keys.append(key)
             scores.append((1.0 if parent < 0 else scores[parent]) * self.stats.rate(key, estimate[node]))
         merged = DraftTree(tokens, parents, scores=scores, sources=[self._source(bits) for bits in proposers])
@@ -137,6 +153,28 @@ class Auto:
         self._keys = [keys[i] for i in best]
         return merged.subtree(best)
 
+    def _members_to_ask(self) -> int:
+        """Which members propose this step (bit m: member m). The one whose nodes were accepted most
+        always does; each other member only while what it adds pays for its proposing time: the
+        accepted nodes that it proposed and no member asked before it did, per step, times the
+        time a token takes (a step) must beat its own time. Every member proposes on the first
+        steps and on one step in FULL_EVERY, which is where what each adds is measured. Measured on
+        24 Spec-Bench questions (2-core Zen 3): of the tokens `auto` accepted, 756 came from
+        nodes both `ngram` and `suffix` proposed, 30 from `suffix` alone and 1 from `ngram` alone,
+        so `ngram` mostly rests and `auto` costs little more than `suffix`."""
+        self._steps += 1
+        if self.target is None or len(self._full) < RECENT_STEPS // 4 or self._steps % FULL_EVERY == 0:
+            return self._everyone
+        accepted = [mask for masks in self._full for mask in masks]
+        ranked = sorted(range(len(self.members)), key=lambda m: -sum(mask >> m & 1 for mask in accepted))
+        step = self.target.cost_curve.cost(1)
+        asked = 1 << ranked[0]
+        for m in ranked[1:]:
+            adds = sum(1 for mask in accepted if mask >> m & 1 and not mask & asked) / len(self._full)
+            if adds * step > self._seconds[m]:
+                asked |= 1 << m
+        return asked
+
     def _source(self, bits: int) -> str:
         if bits not in self._sources:
             self._sources[bits] = "+".join(m.name for k, m in enumerate(self.members) if bits >> k & 1)
@@ -148,6 +186,8 @@ class Auto:
             self._maps = [(DraftTree(), []) for _ in self.members]
         elif len(self._keys) == len(result.tree):
             self.stats.observe(result, self._keys)
+            if self._asked == self._everyone:
+                self._full.append([self._keys[n][0] for n in result.accepted])
         for member, columns, (tree, mapped) in zip(self.members, self._columns, self._maps):
             member.observe(member_result(result, tree, mapped, columns))
 
