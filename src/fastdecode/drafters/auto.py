@@ -87,7 +87,7 @@ class Auto:
         self._asked = self._everyone  # bit m: member m proposed this step
         self._steps = 0
         self._full = deque(maxlen=RECENT_STEPS)  # steps every member proposed: proposer masks of the accepted nodes
-        self._seconds = [0.0] * len(self.members)  # each member's proposing time, on average
+        self._seconds: list[float | None] = [None] * len(self.members)  # each member's proposing time, on average
 
     def begin(self, prompt_ids: list[int]) -> None:
         for member in self.members:
@@ -112,7 +112,8 @@ class Auto:
             started = time.perf_counter()
             tree = member.propose(state, ask if self._asked >> m & 1 else 0)  # 0: it only follows the text
             if self._asked >> m & 1:
-                self._seconds[m] = 0.9 * self._seconds[m] + 0.1 * (time.perf_counter() - started)
+                spent, seconds = time.perf_counter() - started, self._seconds[m]
+                self._seconds[m] = spent if seconds is None else 0.9 * seconds + 0.1 * spent
             mapped: list[int] = []
             for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
                 score = tree.scores[i] if tree.scores else 0.0
@@ -171,7 +172,7 @@ class Auto:
         asked = 1 << ranked[0]
         for m in ranked[1:]:
             adds = sum(1 for mask in accepted if mask >> m & 1 and not mask & asked) / len(self._full)
-            if adds * step > self._seconds[m]:
+            if adds * step > (self._seconds[m] or 0.0):
                 asked |= 1 << m
         return asked
 
