@@ -37,7 +37,7 @@ are exact (runtime/verify.py): what matters is that each q is what its token was
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 
 import torch
 
@@ -87,6 +87,7 @@ class Auto:
         self._asked = self._everyone  # bit m: member m proposed this step
         self._steps = 0
         self._full = deque(maxlen=RECENT_STEPS)  # steps every member proposed: proposer masks of the accepted nodes
+        self._accepted = Counter()  # proposer mask -> accepted nodes with it, over the steps in _full
         self._seconds: list[float | None] = [None] * len(self.members)  # each member's proposing time, on average
 
     def begin(self, prompt_ids: list[int]) -> None:
@@ -166,15 +167,23 @@ class Auto:
         self._steps += 1
         if self.target is None or len(self._full) < RECENT_STEPS // 4 or self._steps % FULL_EVERY == 0:
             return self._everyone
-        accepted = [mask for masks in self._full for mask in masks]
-        ranked = sorted(range(len(self.members)), key=lambda m: -sum(mask >> m & 1 for mask in accepted))
+        counts = self._accepted.items()
+        ranked = sorted(range(len(self.members)), key=lambda m: -sum(n for mask, n in counts if mask >> m & 1))
         step = self.target.cost_curve.cost(1)
         asked = 1 << ranked[0]
         for m in ranked[1:]:
-            adds = sum(1 for mask in accepted if mask >> m & 1 and not mask & asked) / len(self._full)
+            adds = sum(n for mask, n in counts if mask >> m & 1 and not mask & asked) / len(self._full)
             if adds * step > (self._seconds[m] or 0.0):
                 asked |= 1 << m
         return asked
+
+    def _remember_full_step(self, masks: list[int]) -> None:
+        """Keep the accepted nodes' proposer masks of a step every member proposed, counted per
+        mask over the last RECENT_STEPS such steps (so asking costs no pass over the window)."""
+        if len(self._full) == self._full.maxlen:
+            self._accepted.subtract(self._full[0])
+        self._full.append(masks)
+        self._accepted.update(masks)
 
     def _source(self, bits: int) -> str:
         if bits not in self._sources:
@@ -188,7 +197,7 @@ class Auto:
         elif len(self._keys) == len(result.tree):
             self.stats.observe(result, self._keys)
             if self._asked == self._everyone:
-                self._full.append([self._keys[n][0] for n in result.accepted])
+                self._remember_full_step([self._keys[n][0] for n in result.accepted])  # key[0]: the proposers
         for member, columns, (tree, mapped) in zip(self.members, self._columns, self._maps):
             member.observe(member_result(result, tree, mapped, columns))
 

@@ -110,10 +110,13 @@ class TrainedDrafter:
         frontier, frontier_logits = [-1], root_logits[None]
         for depth in range(1, self.depth + 1):
             level = []
+            best_rate: dict[int, float] = {}  # parent -> the calibrated rate of its best child
             context = (greedy, min(depth, DEPTH_KEYS))
             for parent, children in zip(frontier, self._children(frontier_logits, params)):
                 for token, q, row in children:
-                    score = (1.0 if parent < 0 else scores[parent]) * self.calibration.rate(context, q)
+                    rate = self.calibration.rate(context, q)
+                    best_rate[parent] = max(best_rate.get(parent, 0.0), rate)
+                    score = (1.0 if parent < 0 else scores[parent]) * rate
                     level.append(len(tokens))
                     tokens.append(token)
                     parents.append(parent)
@@ -125,7 +128,7 @@ class TrainedDrafter:
             if depth == self.depth:
                 break
             if depth > 1:
-                self._learn_child_rate(depth, level, parents, scores)
+                self._learn_child_rate(depth, best_rate.values())
             frontier = [n for n in sorted(level, key=lambda n: -scores[n])
                         if scores[n] >= self.min_score and self.draft_ids[tokens[n]] not in self.eos_ids][: self.beam]
             if self._proposals % EXPLORE_EVERY:  # else grow as the head allows, to keep measuring the rates
@@ -166,13 +169,10 @@ class TrainedDrafter:
         paying = [n for n in frontier if gains[n] > 0]
         return paying if sum(gains[n] for n in paying) * step > (self._expand_seconds or 0.0) else []
 
-    def _learn_child_rate(self, depth: int, level: list[int], parents: list[int], scores: list[float]) -> None:
+    def _learn_child_rate(self, depth: int, best_rates) -> None:
         """Keep the mean rate at which the best child of an expanded node is expected to be accepted."""
-        best: dict[int, float] = {}
-        for n in level:
-            best[parents[n]] = max(best.get(parents[n], 0.0), scores[n] / max(scores[parents[n]], 1e-9))
         key = min(depth, DEPTH_KEYS)
-        for rate in best.values():
+        for rate in best_rates:
             old = self._child_rate.get(key)
             self._child_rate[key] = rate if old is None else 0.95 * old + 0.05 * rate
 
