@@ -194,10 +194,20 @@ def test_calibrate_stores_the_curve_the_engine_reads(capsys, monkeypatch, reuse_
     from fastdecode.kernels import kernel_description
 
     assert out.splitlines()[0].endswith(f" on {kernel_description()}")  # the path the curve belongs to
-    rows = [line.split() for line in out.splitlines()[2:]]
+    curve_table, ceiling_table = out.split("\n\n")
+    rows = [line.split() for line in curve_table.splitlines()[2:]]
     assert [int(r[0]) for r in rows] == [1, 4, 16]
     assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
     model = reuse_llm.engine.model
+    ceilings = [line.split() for line in ceiling_table.splitlines()[3:]]
+    assert [float(r[0]) for r in ceilings] == list(cli.CEILING_RATES)
+    speedups = [float(r[1].rstrip("x")) for r in ceilings]
+    assert speedups == sorted(speedups) and speedups[0] >= 1.0  # more acceptance never gives less
+    # At full acceptance: d drafts give d + 1 tokens a step, against the measured cost of d + 1 rows.
+    drafts = int(ceilings[-1][2])
+    curve = [float(r[2]) for r in rows]  # x one token at 1, 4, 16 rows
+    if drafts + 1 in (4, 16):
+        assert speedups[-1] == pytest.approx((drafts + 1) / curve[(4, 16).index(drafts + 1) + 1], abs=0.01)
     stored = json.loads(cost_curve.curve_path(reuse_llm.model_name, model.dtype, model.weight_format).read_text())
     assert stored["sizes"] == [1, 4, 16]
     loaded = cost_curve.load_or_measure(reuse_llm.engine.model, reuse_llm.model_name)

@@ -151,6 +151,17 @@ def test_cost_curve_interpolates():
     assert CURVE.cost(128) == pytest.approx(0.080)
 
 
+def test_ceiling_is_rows_per_cost_at_full_acceptance():
+    flat = CostCurve([1, 8], [0.010, 0.010])  # rows free up to 8: 7 drafts, all kept, 8 tokens a step
+    assert flat.ceiling(1.0) == (pytest.approx(8.0), 7)
+    linear = CostCurve([1, 8], [0.010, 0.080])  # a row costs a step: no draft ever pays
+    assert linear.ceiling(1.0) == (1.0, 0) and linear.ceiling(0.5) == (1.0, 0)
+    # CURVE: 1 + 0.5 + ... + 0.5^5 tokens for 6 rows costing 1.071 steps beats every other length.
+    speedup, drafts = CURVE.ceiling(0.5)
+    assert drafts == 5 and speedup == pytest.approx((2 - 0.5**5) / (CURVE.cost(6) / CURVE.cost(1)))
+    assert CURVE.ceiling(0.9)[0] > CURVE.ceiling(0.5)[0]
+
+
 def test_drafts_shrink_as_the_batch_sharing_the_forward_grows():
     chain = DraftTree.chain(list(range(10)))
     chain.scores = [0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]

@@ -338,6 +338,9 @@ def _serve(args) -> int:
     return 0
 
 
+CEILING_RATES = (0.4, 0.6, 0.8, 0.9, 1.0)  # acceptance rates calibrate prints the ceiling for
+
+
 def _calibrate(args) -> int:
     from tqdm import tqdm
 
@@ -359,6 +362,12 @@ def _calibrate(args) -> int:
     print(f"{'new tokens':>10}  {'ms':>7}  {'x one token':>11}")
     for n, t in zip(curve.sizes, curve.seconds):
         print(f"{n:>10}  {t * 1000:>7.1f}  {t / curve.seconds[0]:>11.2f}")
+    print("\nThe most speculation can give on this curve (modelled: a chain of free drafts, each accepted\n"
+          "with probability a once its parent was; a = 1 bounds every lossless method here):")
+    print(f"{'a':>10}  {'speedup':>7}  {'drafts':>11}")
+    for a in CEILING_RATES:
+        speedup, drafts = curve.ceiling(a)
+        print(f"{a:>10.2f}  {speedup:>6.2f}x  {drafts:>11}")
     print(f"saved to {path}", file=sys.stderr)
     return 0
 
