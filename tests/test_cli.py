@@ -199,10 +199,12 @@ def test_calibrate_stores_the_curve_the_engine_reads(capsys, monkeypatch, reuse_
     assert [int(r[0]) for r in rows] == [1, 4, 16]
     assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
     model = reuse_llm.engine.model
-    ceilings = [line.split() for line in ceiling_table.splitlines()[3:]]
+    ceilings = [line.split() for line in ceiling_table.splitlines()[4:]]
     assert [float(r[0]) for r in ceilings] == list(cli.CEILING_RATES)
     speedups = [float(r[1].rstrip("x")) for r in ceilings]
     assert speedups == sorted(speedups) and speedups[0] >= 1.0  # more acceptance never gives less
+    batched = [float(r[3].rstrip("x")) for r in ceilings]
+    assert batched == sorted(batched) and all(b <= s for b, s in zip(batched, speedups))  # rows are dearer shared
     # At full acceptance: d drafts give d + 1 tokens a step, against the measured cost of d + 1 rows.
     drafts = int(ceilings[-1][2])
     curve = [float(r[2]) for r in rows]  # x one token at 1, 4, 16 rows

@@ -160,6 +160,12 @@ def test_ceiling_is_rows_per_cost_at_full_acceptance():
     speedup, drafts = CURVE.ceiling(0.5)
     assert drafts == 5 and speedup == pytest.approx((2 - 0.5**5) / (CURVE.cost(6) / CURVE.cost(1)))
     assert CURVE.ceiling(0.9)[0] > CURVE.ceiling(0.5)[0]
+    # Shared by 8 sequences: a draft each doubles the rows of a forward (1.5x its cost), a second
+    # triples them (4.3x).
+    shared = CostCurve([1, 8, 16, 64], [0.010, 0.011, 0.0165, 0.200])
+    assert shared.ceiling(1.0, batch=8) == (pytest.approx(2 / 1.5), 1)
+    assert shared.ceiling(0.4, batch=8) == (1.0, 0)  # 1.4 tokens for 1.5x the time
+    assert shared.ceiling(1.0)[0] > 2  # alone, rows up to 8 are almost free
 
 
 def test_drafts_shrink_as_the_batch_sharing_the_forward_grows():

@@ -37,18 +37,19 @@ class CostCurve:
         (a, b), (ta, tb) = self.sizes[i - 1 : i + 1], self.seconds[i - 1 : i + 1]
         return max(ta + (tb - ta) * (n - a) / (b - a), self.seconds[0])
 
-    def ceiling(self, acceptance: float) -> tuple[float, int]:
+    def ceiling(self, acceptance: float, batch: int = 1) -> tuple[float, int]:
         """The most a chain of drafts can speed plain decoding up on this curve: (speedup, drafts).
 
         A model, not a measurement: drafts cost nothing to propose, and each is accepted with
-        probability `acceptance` once its parent was. With d drafts a step verifies d + 1 rows and
-        keeps 1 + a + ... + a^d tokens on average, so the speedup is that over cost(d + 1) / cost(1).
-        At acceptance 1 this bounds every lossless method on this machine: d + 1 rows never yield
-        more than d + 1 tokens, whatever proposed them (trees included)."""
+        probability `acceptance` once its parent was. With d drafts a sequence verifies d + 1 rows
+        and keeps 1 + a + ... + a^d tokens on average; `batch` sequences share each forward (the
+        server's continuous batching), against plain decoding of as many. At acceptance 1 this
+        bounds every lossless method on this machine: d + 1 rows never yield more than d + 1
+        tokens, whatever proposed them (trees included)."""
         best = (1.0, 0)
-        for drafts in range(1, self.sizes[-1]):
+        for drafts in range(1, self.sizes[-1] // batch):
             tokens = sum(acceptance**i for i in range(drafts + 1))
-            speedup = tokens * self.seconds[0] / self.cost(drafts + 1)
+            speedup = tokens * self.cost(batch) / self.cost(batch * (drafts + 1))
             if speedup > best[0]:  # ties go to fewer drafts
                 best = (speedup, drafts)
         return best
