@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +154,12 @@ def test_head_files_are_checked(tmp_path):
         load_head(broken, target.model)
     with pytest.raises(FastDecodeError, match="does not exist"):
         load_head(tmp_path / "nowhere", target.model)
+    for suffix in (".safetensors", ".json"):  # a name with dots of its own
+        (tmp_path / f"eagle.v2{suffix}").write_bytes(Path(path).with_suffix(suffix).read_bytes())
+    assert load_head(tmp_path / "eagle.v2.safetensors", target.model)[1] == card
+    (tmp_path / "notes.md").write_text("not a head")
+    with pytest.raises(FastDecodeError, match="notes.md is not a head: pass its .safetensors file"):
+        load_head(tmp_path / "notes.md", target.model)
     with pytest.raises(FastDecodeError, match="holds a eagle head, not a medusa head"):
         make_drafter("medusa", target, head=str(path))
 

@@ -68,8 +68,14 @@ def save_head(head: torch.nn.Module, path: str | Path, card: dict) -> Path:
 def load_head(path: str | Path, model=None, model_file: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """A head and its card from `path` (.safetensors, .json or the shared stem). With `model` (and
     the file it was loaded from) it checks that the head was trained for that model and attaches it."""
-    stem = Path(path).expanduser().with_suffix("")
-    weights, card_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    given = Path(path).expanduser()
+    if given.suffix in (".safetensors", ".json"):
+        stem = given.with_suffix("")
+    elif given.is_file():
+        raise FastDecodeError(f"{given} is not a head: pass its .safetensors file (with the .json card beside it)")
+    else:  # the shared stem, which may hold dots of its own ("eagle.v2")
+        stem = given
+    weights, card_path = stem.parent / f"{stem.name}.safetensors", stem.parent / f"{stem.name}.json"
     for f in (weights, card_path):
         if not f.is_file():
             raise FastDecodeError(f"head file {f} does not exist (a head is a .safetensors file with a .json card beside it)")
