@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastdecode.drafters import make_drafter
-from fastdecode.drafters.base import DecodeState, Target
+from fastdecode.drafters.base import DecodeState, StepResult, Target
 from fastdecode.errors import FastDecodeError
 from fastdecode.heads import HEAD_KINDS, load_head, make_head, save_head
 from fastdecode.models.llama import LlamaModel
@@ -101,9 +101,9 @@ def test_eagle_drafts_with_the_computation_it_was_trained_on(tmp_path):
     drafter.begin(tokens[:start])
     drafter.prefilled(0, states)
     drafter._catch_up(tokens[: start + 1])  # pairs 0 .. start - 1
-    torch.testing.assert_close(drafter.last_output, outputs[0][0][0, start - 1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(drafter._root_output(), outputs[0][0][0, start - 1], rtol=1e-4, atol=1e-4)
     # Now draft along the true tokens: depth d reads the head's own output of depth d - 1.
-    feature, committed = drafter.last_output, drafter.cache.length
+    feature, committed = drafter._root_output(), drafter.cache.length
     for j in range(1, head.cfg["ttt_steps"]):
         pair = start - 1 + j
         allowed = torch.ones(1, committed + j, dtype=torch.bool)
@@ -259,3 +259,69 @@ def test_the_tree_grows_only_where_its_rows_can_pay(tmp_path, row_cost, grows):
         depths.append(max(tree.depths()))
     assert depths[:-1] == [3 if grows else 1] * (EXPLORE_EVERY - 1)
     assert depths[-1] == 3  # the exploring proposal
+
+
+@pytest.mark.parametrize("pays, rest", [(False, True), (True, True), (False, False)])
+def test_a_head_rests_while_its_drafts_do_not_pay(tmp_path, pays, rest):
+    """A drafted step saves a step per accepted node and costs its verify rows and its drafting
+    time. When nothing it drafts is accepted, drafting only loses: after the warm-up the head
+    proposes nothing, except on one step in PROBE_EVERY. When its node is accepted (a token saved
+    for half a step's row), or with rest=False, it drafts on every step."""
+    from fastdecode.drafters.trained import PROBE_EVERY, WARMUP
+    from fastdecode.runtime.cost_curve import CostCurve
+
+    target = tiny_target()
+    target.cost_curve = CostCurve([1, 2, 64], [1.0, 1.5, 64.0])  # slow steps: drafting takes little beside them
+    path, _ = saved_head(tmp_path, "medusa", target, train_steps=5)
+    drafter = make_drafter("medusa", target, head=str(path), depth=2, min_score=0.0, rest=rest)
+    prompt = random_sequences(1, 10, seed=1)[0]
+    _, states = target.model.forward(torch.tensor(prompt), torch.arange(10), target.model.new_cache(10),
+                                     capture=drafter.hidden_layers)
+    drafter.prefilled(0, states)
+    drafted = []
+    for _ in range(WARMUP + 3 * PROBE_EVERY):
+        tree = drafter.propose(DecodeState(prompt + [7], 10, SamplingParams()), budget=1)
+        drafted.append(len(tree) > 0)
+        accepted = [0] if pays and len(tree) else []
+        hidden = states[-1:].expand(len(accepted) + 1, -1, -1)  # the committed rows' states (any will do)
+        drafter.observe(StepResult.whole(tree, accepted, [7], torch.zeros(len(tree) + 1, 97), hidden))
+    assert all(drafted[:WARMUP])
+    if pays or not rest:
+        assert all(drafted)
+    else:
+        later = range(WARMUP, len(drafted))
+        assert [step for step in later if drafted[step]] == [step for step in later if (step + 1) % PROBE_EVERY == 0]
+
+
+def test_eagle_after_resting_feeds_the_waiting_pairs_and_stays_lossless(tmp_path):
+    """While eagle rests, the target's states of the committed rows wait; the next drafted step
+    feeds them all into the head's cache at once. Through the real decode loop, with rows that
+    cost a whole step (so the head rests after its warm-up), greedy output still equals plain
+    decoding's, and the probing steps draft from a cache that holds every pair."""
+    from fastdecode.drafters.trained import WARMUP
+    from fastdecode.engine import Engine
+    from fastdecode.runtime.cost_curve import CostCurve
+
+    target = tiny_target()
+    path, _ = saved_head(tmp_path, "eagle", target, train_steps=5)
+    engine = Engine(target.model, byte_tokenizer(tmp_path, TINY.vocab_size, eos_id=96), "tiny")
+    engine.cost_curve = CostCurve([1, 2, 64], [0.01, 0.011, 0.03])  # the engine verifies what is proposed
+    drafting = Target(target.model, engine.tokenizer, "tiny")
+    drafting.cost_curve = CostCurve([1, 2, 64], [0.01, 0.02, 0.64])  # the head judges its rows dear
+    drafter = make_drafter("eagle", drafting, head=str(path), min_score=0.0)
+    sizes, fed, propose = [], [], drafter.propose
+
+    def counted(state, budget):
+        tree = propose(state, budget)
+        sizes.append(len(tree))
+        if tree:  # pairs fed into the head's cache, against pairs whose next token exists
+            fed.append((drafter.cache.length, len(state.tokens) - 1))
+        return tree
+
+    drafter.propose = counted
+    prompt = random_sequences(1, 14, seed=21)[0]
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    drafted = engine.generate(prompt, params, drafter)
+    assert drafted.token_ids == engine.generate(prompt, params, make_drafter("ar")).token_ids
+    assert all(sizes[:WARMUP]) and 0 < sum(map(bool, sizes[WARMUP:])) < len(sizes) - WARMUP
+    assert all(length == pairs for length, pairs in fed)

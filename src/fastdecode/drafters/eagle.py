@@ -49,14 +49,15 @@ class Eagle(TrainedDrafter):
     summary = "EAGLE-3-style trained head on the target's hidden states, dynamic draft tree (needs a trained head)"
 
     def __init__(self, target: Target, head: str | None = None, depth: int = 5, beam: int = 4, top_k: int = 4,
-                 min_score: float = MIN_SCORE):
-        super().__init__(target, head, depth, beam, top_k, min_score)
+                 min_score: float = MIN_SCORE, rest: bool = True):
+        super().__init__(target, head, depth, beam, top_k, min_score, rest)
         self.begin([])
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.cache = PairCache(self.head.kv_heads, self.head.head_dim)
         self.states: dict[int, torch.Tensor] = {}  # position -> target states [k, H], not yet fed
         self.last_output: torch.Tensor | None = None  # the head's output of the last caught-up pair
+        self._last_pair: tuple | None = None  # its query and feature, until its output is needed
         self.generator = None
         self._root_position = -1
 
@@ -69,11 +70,14 @@ class Eagle(TrainedDrafter):
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         tokens = state.tokens
         self._root_position = len(tokens) - 1
-        if budget <= 0:
+        if budget <= 0 or self.resting():  # the pairs wait for the next drafted step, fed together
             return DraftTree()
         if not state.params.greedy and self.generator is None:
             self.begin_sampling(state.params)
         self._catch_up(tokens)
+        return self.draft(lambda: self._grow(state, budget))
+
+    def _grow(self, state: DecodeState, budget: int) -> DraftTree:
         committed = self.cache.length
         outputs: dict[int, torch.Tensor] = {}  # node -> the head's output of its pair
         rows: dict[int, int] = {}  # node -> its pair's row in the cache
@@ -96,7 +100,7 @@ class Eagle(TrainedDrafter):
                 rows[n], outputs[n] = start + i, g[i]
             return self.head.logits(g)
 
-        return self.grow(self.head.logits(self.last_output), expand, state.params, budget)
+        return self.grow(self.head.logits(self._root_output()), expand, state.params, budget)
 
     def observe(self, result: StepResult) -> None:
         self.observe_scores(result)
@@ -108,7 +112,10 @@ class Eagle(TrainedDrafter):
     # ---- the head's layer ------------------------------------------------------------------------
 
     def _catch_up(self, tokens: list[int]) -> None:
-        """Feed the pairs of every position whose target states arrived and whose next token is known."""
+        """Feed the pairs of every position whose target states arrived and whose next token is
+        known into the head's cache. A pair's key and value depend on its inputs alone (one layer),
+        so only the last pair's attention and MLP are needed, for the root's children: they wait
+        for _root_output (after a prompt, hundreds of rows fewer)."""
         start, end = self.cache.length, len(tokens) - 1  # pairs [start, end): token t + 1 exists
         if end <= start:
             return
@@ -117,25 +124,35 @@ class Eagle(TrainedDrafter):
             raise RuntimeError(f"eagle: the target's states of positions {missing[:5]} never arrived")
         states = torch.stack([self.states.pop(t) for t in range(start, end)])
         feature = self.head.fuse(states.float())
-        ids = torch.tensor(tokens[start + 1 : end + 1])
-        allowed = torch.ones(end - start, end, dtype=torch.bool).tril(start)
-        g = self._layer(feature, ids, torch.arange(start, end), start, allowed, last_only=True)
+        q = self._feed(feature, torch.tensor(tokens[start + 1 : end + 1]), torch.arange(start, end), start)
         self.cache.length = end
-        self.last_output = g[-1]
+        self._last_pair = (q[-1:], feature[-1:])
+
+    def _root_output(self) -> torch.Tensor:
+        """The head's output of the last caught-up pair, which predicts the root's children."""
+        if self._last_pair is not None:
+            q, feature = self._last_pair
+            end = self.cache.length
+            self.last_output = self._attend(q, feature, end, torch.ones(1, end, dtype=torch.bool))[-1]
+            self._last_pair = None
+        return self.last_output
 
     def _layer(self, feature: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, start: int,
-               allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+               allowed: torch.Tensor) -> torch.Tensor:
         """Run pairs (feature [n, H], next-token ids [n]) at cache rows [start, start + n): they attend
-        to the cache rows `allowed` [n, start + n] marks. Returns the head's outputs [n, H], or only
-        the last pair's [1, H] with `last_only`: a pair's key and value depend on its inputs alone (one
-        layer), so catching up needs the attention and MLP of the last pair only (after a prompt,
-        hundreds of rows fewer)."""
-        head = self.head
-        q, k, v = head.project(feature, self.model.embed_tokens(ids), positions)
+        to the cache rows `allowed` [n, start + n] marks. Returns the head's outputs [n, H]."""
+        q = self._feed(feature, ids, positions, start)
+        return self._attend(q, feature, start + len(ids), allowed)
+
+    def _feed(self, feature: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """Write the pairs' keys and values at cache rows [start, start + n); returns their queries."""
+        q, k, v = self.head.project(feature, self.model.embed_tokens(ids), positions)
         self.cache.write(start, k, v)
-        end = start + len(ids)
-        if last_only:
-            q, feature, allowed = q[-1:], feature[-1:], allowed[-1:]
+        return q
+
+    def _attend(self, q: torch.Tensor, feature: torch.Tensor, end: int, allowed: torch.Tensor) -> torch.Tensor:
+        """The layer's outputs [n, H] for queries q [n, heads, d] over cache rows [0, end)."""
+        head = self.head
         keys, values = self.cache.k[:, :end], self.cache.v[:, :end]  # [kv_heads, end, d]
         # Each kv head's query heads as one matrix product: a few times faster than PyTorch's masked
         # scaled_dot_product_attention at these sizes (a handful of rows over a few hundred pairs).

@@ -19,8 +19,8 @@ class Medusa(TrainedDrafter):
     summary = "Medusa heads on the target's last hidden state, several tokens ahead in one pass (needs a trained head)"
 
     def __init__(self, target: Target, head: str | None = None, depth: int = 4, beam: int = 4, top_k: int = 4,
-                 min_score: float = MIN_SCORE):
-        super().__init__(target, head, depth, beam, top_k, min_score)
+                 min_score: float = MIN_SCORE, rest: bool = True):
+        super().__init__(target, head, depth, beam, top_k, min_score, rest)
         self.depth = min(self.depth, len(self.head.blocks))
         self.begin([])
 
@@ -38,10 +38,13 @@ class Medusa(TrainedDrafter):
 
     @torch.no_grad()
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
-        if budget <= 0 or self.last_state is None:
+        if budget <= 0 or self.last_state is None or self.resting():
             return DraftTree()
         if not state.params.greedy and self.generator is None:
             self.begin_sampling(state.params)
+        return self.draft(lambda: self._grow(state, budget))
+
+    def _grow(self, state: DecodeState, budget: int) -> DraftTree:
         hidden = self.head.base(self.last_state.float())
         root = state.tokens[-1]
         return self.grow(self.ahead(0, hidden, [[root]])[0], self._expander(hidden, root), state.params, budget)

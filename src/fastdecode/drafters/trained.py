@@ -33,6 +33,8 @@ from .base import DecodeState, StepResult, Target, check_options
 
 DEPTH_KEYS = 4  # depths beyond this share the calibration of depth 4
 EXPLORE_EVERY = 16  # one proposal in this many grows regardless of cost, so the child rates stay measured
+WARMUP = 16  # proposals before a drafter may rest (TrainedDrafter.resting)
+PROBE_EVERY = 8  # a resting drafter still drafts on one step in this many, to keep its value measured
 # The head's matrices in bfloat16 for drafting (trained in float32): half the bytes to stream per
 # draft step, and a draft's precision changes only what is proposed, never what is accepted.
 DRAFT_DTYPE = torch.bfloat16
@@ -62,12 +64,13 @@ class TrainedDrafter:
     needs_target = True
 
     def __init__(self, target: Target, head: str | None = None, depth: int = 5, beam: int = 4,
-                 top_k: int = 4, min_score: float = MIN_SCORE):
+                 top_k: int = 4, min_score: float = MIN_SCORE, rest: bool = True):
         check_options(self.kind, [
             (lambda: is_int(depth) and 1 <= depth <= 16, "depth must be an integer in [1, 16]"),
             (lambda: is_int(beam) and 1 <= beam <= 32, "beam must be an integer in [1, 32]"),
             (lambda: is_int(top_k) and 1 <= top_k <= 32, "top_k must be an integer in [1, 32]"),
             (lambda: is_number(min_score) and 0 <= min_score < 1, "min_score must be in [0, 1)"),
+            (lambda: isinstance(rest, bool), "rest must be true or false"),
         ])
         path = head or shipped_head(self.kind, target.name)
         if path is None:
@@ -92,6 +95,40 @@ class TrainedDrafter:
         self._expand_seconds: float | None = None  # what expanding a frontier takes, on average
         self._child_rate: dict[int, float] = {}  # depth -> mean calibrated rate of an expanded node's best child
         self._proposals = 0
+        self.rest = rest
+        self._value: float | None = None  # seconds a drafted step saves, on average (resting)
+        self._steps = 0  # steps asked to draft, resting or not
+        self._drafted: float | None = None  # the last proposal's drafting time, until its result is seen
+
+    # ---- whether to draft at all ---------------------------------------------------------------
+
+    def resting(self) -> bool:
+        """Whether to skip drafting this step, because drafting has not paid for itself lately. A
+        drafted step saves a plain step per accepted node, pays for its extra verify rows (on the
+        cost curve) and for its drafting time (measured); `_value` is the mean of that over recent
+        drafted steps. While it is negative the drafter proposes nothing, except on one step in
+        PROBE_EVERY, which keeps it measured. The tree's cost-aware growth (_paying) decides how much
+        to draft; this decides whether to draft at all. On a 2-core Zen 3 the shipped heads lose
+        time on most steps (`eagle` accepted 0.17 tokens a step for about 2.5 ms of drafting and
+        1 ms of verify rows, against a 9 ms step), so they rest there; on a GPU they never do.
+        `rest=False` drafts on every step (to measure a head as it is)."""
+        self._steps += 1
+        if not self.rest or self._value is None or self._proposals < WARMUP:
+            return False
+        return self._value <= 0 and self._steps % PROBE_EVERY != 0
+
+    def draft(self, drafting) -> DraftTree:
+        """drafting() (what a drafted step adds to a resting one, ending in grow), timed for resting."""
+        started = time.perf_counter()
+        tree = drafting()
+        self._drafted = time.perf_counter() - started
+        return tree
+
+    def _learn_value(self, result: StepResult, drafting: float) -> None:
+        curve = self.target.cost_curve
+        rows = sum(row >= 0 for row in result.rows)
+        saved = len(result.accepted) * curve.cost(1) - (curve.cost(1 + rows) - curve.cost(1)) - drafting
+        self._value = saved if self._value is None else 0.8 * self._value + 0.2 * saved
 
     # ---- growing the tree ----------------------------------------------------------------------
 
@@ -206,8 +243,11 @@ class TrainedDrafter:
     # ---- learning from the verifier ------------------------------------------------------------
 
     def observe_scores(self, result: StepResult) -> None:
+        drafted, self._drafted = self._drafted, None
         if len(result.tree) != len(self._q):
             return  # not this drafter's last proposal (nothing was proposed)
+        if drafted is not None:
+            self._learn_value(result, drafted)
         taken = set(result.accepted)
         for node in result.tried():
             self.calibration.record(self._contexts[node], self._q[node], node in taken)

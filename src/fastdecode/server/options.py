@@ -19,7 +19,8 @@ from ..runtime.sampling import is_int, is_number
 
 INT, FLOAT, BOOL = "an integer", "a number", "a flag"
 
-_HEAD = {"depth": (INT, 1, 16), "beam": (INT, 1, 32), "top_k": (INT, 1, 32), "min_score": (FLOAT, 0.0, 0.999)}
+_HEAD = {"depth": (INT, 1, 16), "beam": (INT, 1, 32), "top_k": (INT, 1, 32), "min_score": (FLOAT, 0.0, 0.999),
+         "rest": (BOOL, None, None)}
 
 # method -> option -> (kind, low, high), bounds inclusive.
 CLIENT_OPTIONS: dict[str, dict[str, tuple]] = {
