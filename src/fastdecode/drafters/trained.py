@@ -7,7 +7,9 @@ likely children, for `depth` levels; the engine then keeps the part that pays on
 cost curve. A node's score estimates the probability that it is accepted: the product, along its
 path, of the head's probability of each token corrected by how often the target has accepted
 tokens of that probability at that depth (acceptance.Calibration, learned as it runs). Scores fall
-along every path, so any best-scored set of nodes holds its ancestors.
+along every path, so any best-scored set of nodes holds its ancestors. How far the tree grows and
+whether a step is drafted at all both follow this machine's costs (_paying, resting): on a CPU
+where drafting a step costs more than its accepted tokens save, the head rests.
 
 Exactness. Greedy: any tree is verified against the target's argmax. Sampling: the head's logits
 over its vocabulary go through the request's temperature / top-k / top-p / min-p, giving q; a
