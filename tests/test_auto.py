@@ -92,6 +92,13 @@ def test_a_member_that_adds_nothing_rests_between_full_steps():
     full = [step for step in range(warm, len(two.asked)) if (step + 1) % FULL_EVERY == 0]
     assert rests == [step for step in range(warm, len(two.asked)) if step not in full]
     assert len(one.results) == len(two.results) == len(one.asked)  # both hear every result
+    # While two rests, one's tree is verified as one proposed it: its own scores, its name.
+    alone = auto.propose(STATE, 60)
+    assert not two.asked[-1]
+    assert (alone.tokens, alone.parents, alone.scores, alone.sources) == ([5, 6], [-1, 0], [0.9, 0.8], ["one", "one"])
+    auto.observe(StepResult(alone, [1, -1], [0], [5, 9], torch.zeros(2, 50)))
+    assert one.results[-1].rows == [1, -1] and one.results[-1].accepted == [0]
+    assert two.results[-1].tree.tokens == [] and two.results[-1].new_tokens == [5, 9]
 
 
 def test_a_member_whose_nodes_are_accepted_alone_keeps_proposing():
