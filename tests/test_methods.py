@@ -10,6 +10,7 @@ import torch
 from fastdecode import SamplingParams
 from fastdecode.drafters import METHODS
 from fastdecode.errors import FastDecodeError
+from fastdecode.heads import HEAD_KINDS
 from fastdecode.models.truncate import make_truncated_checkpoint
 from fastdecode.runtime.sampling import target_probabilities
 
@@ -105,7 +106,7 @@ def test_sampled_tokens_follow_the_target_distribution(llm_default, exact_triple
     engine = llm_default.engine
     # The trained heads draft on every step here (they would rest on a CPU where they do not pay),
     # so that their draft distributions q meet verification on every step.
-    trained = {"rest": False} if method in ("eagle", "medusa", "hydra") else {}
+    trained = {"rest": False} if method in HEAD_KINDS else {}
     drafter = llm_default.drafter(method, **_options(method, draft_folder), **trained)
     counts, drafted = Counter(), 0
     for seed in range(RUNS):
