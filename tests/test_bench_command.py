@@ -129,6 +129,7 @@ def test_end_to_end_on_the_real_model_writes_every_report(tmp_path, capsys):
     assert all(r["prompt_tokens"] > first_turn_ar["prompt_tokens"] + first_turn_ar["new_tokens"] for r in second_turns)
     report = (out / "report.md").read_text()
     assert "| `ngram` |" in report and "hf-assisted: needs --draft-model" in report and "![speedup](speedup.png)" in report
+    assert "Cost curve: 1 token" in report and "Cost curve: 1 token" in capsys.readouterr().out
 
     # a second run into the same folder needs --overwrite; --compare of a folder with itself finds no regression
     assert bench("--questions", str(two_questions(tmp_path)), "--out", str(out)) == 2

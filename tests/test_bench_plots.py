@@ -213,3 +213,13 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, fastdecode.bench.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_report_states_the_cost_curve_and_its_ceiling(summary):
+    from fastdecode.bench.report import curve_line
+    from fastdecode.runtime.cost_curve import CostCurve
+
+    line = curve_line(summary["cost_curve"])
+    assert line.startswith("Cost curve: 1 token 17.0 ms, 2 tokens 1.06x, 4 tokens 1.12x, 8 tokens 1.35x.")
+    curve = CostCurve(**summary["cost_curve"])
+    assert f"100% {curve.ceiling(1.0)[0]:.2f}x." in line and f"80% {curve.ceiling(0.8)[0]:.2f}x," in line

@@ -13,6 +13,7 @@ import os
 import platform
 from pathlib import Path
 
+from ..runtime.cost_curve import CostCurve
 from .stats import BASELINE
 
 RED, RESET = "\033[31m", "\033[0m"
@@ -146,11 +147,26 @@ def setup_lines(summary: dict) -> list[str]:
         f"Decoding: {decoding}, at most {s['max_new_tokens']} new tokens (EOS ends earlier), {s['repeats']} repeat(s). "
         f"Time: wall time of each generate call, prefill included; tokens: generated ids, EOS included, for every contender.",
     ]
+    if summary.get("cost_curve"):
+        lines.append(curve_line(summary["cost_curve"]))
     if summary["skipped"]:
         lines.append("Skipped: " + "; ".join(f"{name}: {why}" for name, why in summary["skipped"].items()) + ".")
     if s.get("interrupted"):
         lines.append("INTERRUPTED: the figures cover the answers every contender completed.")
     return lines
+
+
+CEILING_RATES = (0.6, 0.8, 0.9, 1.0)
+
+
+def curve_line(curve: dict) -> str:
+    """The run's cost curve in short, with the ceiling it sets (CostCurve.ceiling): what the speedups
+    above can be measured against on this machine."""
+    c = CostCurve(curve["sizes"], curve["seconds"])
+    steps = ", ".join(f"{n} tokens {c.cost(n) / c.cost(1):.2f}x" for n in (2, 4, 8))
+    ceilings = ", ".join(f"{a:.0%} {c.ceiling(a)[0]:.2f}x" for a in CEILING_RATES)
+    return (f"Cost curve: 1 token {c.cost(1) * 1000:.1f} ms, {steps}. Its ceiling for drafts that cost nothing, by "
+            f"the share accepted (see `fastdecode calibrate`): {ceilings}.")
 
 
 def write_report(summary: dict, plots: list[Path], path: Path) -> None:
