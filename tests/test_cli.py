@@ -54,6 +54,19 @@ def test_generate_json(capsys):
     assert "Loaded" in err and "forward passes" in err
 
 
+def test_generate_says_how_many_forwards_drafted(capsys, reuse_llm):
+    import re
+
+    code, out, err = run(capsys, "generate", "Count: one two three one two three one two three", "--method", "ngram",
+                         "--max-new-tokens", "24", "--raw")
+    assert code == 0
+    passes, drafted, each = re.search(r"(\d+) forward passes, (\d+) of them drafted \(([\d.]+) tokens each\)", err).groups()
+    assert 0 < int(drafted) <= int(passes) and float(each) >= 1.0
+    generated = int(re.search(r"\] (\d+) tokens in", err).group(1))
+    # every forward makes one token, a drafted one 'each' on average
+    assert generated == pytest.approx(int(passes) - int(drafted) + int(drafted) * float(each), abs=0.02 * int(drafted))
+
+
 def test_generate_json_matches_library(capsys, reuse_llm):
     from fastdecode import SamplingParams
 

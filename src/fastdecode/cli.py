@@ -224,7 +224,8 @@ def _generate(args) -> int:
 
 def _print_stats(result) -> None:
     s = result.stats
-    accepted = f", {s.mean_acceptance_length:.2f} tokens per forward" if s.drafts else ""
+    # per drafted forward: a method that drafts on few steps (a resting head) still reads right
+    accepted = f", {s.drafts} of them drafted ({s.mean_acceptance_length:.2f} tokens each)" if s.drafts else ""
     print(
         f"[{result.method}] {result.num_generated_tokens} tokens in {s.wall_time_s:.2f} s: "
         f"{s.tokens_per_s:.1f} tokens/s ({s.decode_tokens_per_s:.1f} after a {s.prefill_time_s * 1000:.0f} ms "
