@@ -66,18 +66,11 @@ class Eagle(TrainedDrafter):
             if start + i >= self.cache.length:  # a preempted request prefills again: keep what was fed
                 self.states[start + i] = hidden[i]
 
-    @torch.no_grad()
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
-        tokens = state.tokens
-        self._root_position = len(tokens) - 1
-        if budget <= 0 or self.resting():  # the pairs wait for the next drafted step, fed together
-            return DraftTree()
-        if not state.params.greedy and self.generator is None:
-            self.begin_sampling(state.params)
-        self._catch_up(tokens)
-        return self.draft(lambda: self._grow(state, budget))
+        self._root_position = len(state.tokens) - 1  # where observe files the states, drafted or not
+        return super().propose(state, budget)
 
-    def _grow(self, state: DecodeState, budget: int) -> DraftTree:
+    def _draft(self, state: DecodeState, budget: int) -> DraftTree:
         committed = self.cache.length
         outputs: dict[int, torch.Tensor] = {}  # node -> the head's output of its pair
         rows: dict[int, int] = {}  # node -> its pair's row in the cache

@@ -36,15 +36,10 @@ class Medusa(TrainedDrafter):
         if result.hidden is not None:
             self.last_state = result.hidden[-1]  # the last committed row predicted the next root
 
-    @torch.no_grad()
-    def propose(self, state: DecodeState, budget: int) -> DraftTree:
-        if budget <= 0 or self.last_state is None or self.resting():
-            return DraftTree()
-        if not state.params.greedy and self.generator is None:
-            self.begin_sampling(state.params)
-        return self.draft(lambda: self._grow(state, budget))
+    def _ready(self) -> bool:
+        return self.last_state is not None
 
-    def _grow(self, state: DecodeState, budget: int) -> DraftTree:
+    def _draft(self, state: DecodeState, budget: int) -> DraftTree:
         hidden = self.head.base(self.last_state.float())
         root = state.tokens[-1]
         return self.grow(self.ahead(0, hidden, [[root]])[0], self._expander(hidden, root), state.params, budget)

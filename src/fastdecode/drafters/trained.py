@@ -59,7 +59,8 @@ MIN_SCORE = 0.25
 
 
 class TrainedDrafter:
-    """A drafter reading a trained head; subclasses say how the head expands a node."""
+    """A drafter reading a trained head; subclasses say how the head drafts a tree (_draft) and what
+    it reads (_ready, _catch_up)."""
 
     kind = ""
     lossless = True
@@ -119,12 +120,30 @@ class TrainedDrafter:
             return False
         return self._value <= 0 and self._steps % PROBE_EVERY != 0
 
-    def draft(self, drafting) -> DraftTree:
-        """drafting() (what a drafted step adds to a resting one, ending in grow), timed for resting."""
+    @torch.no_grad()
+    def propose(self, state: DecodeState, budget: int) -> DraftTree:
+        """Nothing without a budget, before the head has a state to read, or while resting (what a
+        step owes the head waits for the next drafted step); else the subclass's tree (_draft), its
+        time measured for the resting rule."""
+        if budget <= 0 or not self._ready() or self.resting():
+            return DraftTree()
+        if not state.params.greedy and self.generator is None:
+            self.begin_sampling(state.params)
+        self._catch_up(state.tokens)
         started = time.perf_counter()
-        tree = drafting()
+        tree = self._draft(state, budget)
         self._drafted = time.perf_counter() - started
         return tree
+
+    def _ready(self) -> bool:
+        """Whether the head has what it reads (medusa: the state of the row before the root)."""
+        return True
+
+    def _catch_up(self, tokens: list[int]) -> None:
+        """Work the text so far owes the head whether it drafts now or later (eagle feeds its pairs)."""
+
+    def _draft(self, state: DecodeState, budget: int) -> DraftTree:
+        raise NotImplementedError
 
     def _learn_value(self, result: StepResult, drafting: float) -> None:
         curve = self.target.cost_curve
