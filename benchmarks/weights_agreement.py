@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
-CHOICES = [("float32", "float32"), ("gguf", "float32"), ("gguf", "bfloat16"), ("bfloat16", "bfloat16"),
-           ("q8_0", "bfloat16")]
+# (weights, dtype, FASTDECODE_INT8): int8 activations where the CPU runs them (the AVX2 path, kernels.h)
+CHOICES = [("float32", "float32", "0"), ("gguf", "float32", "0"), ("gguf", "bfloat16", "0"), ("gguf", "bfloat16", "1"),
+           ("bfloat16", "bfloat16", "0"), ("q8_0", "bfloat16", "0"), ("q8_0", "bfloat16", "1")]
 
 
 def answer(weights: str, dtype: str, per_group: int, max_new_tokens: int) -> dict:
     """In this process: load one choice, answer the questions, report token ids and memory."""
     from fastdecode import LLM, SamplingParams
     from fastdecode.bench.questions import load_questions, questions_path, sample_questions
+    from fastdecode.kernels import kernel_description
 
     llm = LLM("smollm2-135m-instruct", dtype, weights=weights)
     model = llm.engine.model
@@ -38,7 +41,8 @@ def answer(weights: str, dtype: str, per_group: int, max_new_tokens: int) -> dic
         ids[str(q.question_id)] = result.token_ids
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
-    return {"ids": ids, "weight_mib": weight_bytes / 2**20, "peak_rss_mib": hwm / 1024, "format": model.weight_format}
+    return {"ids": ids, "weight_mib": weight_bytes / 2**20, "peak_rss_mib": hwm / 1024, "format": model.weight_format,
+            "kernels": kernel_description().removeprefix("native kernels: ")}
 
 
 def main() -> None:
@@ -51,17 +55,18 @@ def main() -> None:
         print(json.dumps(answer(*args.one, args.per_group, args.max_new_tokens)))
         return
     results = {}
-    for weights, dtype in CHOICES:
+    for weights, dtype, int8 in CHOICES:
         done = subprocess.run([sys.executable, __file__, "--one", weights, dtype, "--per-group", str(args.per_group),
-                               "--max-new-tokens", str(args.max_new_tokens)], capture_output=True, text=True, check=True)
-        results[(weights, dtype)] = json.loads(done.stdout.strip().splitlines()[-1])
+                               "--max-new-tokens", str(args.max_new_tokens)], capture_output=True, text=True, check=True,
+                              env={**os.environ, "FASTDECODE_INT8": int8})
+        results[(weights, dtype, int8)] = json.loads(done.stdout.strip().splitlines()[-1])
     reference = results[CHOICES[0]]["ids"]
     n = len(reference)
     print(f"{n} Spec-Bench questions (first turns, {args.per_group} per task group), greedy, "
           f"at most {args.max_new_tokens} new tokens; reference: --weights float32 --dtype float32\n")
-    print("| weights | dtype | stored as | identical answers | mean agreeing prefix (tokens) | tokens agreeing | weights MiB | peak RSS MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for (weights, dtype), r in results.items():
+    print("| weights | dtype | stored as | kernels | identical answers | mean agreeing prefix (tokens) | tokens agreeing | weights MiB | peak RSS MiB |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for (weights, dtype, _), r in results.items():
         same, prefix, agree, total = 0, 0, 0, 0
         for qid, ref in reference.items():
             ids = r["ids"][qid]
@@ -70,7 +75,7 @@ def main() -> None:
             prefix += k
             agree += k
             total += len(ref)
-        print(f"| {weights} | {dtype} | {r['format']} | {same}/{n} | {prefix / n:.1f} | {agree / total:.0%} | "
+        print(f"| {weights} | {dtype} | {r['format']} | {r['kernels']} | {same}/{n} | {prefix / n:.1f} | {agree / total:.0%} | "
               f"{r['weight_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
 
 

@@ -130,6 +130,8 @@ def test_end_to_end_on_the_real_model_writes_every_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| `ngram` |" in report and "hf-assisted: needs --draft-model" in report and "![speedup](speedup.png)" in report
     assert "Cost curve: 1 token" in report and "Cost curve: 1 token" in capsys.readouterr().out
+    from fastdecode.kernels import kernel_description  # the products' path: answers differ between paths
+    assert f", {kernel_description()}. Date:" in report
 
     # a second run into the same folder needs --overwrite; --compare of a folder with itself finds no regression
     assert bench("--questions", str(two_questions(tmp_path)), "--out", str(out)) == 2

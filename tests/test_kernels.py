@@ -266,3 +266,59 @@ def test_each_bfloat16_path_is_exact_and_row_invariant(setting, amx):
     if done.stdout.strip() == "path absent":
         pytest.skip(f"this CPU (or its operating system) has no {'AMX' if amx else 'AVX-512 BF16 vector'} path")
     assert done.stdout.strip() == "ok"
+
+
+INT8_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_kernels import FORMATS, packed_matrix
+from fastdecode.kernels import build, matmul, matrix
+avx2, portable = build("x86-64-v3"), build("x86-64")
+assert avx2.kernel_isa() == b"AVX2, int8 activations", avx2.kernel_isa()
+assert portable.kernel_isa() == b"portable C, int8 activations", portable.kernel_isa()
+for fmt in FORMATS:
+    packed = packed_matrix(fmt, 37, 512)
+    w = packed.dequantize().double()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(53, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
+        ours = matmul(avx2, packed, matrix(packed), x)
+        assert torch.equal(ours, matmul(portable, packed, matrix(packed), x)), (fmt, dtype)
+        for rows in (1, 2, 3, 4, 5, 11):
+            assert torch.equal(ours[:rows], matmul(avx2, packed, matrix(packed), x[:rows])), (fmt, dtype, rows)
+        error = ((ours.double() - x.double() @ w.T).abs() / (x.double().abs() @ w.abs().T)).max().item()
+        integer = dtype == torch.bfloat16 and packed.kind in ("q4", "q8")
+        # rounding x to 255 levels a block: a relative error of about 1/254 at most, far above float32's
+        assert (1e-4 < error < 1 / 127) if integer else error < 1e-6, (fmt, dtype, error)
+print("ok")
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(not has_avx2(), reason="this CPU cannot run the AVX2 path")
+def test_int8_activations_are_exact_per_row_and_the_same_on_both_paths():
+    """FASTDECODE_INT8=1: bfloat16 rows meet 4- and 8-bit weights as int8 integers, a block's sum
+    exact in integers. The AVX2 and portable paths give the same bits, a row's result does not
+    depend on the other rows, and the products are as close to float64 as rounding x to 8 bits
+    allows; float32 activations and dense weights keep their float products."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", INT8_CHECK.format(tests=str(Path(__file__).parent))],
+                          capture_output=True, text=True, env={**os.environ, "FASTDECODE_INT8": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
+@needs_kernel
+@pytest.mark.parametrize("value, said", [("yes", "FASTDECODE_INT8 is 0 or 1, not 'yes'"), ("0", None)])
+def test_an_unknown_int8_setting_is_said(value, said):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "from fastdecode.kernels import kernel_description as k; print(k())"],
+                          capture_output=True, text=True, env={**os.environ, "FASTDECODE_INT8": value})
+    assert done.returncode == 0 and "int8" not in done.stdout
+    assert (said in done.stderr) if said else "FASTDECODE_INT8" not in done.stderr

@@ -129,3 +129,50 @@ def test_unknown_method_lists_the_methods(llm_default):
 def test_an_option_of_another_method_is_refused(llm_default):
     with pytest.raises(FastDecodeError, match="has no option 'draft_model'; it belongs to method draft"):
         llm_default.generate("hi", method="ngram", draft_model="x")
+
+
+INT8_METHODS = """
+import json
+from fastdecode import LLM, SamplingParams
+from fastdecode.drafters import make_drafter
+from fastdecode.kernels import kernel_description
+from fastdecode.scheduler import Scheduler
+llm = LLM()
+assert "int8 activations" in kernel_description(), kernel_description()
+prompts = {prompts!r}
+params = SamplingParams(max_new_tokens=48)
+plain = [llm.generate(p, params, method="ar").token_ids for p in prompts]
+drafted = {{}}
+for method in ("ngram", "suffix", "lookahead", "eagle", "hydra", "auto"):
+    for p, expected in zip(prompts, plain):
+        result = llm.generate(p, params, method=method)
+        assert result.token_ids == expected, (method, p)
+        drafted[method] = drafted.get(method, 0) + result.stats.accepted_tokens
+scheduler = Scheduler(llm.engine, max_batch=3)
+requests = [scheduler.submit(llm.prompt_ids(p), params, make_drafter(m, llm.target))
+            for p, m in zip(prompts, ("ar", "suffix", "auto"))]
+scheduler.run()
+assert [r.result.token_ids for r in requests] == plain
+print(json.dumps(drafted))
+"""
+
+
+@pytest.mark.slow
+def test_int8_activations_keep_every_method_exact():
+    """With FASTDECODE_INT8=1 (where the CPU runs it) each method still equals plain decoding in the
+    same mode, alone and in a batch: the integer products keep a row's result independent of the
+    other rows, as the float ones do."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fastdecode.kernels import kernel_description
+
+    if not kernel_description().startswith("native kernels: AVX2"):
+        pytest.skip("int8 activations run on the AVX2 path only")
+    done = subprocess.run([sys.executable, "-c", INT8_METHODS.format(prompts=PROMPTS)], capture_output=True, text=True,
+                          env={**os.environ, "FASTDECODE_INT8": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    accepted = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(n > 0 for n in accepted.values()), accepted  # every method had drafts verified

@@ -42,6 +42,8 @@ def read_results(path: Path) -> list[dict]:
 def machine_facts(dtype: str) -> dict:
     import torch
 
+    from ..kernels import kernel_description
+
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
@@ -49,7 +51,7 @@ def machine_facts(dtype: str) -> dict:
         cpu = None
     return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "dtype": dtype, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "dtype": dtype, "kernels": kernel_description(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 # ----------------------------------------------------------------------------- cells
@@ -139,7 +141,7 @@ def setup_lines(summary: dict) -> list[str]:
     decoding = "greedy" if s["temperature"] == 0 else f"sampling at temperature {s['temperature']}"
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), torch {m['torch']}, "
-        f"Python {m['python']}, dtype {m['dtype']}. Date: {m['date']}. "
+        f"Python {m['python']}, dtype {m['dtype']}, {m.get('kernels', 'kernels not recorded')}. Date: {m['date']}. "
         f"Load average (1 min): {s['load_average'][0]:.1f} at start, {s['load_average'][1]:.1f} at end.",
         f"Questions: {s['questions_file']}: {s['questions']} questions ({counts}; "
         f"{'all' if not s['per_group'] else s['per_group']} per group, seed {s['seed']}), {s['answers_per_repeat']} answers "

@@ -135,7 +135,22 @@ def build(march: str = "native") -> ctypes.CDLL | None:
 @functools.cache
 def native_lib() -> ctypes.CDLL | None:
     """The compiled kernels, built once per process (None when they cannot be built)."""
-    return build()
+    lib = build()
+    if lib is not None:
+        _say_int8_setting(lib)
+    return lib
+
+
+def _say_int8_setting(lib: ctypes.CDLL) -> None:
+    """FASTDECODE_INT8 (matmul.c, kernels.h): a value the kernels do not know, or int8 activations
+    asked of a CPU whose path has none (AVX-512 keeps bfloat16 products), is said once."""
+    value = os.environ.get("FASTDECODE_INT8")
+    if value not in (None, "", "0", "1"):
+        print(f"fastdecode: FASTDECODE_INT8 is 0 or 1, not {value!r}; the products keep bfloat16 activations",
+              file=sys.stderr)
+    elif value == "1" and not lib.kernel_int8():
+        print(f"fastdecode: FASTDECODE_INT8=1 applies to the AVX2 and portable paths; this CPU runs "
+              f"{lib.kernel_isa().decode()}, which keeps bfloat16 activations", file=sys.stderr)
 
 
 def kernel_description() -> str:

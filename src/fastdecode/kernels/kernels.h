@@ -260,7 +260,26 @@ typedef struct {
 long attention_plan(Attention *a, long *first_item, long *qbs);
 void attention_items(void *a, long lo, long hi);
 
-/* Sum of each block of 32 values of a row (for the minimums' terms), in the activation dtype. */
-void row_block_sums(const void *x, int x_bf16, long n, float *out);
+/* int8 activations (FASTDECODE_INT8=1; the AVX2 and portable paths, bfloat16 activations, 4- and
+ * 8-bit weights), as llama.cpp computes on such CPUs: each 32 inputs of a row are rounded to
+ * integers q = round(x * 127 / max|x|) with one scale d = max|x| / 127, and a block's dot product
+ * becomes an integer sum of q_w * q_x, exact, times d: 4 to 8 products per vector instruction
+ * instead of one FMA's 8, so an extra row of a forward costs about a third of what it did. The
+ * results differ from bfloat16 activations' (a model of its own, as the AMX path is); each row's
+ * result is still independent of the other rows (bitwise), so every method stays exact. */
+int kernel_int8(void);
+
+static inline int int8_applies(const Matrix *W, int x_bf16) {
+    return x_bf16 && W->in % 32 == 0 &&
+           ((W->format == FMT_Q4 && W->block == 32) || (W->format == FMT_Q8 && W->block % 8 == 0)) && kernel_int8();
+}
+
+/* What a product reads of a row besides the row: `prep_floats(n)` floats, in this order: each
+ * block of 32 values' sum (for the minimums' terms, in the activation dtype), and where int8
+ * activations apply, each block's scale d (float), the sum of its integers q (int32, for Q4_0's
+ * q - 8) and the integers themselves (int8; within each 8 inputs in the order 0 4 1 5 2 6 3 7,
+ * the order in which a packed Q4 word holds its nibbles, see matmul_avx2.c). */
+static inline long prep_floats(long n) { return 3 * (n / 32) + n / 4; }
+void row_prep(const void *x, int x_bf16, long n, int quantize, float *out);
 
 #endif

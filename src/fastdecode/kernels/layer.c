@@ -66,11 +66,21 @@ typedef struct {
     const uint8_t *prompt; /* [rows]: 1 for a prompt's row (its products may run on AMX tiles), or NULL */
 } Step;
 
-static int needs_sums(const Product *p) {
-    for (long i = 0; i < p->parts; i++)
-        if (p->part[i].has_min)
-            return 1;
-    return 0;
+/* Whether the product reads its rows' prep (kernels.h): 1 for the block sums, 2 for the int8 rows too. */
+static int needs_prep(const Product *p, int act_bf16) {
+    int need = 0;
+    for (long i = 0; i < p->parts; i++) {
+        if (int8_applies(&p->part[i], act_bf16))
+            return 2;
+        need |= p->part[i].has_min;
+    }
+    return need;
+}
+
+static void prep_row(const void *x, const Product *next, int act_bf16, long n, float *out) {
+    const int need = needs_prep(next, act_bf16);
+    if (need)
+        row_prep(x, act_bf16, n, need == 2, out);
 }
 
 /* out[i] = x[i] * w[i] / sqrt(mean(x^2) + eps), in the activation dtype. */
@@ -191,7 +201,7 @@ typedef struct {
     const Step *s;
     void *kpool, *vpool;
     float *x;
-    long width, width_h, nsum; /* qkv's row; h's row (and xsum's, / 32) */
+    long width, width_h, nsum; /* qkv's row; h's row; its prep's (kernels.h) */
     const Product *product;    /* of the product phase */
     const void *in;
     float *out;
@@ -209,8 +219,7 @@ static void *h_row(const Layer *L, long r) { return (char *)L->s->h + r * L->wid
 static void norm_rows(const Layer *L, const float *weight, const Product *next, long lo, long hi) {
     for (long r = lo; r < hi; r++) {
         rms_norm_row(L->x + r * L->c->hidden, L->c->hidden, weight, L->c->eps, h_row(L, r), L->c->act_bf16);
-        if (needs_sums(next))
-            row_block_sums(h_row(L, r), L->c->act_bf16, L->c->hidden, L->s->xsum + r * L->nsum);
+        prep_row(h_row(L, r), next, L->c->act_bf16, L->c->hidden, L->s->xsum + r * L->nsum);
     }
 }
 
@@ -289,8 +298,7 @@ static void attention_out_items(void *arg, long lo, long hi) {
     const Layer *L = arg;
     for (long r = lo; r < hi; r++) {
         to_act(L->s->att + r * L->c->q_size, L->c->q_size, h_row(L, r), L->c->act_bf16);
-        if (needs_sums(&L->w->o))
-            row_block_sums(h_row(L, r), L->c->act_bf16, L->c->q_size, L->s->xsum + r * L->nsum);
+        prep_row(h_row(L, r), &L->w->o, L->c->act_bf16, L->c->q_size, L->s->xsum + r * L->nsum);
     }
 }
 
@@ -303,8 +311,7 @@ static void gate_items(void *arg, long lo, long hi) {
             gelu_mul(L->s->gu + r * 2 * I, L->s->gu + r * 2 * I + I, I, h_row(L, r), L->c->act_bf16);
         else
             silu_mul(L->s->gu + r * 2 * I, L->s->gu + r * 2 * I + I, I, h_row(L, r), L->c->act_bf16);
-        if (needs_sums(&L->w->down))
-            row_block_sums(h_row(L, r), L->c->act_bf16, I, L->s->xsum + r * L->nsum);
+        prep_row(h_row(L, r), &L->w->down, L->c->act_bf16, I, L->s->xsum + r * L->nsum);
     }
 }
 
@@ -332,7 +339,7 @@ static void residual_product(Layer *L, const Product *p, const float *post_norm)
 
 void decoder_layer(const Dims *c, const LayerWeights *w, const Step *s, void *kpool, void *vpool, float *x) {
     const long H = c->hidden, Q = c->q_size, I = c->inter, widest = I > H ? (I > Q ? I : Q) : (H > Q ? H : Q);
-    Layer L = {c, w, s, kpool, vpool, x, Q + 2 * c->kv_size, (widest + 31) / 32 * 32, (widest + 31) / 32};
+    Layer L = {c, w, s, kpool, vpool, x, Q + 2 * c->kv_size, (widest + 31) / 32 * 32, prep_floats((widest + 31) / 32 * 32)};
     const long rows = s->rows, chunk = 4; /* rows per item of a row phase */
     run_items(attn_norm_items, &L, rows, chunk);
     product(&L, &w->qkv, s->qkv, L.width, 0);

@@ -28,7 +28,7 @@
 #define NBMAX 4
 
 /* (the vector path adds the two halves of a block lane by lane, then the 16 lanes in a fixed tree) */
-void row_block_sums(const void *x, int x_bf16, long n, float *out) {
+static void row_block_sums(const void *x, int x_bf16, long n, float *out) {
     for (long b = 0; b < n / 32; b++) {
 #ifdef __AVX512F__
         __m512 s = _mm512_add_ps(act_load16(x, 32 * b, x_bf16, 0xffff), act_load16(x, 32 * b + 16, x_bf16, 0xffff));
@@ -38,6 +38,79 @@ void row_block_sums(const void *x, int x_bf16, long n, float *out) {
         for (long i = 0; i < 32; i++)
             s += act_at(x, 32 * b + i, x_bf16);
         out[b] = s;
+#endif
+    }
+}
+
+/* FASTDECODE_INT8=1 turns int8 activations on (kernels.h); a CPU with AVX-512 keeps its own path. */
+static pthread_once_t int8_once = PTHREAD_ONCE_INIT;
+static int int8_mode;
+
+static void int8_init(void) {
+#ifndef __AVX512F__
+    const char *env = getenv("FASTDECODE_INT8");
+    int8_mode = env && !strcmp(env, "1");
+#endif
+}
+
+int kernel_int8(void) {
+    pthread_once(&int8_once, int8_init);
+    return int8_mode;
+}
+
+/* Each block: d = max|x| / 127 and q = round(x * (127 / max|x|)) to nearest even, NaN ignored in the
+ * maximum; the AVX2 loop does exactly these operations 8 lanes at a time. */
+void row_prep(const void *x, int x_bf16, long n, int quantize, float *out) {
+    static const int order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+    const long nb = n / 32;
+    row_block_sums(x, x_bf16, n, out);
+    if (!quantize)
+        return;
+    float *d = out + nb;
+    int32_t *qsum = (int32_t *)(out + 2 * nb);
+    int8_t *q = (int8_t *)(out + 3 * nb);
+    for (long b = 0; b < nb; b++) {
+#ifdef KERNELS_AVX2
+        __m256 v[4], most = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (long j = 0; j < 4; j++) {
+            v[j] = act_load8(x, 32 * b + 8 * j, x_bf16, 8);
+            most = _mm256_max_ps(_mm256_andnot_ps(sign, v[j]), most); /* the second operand where NaN */
+        }
+        most = _mm256_max_ps(most, _mm256_permute2f128_ps(most, most, 1));
+        most = _mm256_max_ps(most, _mm256_shuffle_ps(most, most, 0x4e));
+        most = _mm256_max_ps(most, _mm256_shuffle_ps(most, most, 0xb1));
+        const float top = _mm_cvtss_f32(_mm256_castps256_ps128(most)), inv = top > 0.0f ? 127.0f / top : 0.0f;
+        const __m256i by = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        __m256i k[4], total = _mm256_setzero_si256();
+        for (long j = 0; j < 4; j++) {
+            k[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_permutevar8x32_ps(v[j], by), _mm256_set1_ps(inv)));
+            total = _mm256_add_epi32(total, k[j]);
+        }
+        /* packing interleaves 128-bit lanes: dwords 0 4 1 5 2 6 3 7 put them back in order */
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(k[0], k[1]), _mm256_packs_epi32(k[2], k[3]));
+        _mm256_storeu_si256((__m256i *)(q + 32 * b), _mm256_permutevar8x32_epi32(bytes, by));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        d[b] = top / 127.0f;
+        qsum[b] = _mm_cvtsi128_si32(t);
+#else
+        float v[32], most = 0.0f;
+        for (long i = 0; i < 32; i++) {
+            v[i] = act_at(x, 32 * b + i, x_bf16);
+            const float a = fabsf(v[i]);
+            most = a > most ? a : most;
+        }
+        const float inv = most > 0.0f ? 127.0f / most : 0.0f;
+        int32_t s = 0;
+        for (long i = 0; i < 32; i++) {
+            const int k = (int)nearbyintf(v[(i & ~7L) + order[i & 7]] * inv);
+            q[32 * b + i] = (int8_t)k;
+            s += k;
+        }
+        d[b] = most / 127.0f;
+        qsum[b] = s;
 #endif
     }
 }
@@ -554,9 +627,39 @@ long matmul_tiles(const Matrix *W, int x_bf16, int prompt, long rows) {
     return (W->out + 15) / 16;
 }
 
+/* int8 activations: per block, the integer sum of q_w * q_x (exact in any order), then
+ * a = sum * d_x, t = t + a * s (+ m * the block's sum of x). */
+static void int8_run(const Matrix *W, const float *prep, long ldp, float *y, long ldy, int add, long rows, long lo,
+                     long hi) {
+    static const int position[8] = {0, 2, 4, 6, 1, 3, 5, 7}; /* of input i % 8 among the stored q */
+    const long nb = W->in / 32;
+    for (long o = lo * 16; o < hi * 16 && o < W->out; o++)
+        for (long r = 0; r < rows; r++) {
+            const float *p = prep + r * ldp;
+            const int8_t *q = (const int8_t *)(p + 3 * nb);
+            float total = 0.0f;
+            for (long b = 0; b < W->in / W->block; b++) {
+                const uint8_t *cell = NULL;
+                int32_t sum = 0;
+                for (long i = b * W->block; i < (b + 1) * W->block; i++)
+                    sum += (int32_t)weight_at(W, o, i, &cell) * q[(i & ~7L) + position[i & 7]];
+                const float a = (float)sum * p[nb + b * W->block / 32];
+                total = fmaf(a, scale_at(W, cell, o, 0), total);
+                if (W->has_min)
+                    total = fmaf(scale_at(W, cell, o, 1), p[b], total);
+            }
+            float *dst = y + r * ldy + o;
+            *dst = add ? *dst + total : total;
+        }
+}
+
 void matmul_run(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx, long rows, const float *xsum,
                 long ldsum, float *y, long ldy, int add, long lo, long hi) {
     (void)prompt;
+    if (int8_applies(W, x_bf16)) {
+        int8_run(W, xsum, ldsum, y, ldy, add, rows, lo, hi);
+        return;
+    }
     const int dense = W->format == FMT_F32 || W->format == FMT_BF16;
     /* bfloat16 pairs as vdpbf16ps takes them (the second product first) where the vector path would */
     const int pairs = x_bf16 && W->format != FMT_F32;
@@ -594,23 +697,25 @@ typedef struct {
     float *xsum, *y;
 } MatmulCall;
 
-static void sums_items(void *arg, long lo, long hi) {
+static void prep_items(void *arg, long lo, long hi) {
     const MatmulCall *c = arg;
     for (long r = lo; r < hi; r++)
-        row_block_sums((const char *)c->x + r * c->W->in * (c->x_bf16 ? 2 : 4), c->x_bf16, c->W->in,
-                       c->xsum + r * (c->W->in / 32));
+        row_prep((const char *)c->x + r * c->W->in * (c->x_bf16 ? 2 : 4), c->x_bf16, c->W->in,
+                 int8_applies(c->W, c->x_bf16), c->xsum + r * prep_floats(c->W->in));
 }
 
 static void product_items(void *arg, long lo, long hi) {
     const MatmulCall *c = arg;
-    matmul_run(c->W, c->x, c->x_bf16, 0, c->W->in, c->rows, c->xsum, c->W->in / 32, c->y, c->W->out, c->add, lo, hi);
+    matmul_run(c->W, c->x, c->x_bf16, 0, c->W->in, c->rows, c->xsum, prep_floats(c->W->in), c->y, c->W->out, c->add,
+               lo, hi);
 }
 
 /* y = x @ W.T (add: y += x @ W.T) as one call: the product alone, outside a decoder layer. */
 void matmul(const Matrix *W, const void *x, int x_bf16, long rows, float *y, int add) {
-    MatmulCall c = {W, x, x_bf16, add, rows, W->has_min ? malloc(sizeof(float) * rows * (W->in / 32)) : NULL, y};
+    const int prep = W->has_min || int8_applies(W, x_bf16);
+    MatmulCall c = {W, x, x_bf16, add, rows, prep ? malloc(sizeof(float) * rows * prep_floats(W->in)) : NULL, y};
     if (c.xsum)
-        run_items(sums_items, &c, rows, 8);
+        run_items(prep_items, &c, rows, 8);
     run_items(product_items, &c, matmul_tiles(W, x_bf16, 0, rows), 1);
     free(c.xsum);
 }
@@ -676,8 +781,8 @@ const char *kernel_isa(void) {
 #elif defined(__AVX512F__) && defined(__AVX512BW__)
     return "AVX-512";
 #elif defined(KERNELS_AVX2)
-    return "AVX2";
+    return kernel_int8() ? "AVX2, int8 activations" : "AVX2";
 #else
-    return "portable C";
+    return kernel_int8() ? "portable C, int8 activations" : "portable C";
 #endif
 }

@@ -270,14 +270,155 @@ static void many_rows(const Matrix *W, const void *x, int x_bf16, long ldx, long
     }
 }
 
+/* int8 activations (kernels.h): integer products on the packed weights as they are, 32 bits a lane.
+ * A Q4 word's bytes, masked to their low nibbles, hold inputs 0 4 1 5 of 8 for one output, their
+ * high nibbles inputs 2 6 3 7: the order of the row's stored integers, so one 4-byte broadcast of
+ * them meets 8 outputs in vpmaddubsw (unsigned 4-bit weight times signed 8-bit input, pairs
+ * added to 16 bits). A block's 8 such products fit 16 bits (16 x 15 x 127 < 2^15); vpmaddwd adds
+ * the pairs to 32 bits. Q8's 32-byte input pairs interleave to the same order (bytes of pairs 0
+ * and 2, then 1 and 3), lanes holding outputs 0-3 and 8-11, or 4-7 and 12-15; a signed weight
+ * meets the input as |w| times x with w's sign. Then per block, as the portable path:
+ *     a = sum * d_x,  t = fma(a, s, t)  (t = fma(m, the block's sum of x, t) with a minimum). */
+#define I8H 4 /* halves (8 outputs) per tile of a one-row call */
+#define I8R 2 /* rows per tile of a call of more rows, a whole group */
+
+static inline __m256i broadcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Halves h0 .. h0+nh-1 (8 outputs each; half h is half h % 2 of group h / 2) x rows 0 .. nr-1. A
+ * broadcast serves every half of a one-row tile; with more rows each is used once and loaded
+ * where it is used, so that the sums stay in registers. */
+static inline __attribute__((always_inline)) void tile_int8(const Matrix *W, const int fmt, const float *prep,
+                                                            long ldp, float *y, long ldy, int add, long h0,
+                                                            const long nh, const long nr) {
+    const long cells = cells_per_group(W), cb = cell_bytes(W), wb = cell_weight_bytes(W), nb = W->in / 32;
+    const long sb = W->half_scales ? 32 : 64, hb = W->half_scales ? 16 : 32;
+    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const int8_t *q[I8R];
+    for (long r = 0; r < nr; r++)
+        q[r] = (const int8_t *)(prep + r * ldp + 3 * nb);
+    __m256 total[I8H][I8R];
+    for (long u = 0; u < nh; u++)
+        for (long r = 0; r < nr; r++)
+            total[u][r] = _mm256_setzero_ps();
+    for (long b = 0; b < cells; b++) {
+        const long i0 = b * W->block;
+        const uint8_t *cell[I8H];
+        __m256i sum[I8H][I8R];
+        for (long u = 0; u < nh; u++) {
+            cell[u] = W->data + (((h0 + u) / 2) * cells + b) * cb;
+            for (long r = 0; r < nr; r++)
+                sum[u][r] = _mm256_setzero_si256();
+        }
+        if (fmt == FMT_Q4) {
+            for (long v = 0; v < 4; v++)
+                for (long u = 0; u < nh; u++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(cell[u] + 64 * v + 32 * ((h0 + u) % 2)));
+                    const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+                    for (long r = 0; r < nr; r++) {
+                        sum[u][r] = _mm256_add_epi16(sum[u][r], _mm256_maddubs_epi16(lo, broadcast4(q[r] + i0 + 8 * v)));
+                        sum[u][r] = _mm256_add_epi16(sum[u][r], _mm256_maddubs_epi16(hi, broadcast4(q[r] + i0 + 8 * v + 4)));
+                    }
+                }
+            for (long u = 0; u < nh; u++)
+                for (long r = 0; r < nr; r++) {
+                    sum[u][r] = _mm256_madd_epi16(sum[u][r], ones);
+                    if (W->signed_q4) /* q - 8 */
+                        sum[u][r] = _mm256_sub_epi32(sum[u][r], _mm256_set1_epi32(8 * ((const int32_t *)(prep + r * ldp + 2 * nb))[b]));
+                }
+        } else {
+            for (long k = 0; k < W->block; k += 8)
+                for (long u = 0; u < nh; u++) {
+                    const uint8_t *c = cell[u] + 16 * k; /* input pairs k/2 .. k/2 + 3, 32 bytes each */
+                    const __m256i p0 = _mm256_loadu_si256((const __m256i *)c), p1 = _mm256_loadu_si256((const __m256i *)(c + 32));
+                    const __m256i p2 = _mm256_loadu_si256((const __m256i *)(c + 64)), p3 = _mm256_loadu_si256((const __m256i *)(c + 96));
+                    const int high = (h0 + u) % 2;
+                    const __m256i wa = high ? _mm256_unpackhi_epi8(p0, p2) : _mm256_unpacklo_epi8(p0, p2);
+                    const __m256i wb = high ? _mm256_unpackhi_epi8(p1, p3) : _mm256_unpacklo_epi8(p1, p3);
+                    const __m256i aa = _mm256_abs_epi8(wa), ab = _mm256_abs_epi8(wb);
+                    for (long r = 0; r < nr; r++) {
+                        const __m256i pa = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(broadcast4(q[r] + i0 + k), wa));
+                        const __m256i pb = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(broadcast4(q[r] + i0 + k + 4), wb));
+                        sum[u][r] = _mm256_add_epi32(sum[u][r], _mm256_madd_epi16(pa, ones));
+                        sum[u][r] = _mm256_add_epi32(sum[u][r], _mm256_madd_epi16(pb, ones));
+                    }
+                }
+        }
+        for (long u = 0; u < nh; u++) {
+            const int high = (h0 + u) % 2;
+            __m256 s, m;
+            if (fmt == FMT_Q8) { /* lanes: outputs 0-3 and 8-11 (low), 4-7 and 12-15 (high) */
+                const __m256 s0 = load_scales8(cell[u] + wb, W->half_scales), s1 = load_scales8(cell[u] + wb + hb, W->half_scales);
+                s = high ? _mm256_permute2f128_ps(s0, s1, 0x31) : _mm256_permute2f128_ps(s0, s1, 0x20);
+                m = s; /* no Q8 format has minimums */
+            } else {
+                s = load_scales8(cell[u] + wb + high * hb, W->half_scales);
+                m = W->has_min ? load_scales8(cell[u] + wb + sb + high * hb, W->half_scales) : s;
+            }
+            for (long r = 0; r < nr; r++) {
+                const float *p = prep + r * ldp;
+                const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[u][r]), _mm256_set1_ps(p[nb + i0 / 32]));
+                total[u][r] = _mm256_fmadd_ps(a, s, total[u][r]);
+                if (fmt == FMT_Q4 && W->has_min)
+                    total[u][r] = _mm256_fmadd_ps(m, _mm256_set1_ps(p[b]), total[u][r]);
+            }
+        }
+    }
+    for (long u = 0; u < nh; u++)
+        for (long r = 0; r < nr; r++) {
+            float v[8];
+            _mm256_storeu_ps(v, total[u][r]);
+            const long h = h0 + u, o = (h / 2) * 16;
+            for (long j = 0; j < 8; j++) { /* output of lane j */
+                const long at = o + (fmt == FMT_Q8 ? (j < 4 ? 4 * (h % 2) + j : 8 + 4 * (h % 2) + j - 4) : 8 * (h % 2) + j);
+                if (at < W->out)
+                    y[r * ldy + at] = add ? y[r * ldy + at] + v[j] : v[j];
+            }
+        }
+}
+
+static void int8_run(const Matrix *W, const float *prep, long ldp, float *y, long ldy, int add, long rows, long lo,
+                     long hi) {
+    const long halves = 2 * ((W->out + 15) / 16);
+    for (long t = lo; t < hi; t++) {
+        if (rows == 1) {
+            const long h0 = t * I8H, nh = halves - h0 < I8H ? halves - h0 : I8H;
+            if (nh == I8H)
+                W->format == FMT_Q4 ? tile_int8(W, FMT_Q4, prep, ldp, y, ldy, add, h0, I8H, 1)
+                                    : tile_int8(W, FMT_Q8, prep, ldp, y, ldy, add, h0, I8H, 1);
+            else
+                for (long h = h0; h < h0 + nh; h++)
+                    W->format == FMT_Q4 ? tile_int8(W, FMT_Q4, prep, ldp, y, ldy, add, h, 1, 1)
+                                        : tile_int8(W, FMT_Q8, prep, ldp, y, ldy, add, h, 1, 1);
+            continue;
+        }
+        for (long r0 = 0; r0 < rows; r0 += I8R) {
+            const long nr = rows - r0 < I8R ? rows - r0 : I8R;
+            const float *p = prep + r0 * ldp;
+            float *yr = y + r0 * ldy;
+#define RUN(f)                                                                                       \
+    (nr == 3 ? tile_int8(W, f, p, ldp, yr, ldy, add, 2 * t, 2, 3)                                    \
+     : nr == 2 ? tile_int8(W, f, p, ldp, yr, ldy, add, 2 * t, 2, 2) : tile_int8(W, f, p, ldp, yr, ldy, add, 2 * t, 2, 1))
+            if (W->format == FMT_Q4)
+                RUN(FMT_Q4);
+            else
+                RUN(FMT_Q8);
+#undef RUN
+        }
+    }
+}
+
 /* Groups per tile by the call's rows: 8 to 16 sums in flight (see the top); on a 2-core Zen 3 the
  * 2-row products of a forward took 16% less time in 3-group tiles than in 2-group ones, the 3- and
  * 4-row ones 10% less in 2-group tiles than in 1-group ones. */
 static long tile_groups(long rows) { return rows == 1 ? 4 : rows == 2 ? 3 : rows <= 4 ? 2 : 1; }
 
 long matmul_tiles(const Matrix *W, int x_bf16, int prompt, long rows) {
-    (void)x_bf16, (void)prompt;
-    long groups = (W->out + 15) / 16, width = tile_groups(rows);
+    (void)prompt;
+    long groups = (W->out + 15) / 16, width = int8_applies(W, x_bf16) ? (rows == 1 ? I8H / 2 : 1) : tile_groups(rows);
     return (groups + width - 1) / width;
 }
 
@@ -286,6 +427,10 @@ void matmul_run(const Matrix *W, const void *x, int x_bf16, int prompt, long ldx
     (void)prompt;
     const long groups = (W->out + 15) / 16, width = tile_groups(rows), per_tile = rows == 2 ? 2 : MAXR;
     const long xsize = x_bf16 ? 2 : 4, fmt = W->format;
+    if (int8_applies(W, x_bf16)) { /* xsum: the rows' prep */
+        int8_run(W, xsum, ldsum, y, ldy, add, rows, lo, hi);
+        return;
+    }
     if (rows > MAXR) { /* one group a tile */
         many_rows(W, x, x_bf16, ldx, rows, xsum, ldsum, y, ldy, add, lo, hi);
         return;
