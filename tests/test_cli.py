@@ -207,6 +207,8 @@ def test_calibrate_stores_the_curve_the_engine_reads(capsys, monkeypatch, reuse_
     from fastdecode.kernels import kernel_description
 
     assert out.splitlines()[0].endswith(f" on {kernel_description()}")  # the path the curve belongs to
+    avx2_float = kernel_description().startswith("native kernels: AVX2,") and "int8" not in kernel_description()
+    assert ("FASTDECODE_INT8=1 computes with int8 activations" in err) == avx2_float  # the faster mode, named
     curve_table, ceiling_table = out.split("\n\n")
     rows = [line.split() for line in curve_table.splitlines()[2:]]
     assert [int(r[0]) for r in rows] == [1, 4, 16]

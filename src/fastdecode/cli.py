@@ -372,6 +372,9 @@ def _calibrate(args) -> int:
         cells = [f"{s:.2f}x {d:>5}" for s, d in (curve.ceiling(a), curve.ceiling(a, CEILING_BATCH))]
         print(f"{a:>10.2f}  {cells[0]:>13}  {cells[1]:>13}")
     print(f"saved to {path}", file=sys.stderr)
+    if kernel_description().startswith("native kernels: AVX2,") and "int8" not in kernel_description():
+        print("this CPU runs the AVX2 path: FASTDECODE_INT8=1 computes with int8 activations, faster and with "
+              "answers of their own (README: \"int8 activations\")", file=sys.stderr)
     return 0
 
 
