@@ -1,7 +1,9 @@
 """Native kernels, compiled on first use with the system C compiler and cached.
 
 matmul.c   every matrix product, with the weights in their stored format (float32, bfloat16, or
-           GGUF blocks of 4- and 8-bit integers expanded in registers: kernels.h tells the layouts)
+           GGUF blocks of 4- and 8-bit integers expanded in registers: kernels.h tells the layouts);
+           matmul_avx2.c the same on CPUs without AVX-512, and there, with FASTDECODE_INT8=1,
+           integer products over activations rounded to int8 (kernels.h)
 attention.c attention of new rows over the paged KV cache
 layer.c    one whole decoder layer as one call (norms, products, rotary embedding, cache writes,
            attention, SiLU or GELU, residuals), with the options the model families need (q/k/v

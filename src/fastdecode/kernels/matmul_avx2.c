@@ -275,7 +275,7 @@ static void many_rows(const Matrix *W, const void *x, int x_bf16, long ldx, long
  * high nibbles inputs 2 6 3 7: the order of the row's stored integers, so one 4-byte broadcast of
  * them meets 8 outputs in vpmaddubsw (unsigned 4-bit weight times signed 8-bit input, pairs
  * added to 16 bits). A block's 8 such products fit 16 bits (16 x 15 x 127 < 2^15); vpmaddwd adds
- * the pairs to 32 bits. Q8's 32-byte input pairs interleave to the same order (bytes of pairs 0
+ * the pairs to 32 bits (Q4_0's q - 8 then takes 8 times the block's sum of integers). Q8's 32-byte input pairs interleave to the same order (bytes of pairs 0
  * and 2, then 1 and 3), lanes holding outputs 0-3 and 8-11, or 4-7 and 12-15; a signed weight
  * meets the input as |w| times x with w's sign. Then per block, as the portable path:
  *     a = sum * d_x,  t = fma(a, s, t)  (t = fma(m, the block's sum of x, t) with a minimum). */
