@@ -131,6 +131,7 @@ def build(march: str = "native") -> ctypes.CDLL | None:
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.matrix_rows.argtypes = [ctypes.POINTER(Matrix), p, n, p]
     lib.matrix_rows.restype = None
+    lib.row_prep_floats.argtypes, lib.row_prep_floats.restype = [n], n
     return lib
 
 

@@ -58,6 +58,9 @@ int kernel_int8(void) {
     return int8_mode;
 }
 
+/* prep_floats for the callers that allocate the prep (models/decoder.py). */
+long row_prep_floats(long n) { return prep_floats(n); }
+
 /* Each block: d = max|x| / 127 and q = round(x * (127 / max|x|)) to nearest even, NaN ignored in the
  * maximum; the AVX2 loop does exactly these operations 8 lanes at a time. */
 void row_prep(const void *x, int x_bf16, long n, int quantize, float *out) {

@@ -353,7 +353,7 @@ class _NativeLayers:
     def __init__(self, model: DecoderModel, rows: _Rows):
         c, n = model.config, rows.total
         widest = -(-max(c.hidden_size, model.q_size, c.intermediate_size) // 32) * 32
-        self.scratch = [torch.empty(n, widest, dtype=model.dtype), torch.empty(n, 3 * (widest // 32) + widest // 4),
+        self.scratch = [torch.empty(n, widest, dtype=model.dtype), torch.empty(n, model.native.row_prep_floats(widest)),
                         torch.empty(n, model.q_size + 2 * model.kv_size), torch.empty(n, model.q_size),
                         torch.empty(n, 2 * c.intermediate_size), torch.empty(n, c.hidden_size)]  # h, its prep (kernels.h prep_floats), qkv, att, gu, y
         self.rows = rows
