@@ -168,20 +168,20 @@ class EagleHead(TargetHead):
         goal = F.pad(last[:, 1:], (0, 0, 0, 1))  # pair t's output should be the target's state at t + 1
         return outputs, index, weights, goal
 
-    def _scored(self, batch: dict):
+    def _scored(self, batch: dict, with_hits: bool):
         """Per step: its loss (soft cross-entropy plus REGRESSION x the feature regression) and its
-        top-1 hits, the output head run at labelled pairs only."""
+        top-1 hits (None without `with_hits`), the output head run at labelled pairs only."""
         outputs, index, weights, goal = self._unroll(batch)
         scored = []
         for g, valid in outputs:
-            ce, hits = at_rows(valid, lambda rows, g=g: self.logits(g[rows]), index, weights)
+            ce, hits = at_rows(valid, lambda rows, g=g: self.logits(g[rows]), index, weights, with_hits)
             reg = feature_regression(g[valid], goal[valid])
             scored.append((ce + REGRESSION * reg, hits, valid))
         return scored
 
     def loss(self, batch: dict):
         total, metrics = 0.0, {}
-        for j, (step_loss, _, _) in enumerate(self._scored(batch)):
+        for j, (step_loss, _, _) in enumerate(self._scored(batch, with_hits=False)):
             total = total + TTT_DECAY**j * step_loss
             metrics[f"loss@{j + 1}"] = float(step_loss.detach())
         return total, metrics
@@ -190,7 +190,7 @@ class EagleHead(TargetHead):
     def evaluate(self, batch: dict) -> dict[str, float]:
         # Step j's pair t is depth j + 1 of the chain drafted at pair t - j: align on the start.
         correct, valid = [], []
-        for j, (_, hits, ok) in enumerate(self._scored(batch)):
+        for j, (_, hits, ok) in enumerate(self._scored(batch, with_hits=True)):
             correct.append(F.pad(hits[:, j:], (0, j)))
             valid.append(F.pad(ok[:, j:], (0, j)))
         return chain_acceptance(correct, valid)

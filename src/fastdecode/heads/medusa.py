@@ -69,8 +69,8 @@ class MedusaHeads(TargetHead):
         x = hidden if not self.sequential else torch.cat([hidden, path_embeds.flatten(-2)], -1)
         return hidden + F.silu(self.blocks[k](x))
 
-    def _scored(self, batch: dict):
-        """Per head: its loss, its top-1 hits and the positions that count, aligned on the position
+    def _scored(self, batch: dict, with_hits: bool):
+        """Per head: its loss, its top-1 hits (None without `with_hits`) and the positions that count, aligned on the position
         each head drafts from; the output head runs at labelled positions only."""
         tokens, mask = batch["tokens"], batch["mask"]
         B, T = tokens.shape
@@ -95,7 +95,7 @@ class MedusaHeads(TargetHead):
                 guesses["v"] = self.guess(k, hidden[rows], path)
                 return self.head(guesses["v"])
 
-            ce, hits = at_rows(valid, logits_of, index, weights)
+            ce, hits = at_rows(valid, logits_of, index, weights, with_hits)
             goal = F.pad(hidden[:, shift:], (0, 0, 0, shift))  # the normed last state at t + k + 1
             reg = feature_regression(guesses["v"], goal[valid])
             out.append((ce + REGRESSION * reg, hits, valid))
@@ -103,14 +103,14 @@ class MedusaHeads(TargetHead):
 
     def loss(self, batch: dict):
         total, metrics = 0.0, {}
-        for k, (head_loss, _, _) in enumerate(self._scored(batch)):
+        for k, (head_loss, _, _) in enumerate(self._scored(batch, with_hits=False)):
             total = total + head_loss
             metrics[f"loss@{k + 1}"] = float(head_loss.detach())
         return total, metrics
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, float]:
-        scored = self._scored(batch)
+        scored = self._scored(batch, with_hits=True)
         return chain_acceptance([hits for _, hits, _ in scored], [valid for _, _, valid in scored])
 
 
