@@ -70,8 +70,9 @@ class MedusaHeads(TargetHead):
         return hidden + F.silu(self.blocks[k](x))
 
     def _scored(self, batch: dict, with_hits: bool):
-        """Per head: its loss, its top-1 hits (None without `with_hits`) and the positions that count, aligned on the position
-        each head drafts from; the output head runs at labelled positions only."""
+        """Per head: its loss, its top-1 hits (None without `with_hits`) and the positions that
+        count, aligned on the position each head drafts from; the output head runs at labelled
+        positions only."""
         tokens, mask = batch["tokens"], batch["mask"]
         B, T = tokens.shape
         to_draft = torch.full((self.cfg["vocab_size"],), -1, dtype=torch.long, device=tokens.device)
