@@ -354,3 +354,36 @@ def test_fastdecode_train_trains_the_real_heads_and_they_draft_losslessly(tiny_l
         result = tiny_llm.engine.generate(prompt, params, drafter)
         assert result.token_ids == plain.token_ids, kind
         assert result.stats.drafts > 0, kind  # it drafted, and what it drafted was verified
+
+
+def test_init_fine_tunes_a_trained_head_in_its_draft_vocabulary(tiny_llm, env, capsys):
+    """--init starts the head from the given file (not from the target's output head) and keeps the
+    file's draft vocabulary; the card says where the head came from. At a learning rate of 1e-12 the
+    result equals the file it started from (a fresh head's layer would start at zero, its output rows
+    at the target's)."""
+    model, first, second = str(env / "tiny"), env / "first", env / "second"
+    common = ["train", "--model", model, "--dtype", "float32", "--heads", "eagle", "--max-new-tokens", "12",
+              "--epochs", "1", "--batch-tokens", "512"]
+    assert main([*common, "--prompts-file", str(prompts_file(env / "p.jsonl")), "--prompts", "4",
+                 "--draft-vocab", "96", "--out", str(first)]) == 0
+    start = first / "eagle.safetensors"
+    assert main([*common, "--prompts-file", str(prompts_file(env / "q.jsonl", PROMPTS[4:] + PROMPTS[:2])),
+                 "--prompts", "6", "--draft-vocab", "40", "--lr", "1e-12", "--init", str(start),
+                 "--out", str(second)]) == 0
+    with safe_open(str(start), framework="pt") as a, safe_open(str(second / "eagle.safetensors"), framework="pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for name in a.keys():
+            torch.testing.assert_close(b.get_tensor(name), a.get_tensor(name), atol=1e-9, rtol=1e-2, msg=name)
+    assert len(json.loads((second / "features" / "index.json").read_text())["draft_vocab"]) == 96  # not 40
+    card = json.loads((second / "eagle.json").read_text())
+    assert card["initialised_from"]["sha256"] == heads.fingerprint(start)
+    assert card["initialised_from"]["data"] == json.loads((first / "eagle.json").read_text())["data"]
+    capsys.readouterr()
+
+    for extra, message in [(["--heads", "medusa"], "is a eagle head, and --heads does not train eagle"),
+                           (["--init", str(start)], "names two eagle heads"),
+                           (["--out", str(env / "x"), "--init", str(env / "none.safetensors")], "no head file")]:
+        argv = [*common, "--prompts-file", str(env / "p.jsonl"), "--prompts", "4", "--init", str(start),
+                "--out", str(env / "third"), *extra]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err

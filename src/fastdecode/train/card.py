@@ -25,9 +25,10 @@ def git_commit() -> str | None:
 
 
 def make_card(kind: str, head, model_name: str, model_config, run: dict, train_answer_tokens: int,
-              settings, result: dict) -> dict:
+              settings, result: dict, init: dict | None = None) -> dict:
     """The card of a head trained in a run: `run` is the run folder's record (run.json: settings,
-    data counts, wall times), `settings` the loop's TrainSettings, `result` what loop.train returned."""
+    data counts, wall times), `settings` the loop's TrainSettings, `result` what loop.train returned,
+    `init` the head it was fine-tuned from (its file, hash, and what its card said of its training)."""
     fixed, data = run["settings"], run["data"]
     answered = data["train_prompts"] + data["held_out_prompts"]
     dropped = data["dropped"]
@@ -53,6 +54,7 @@ def make_card(kind: str, head, model_name: str, model_config, run: dict, train_a
         },
         "training": {**{k: v for k, v in asdict(settings).items() if k != "checkpoint_minutes"},
                      "precision": result["precision"], "steps": result["steps"], "tokens_per_s": result["tokens_per_s"]},
+        **({"initialised_from": init} if init else {}),
         "seed": fixed["seed"],
         "commit": git_commit(),
         "wall_time_s": dict(run["wall_time_s"]),

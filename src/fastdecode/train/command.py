@@ -10,6 +10,9 @@ what is done and continues what was interrupted:
     checkpoints/        one per head, taken each epoch, every few minutes and on Ctrl-C
     <kind>.safetensors, <kind>.json   the trained heads and their cards
 
+`--init HEAD` fine-tunes: the head of that file's kind starts from it instead of from the target's
+own output head, and the run keeps the file's draft vocabulary (its output rows are those tokens).
+
 Bad input (an unknown head, a number out of range, a missing package, an unusable prompts file,
 an --out folder of another run) is refused with one line before any heavy work.
 """
@@ -84,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the heads compute in while training (weights stay float32); auto: bfloat16 on a GPU "
                         "or a CPU with bfloat16 instructions (AVX-512 BF16, AMX), else float32 (default auto)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="a checkpoint at least this often while training (default 10)")
+    p.add_argument("--init", type=Path, action="append", default=[], metavar="HEAD",
+                   help="start the head of this file's kind from it instead of from scratch: fine-tuning, for example "
+                        "a shipped head on your own prompts (repeatable, one per kind; the run's draft vocabulary "
+                        "becomes the file's)")
     p.add_argument("--out", type=Path, help="the run folder (default: <cache>/train/<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping the stages it finished")
     p.add_argument("--overwrite", action="store_true", help="start over in --out, deleting its earlier run")
@@ -134,7 +141,8 @@ def default_folder(model: str) -> Path:
 
 def execute(args, kinds: list[str], heads) -> int:
     """The pipeline, stage by stage, each skipped when the run folder already holds its result.
-    `heads` provides HEAD_KINDS, make_head, save_head and fingerprint (the module fastdecode.heads)."""
+    `heads` provides HEAD_KINDS, make_head, save_head, fingerprint and, for --init, load_head (the
+    module fastdecode.heads)."""
     out = args.out or default_folder(args.model)
     settings = {
         "model": args.model, "model_sha256": heads.fingerprint(model_source(args.model)), "dtype": args.dtype,
@@ -143,23 +151,26 @@ def execute(args, kinds: list[str], heads) -> int:
         "answers": args.answers, "max_new_tokens": args.max_new_tokens, "sampled_share": args.sampled_share, "temperature": args.temperature,
         "draft_vocab": args.draft_vocab, "top_k": TOP_K, "epochs": args.epochs, "lr": args.lr,
         "batch_tokens": args.batch_tokens, "seed": args.seed,
+        **({"init": {str(p.resolve()): heads.fingerprint(_init_file(p))} for p in args.init} if args.init else {}),
     }
     run_info = _check_folder(out, settings, args.resume, args.overwrite)
     source_prompts = None
     if run_info is None or not (out / "prompts.jsonl").exists():  # read and check them before anything is written
         source_prompts = pr.file_prompts(args.prompts_file) if args.prompts_file else pr.sharegpt_prompts()
-    if run_info is None:
-        run_info = _start_folder(out, settings)
     print(f"Training run folder: {out}", file=sys.stderr)
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype)
+    starts = _init_heads(args.init, kinds, llm, heads, model_source(args.model))
+    init_vocab = _init_vocab(starts)
+    if run_info is None:
+        run_info = _start_folder(out, settings)
     stage = _Stages(out, run_info)
     with stage("prompts"):
         train_prompts, held_prompts = _prompts(llm, args, source_prompts, out, run_info)
     with stage("answers"):
         answers = _answers(llm, args, train_prompts + held_prompts, out, run_info)
     with stage("features"):
-        draft_vocab = _features(llm, args, answers, len(train_prompts), out, heads)
+        draft_vocab = _features(llm, args, answers, len(train_prompts), out, heads, init_vocab)
     data, held_out = FeatureSet(out / "features", "train"), FeatureSet(out / "features", "held_out")
     settings_train = TrainSettings(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed,
                                    device=args.device, precision=args.precision,
@@ -168,7 +179,7 @@ def execute(args, kinds: list[str], heads) -> int:
     written = []
     for kind in kinds:
         torch.manual_seed(args.seed)  # each head starts the same whichever heads were trained before it
-        head = heads.make_head(kind, llm.engine.model, draft_vocab)
+        head = starts[kind][0] if kind in starts else heads.make_head(kind, llm.engine.model, draft_vocab)
         missing = sorted(set(head.train_layers) - set(data.layers))
         if missing:
             raise FastDecodeError(f"head {kind!r} reads layers {missing}, which {out / 'features'} does not hold "
@@ -176,7 +187,7 @@ def execute(args, kinds: list[str], heads) -> int:
         with stage(f"train {kind}"):
             result = train(head, data, held_out, settings_train, out / "checkpoints" / f"{kind}.pt", kind)
         card = make_card(kind, head, llm.model_name, llm.engine.model.config, run_info, data.answer_tokens,
-                         settings_train, result)
+                         settings_train, result, starts[kind][1] if kind in starts else None)
         written.append((kind, heads.save_head(head, out / kind, card), result["history"][-1]))
     _summary(out, written)
     return 0
@@ -300,16 +311,54 @@ def _answers(llm, args, prompts, out: Path, record: dict):
     return answers
 
 
-def _features(llm, args, answers, n_train: int, out: Path, heads) -> list[int]:
-    """The draft vocabulary, after making sure the feature shards and their index exist. The
-    states of every layer that any kind of head reads are stored, so that a later run in the same
-    folder can train any of them."""
+def _init_file(path: Path) -> Path:
+    """The weights file of an --init head (given as its .safetensors, .json or stem)."""
+    path = path.expanduser()
+    weights = path.with_suffix(".safetensors") if path.suffix == ".json" else (
+        path if path.suffix == ".safetensors" else path.parent / f"{path.name}.safetensors")
+    if not weights.is_file():
+        raise FastDecodeError(f"--init {path}: no head file {weights}")
+    return weights
+
+
+def _init_heads(paths: list[Path], kinds: list[str], llm, heads, model_file: Path) -> dict[str, tuple]:
+    """kind -> (head, what its card says of it) for each --init file, loaded for the target (which
+    checks that it was trained for it)."""
+    starts: dict[str, tuple] = {}
+    for path in paths:
+        weights = _init_file(path)
+        head, card = heads.load_head(weights, llm.engine.model, model_file)
+        kind = head.kind
+        if kind not in kinds:
+            raise FastDecodeError(f"--init {path} is a {kind} head, and --heads does not train {kind}")
+        if kind in starts:
+            raise FastDecodeError(f"--init names two {kind} heads; give one per kind")
+        origin = {"file": str(weights.resolve()), "sha256": heads.fingerprint(weights),
+                  "data": card.get("data"), "training": card.get("training"),
+                  "acceptance": (card.get("acceptance") or [None])[-1]}
+        starts[kind] = (head.train(), origin)
+    return starts
+
+
+def _init_vocab(starts: dict[str, tuple]) -> list[int] | None:
+    """The draft vocabulary the --init heads share (None without any): the run must use theirs."""
+    vocabs = {tuple(head.draft_ids.tolist()) for head, _ in starts.values()}
+    if len(vocabs) > 1:
+        raise FastDecodeError("the --init heads have different draft vocabularies; fine-tune them in separate runs")
+    return list(vocabs.pop()) if vocabs else None
+
+
+def _features(llm, args, answers, n_train: int, out: Path, heads, vocab: list[int] | None = None) -> list[int]:
+    """The draft vocabulary (`vocab` when given, else the answers' most frequent tokens), after
+    making sure the feature shards and their index exist. The states of every layer that any kind
+    of head reads are stored, so that a later run in the same folder can train any of them."""
     folder = out / "features"
-    if (folder / INDEX).exists():
+    if (folder / INDEX).exists():  # written by this run (the settings, --init's hash included, matched)
         return json.loads((folder / INDEX).read_text())["draft_vocab"]
     model = llm.engine.model
-    vocab = draft_vocabulary([a.answer_ids for a in answers[:n_train]], args.draft_vocab,
-                             llm.tokenizer.eos_ids, model.config.vocab_size)
+    if vocab is None:
+        vocab = draft_vocabulary([a.answer_ids for a in answers[:n_train]], args.draft_vocab,
+                                 llm.tokenizer.eos_ids, model.config.vocab_size)
     layers = tuple(sorted({i for kind in heads.HEAD_KINDS for i in heads.make_head(kind, model, vocab).layers}))
     sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
     write_features(model, sequences, folder, layers, TOP_K)
