@@ -382,7 +382,7 @@ def test_init_fine_tunes_a_trained_head_in_its_draft_vocabulary(tiny_llm, env, c
 
     for extra, message in [(["--heads", "medusa"], "is a eagle head, and --heads does not train eagle"),
                            (["--init", str(start)], "names two eagle heads"),
-                           (["--out", str(env / "x"), "--init", str(env / "none.safetensors")], "no head file")]:
+                           (["--out", str(env / "x"), "--init", str(env / "none.safetensors")], "none.safetensors does not exist")]:
         argv = [*common, "--prompts-file", str(env / "p.jsonl"), "--prompts", "4", "--init", str(start),
                 "--out", str(env / "third"), *extra]
         assert main(argv) == 2

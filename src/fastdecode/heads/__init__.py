@@ -65,9 +65,9 @@ def save_head(head: torch.nn.Module, path: str | Path, card: dict) -> Path:
     return path.with_suffix(".safetensors")
 
 
-def load_head(path: str | Path, model=None, model_file: Path | None = None) -> tuple[torch.nn.Module, dict]:
-    """A head and its card from `path` (.safetensors, .json or the shared stem). With `model` (and
-    the file it was loaded from) it checks that the head was trained for that model and attaches it."""
+def head_files(path: str | Path) -> tuple[Path, Path]:
+    """The (weights, card) files of a head given as its .safetensors, its .json or their shared stem;
+    an error unless both exist."""
     given = Path(path).expanduser()
     if given.suffix in (".safetensors", ".json"):
         stem = given.with_suffix("")
@@ -75,10 +75,18 @@ def load_head(path: str | Path, model=None, model_file: Path | None = None) -> t
         raise FastDecodeError(f"{given} is not a head: pass its .safetensors file (with the .json card beside it)")
     else:  # the shared stem, which may hold dots of its own ("eagle.v2")
         stem = given
-    weights, card_path = stem.parent / f"{stem.name}.safetensors", stem.parent / f"{stem.name}.json"
-    for f in (weights, card_path):
+    files = stem.parent / f"{stem.name}.safetensors", stem.parent / f"{stem.name}.json"
+    for f in files:
         if not f.is_file():
             raise FastDecodeError(f"head file {f} does not exist (a head is a .safetensors file with a .json card beside it)")
+    return files
+
+
+def load_head(path: str | Path, model=None, model_file: Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """A head and its card from `path` (.safetensors, .json or the shared stem). With `model` (and
+    the file it was loaded from) it checks that the head was trained for that model and attaches it."""
+    weights, card_path = head_files(path)
+    stem = weights.with_suffix("")
     try:
         card = json.loads(card_path.read_text())
         cfg = card["config"]

@@ -141,9 +141,10 @@ def default_folder(model: str) -> Path:
 
 def execute(args, kinds: list[str], heads) -> int:
     """The pipeline, stage by stage, each skipped when the run folder already holds its result.
-    `heads` provides HEAD_KINDS, make_head, save_head, fingerprint and, for --init, load_head (the
-    module fastdecode.heads)."""
+    `heads` provides HEAD_KINDS, make_head, save_head, fingerprint and, for --init, head_files and
+    load_head (the module fastdecode.heads)."""
     out = args.out or default_folder(args.model)
+    init_files = [heads.head_files(p)[0] for p in args.init]
     settings = {
         "model": args.model, "model_sha256": heads.fingerprint(model_source(args.model)), "dtype": args.dtype,
         "prompts_source": str(args.prompts_file.resolve()) if args.prompts_file else "sharegpt",
@@ -151,7 +152,7 @@ def execute(args, kinds: list[str], heads) -> int:
         "answers": args.answers, "max_new_tokens": args.max_new_tokens, "sampled_share": args.sampled_share, "temperature": args.temperature,
         "draft_vocab": args.draft_vocab, "top_k": TOP_K, "epochs": args.epochs, "lr": args.lr,
         "batch_tokens": args.batch_tokens, "seed": args.seed,
-        **({"init": {str(p.resolve()): heads.fingerprint(_init_file(p))} for p in args.init} if args.init else {}),
+        **({"init": {str(f.resolve()): heads.fingerprint(f) for f in init_files}} if init_files else {}),
     }
     run_info = _check_folder(out, settings, args.resume, args.overwrite)
     source_prompts = None
@@ -160,7 +161,7 @@ def execute(args, kinds: list[str], heads) -> int:
     print(f"Training run folder: {out}", file=sys.stderr)
     print(f"Loading {args.model} ({args.dtype})...", file=sys.stderr)
     llm = LLM(args.model, args.dtype)
-    starts = _init_heads(args.init, kinds, llm, heads, model_source(args.model))
+    starts = _init_heads(init_files, kinds, llm, heads, model_source(args.model))
     init_vocab = _init_vocab(starts)
     if run_info is None:
         run_info = _start_folder(out, settings)
@@ -311,26 +312,15 @@ def _answers(llm, args, prompts, out: Path, record: dict):
     return answers
 
 
-def _init_file(path: Path) -> Path:
-    """The weights file of an --init head (given as its .safetensors, .json or stem)."""
-    path = path.expanduser()
-    weights = path.with_suffix(".safetensors") if path.suffix == ".json" else (
-        path if path.suffix == ".safetensors" else path.parent / f"{path.name}.safetensors")
-    if not weights.is_file():
-        raise FastDecodeError(f"--init {path}: no head file {weights}")
-    return weights
-
-
-def _init_heads(paths: list[Path], kinds: list[str], llm, heads, model_file: Path) -> dict[str, tuple]:
+def _init_heads(files: list[Path], kinds: list[str], llm, heads, model_file: Path) -> dict[str, tuple]:
     """kind -> (head, what its card says of it) for each --init file, loaded for the target (which
     checks that it was trained for it)."""
     starts: dict[str, tuple] = {}
-    for path in paths:
-        weights = _init_file(path)
+    for weights in files:
         head, card = heads.load_head(weights, llm.engine.model, model_file)
         kind = head.kind
         if kind not in kinds:
-            raise FastDecodeError(f"--init {path} is a {kind} head, and --heads does not train {kind}")
+            raise FastDecodeError(f"--init {weights} is a {kind} head, and --heads does not train {kind}")
         if kind in starts:
             raise FastDecodeError(f"--init names two {kind} heads; give one per kind")
         origin = {"file": str(weights.resolve()), "sha256": heads.fingerprint(weights),
