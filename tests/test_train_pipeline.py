@@ -380,7 +380,7 @@ def test_init_fine_tunes_a_trained_head_in_its_draft_vocabulary(tiny_llm, env, c
     assert card["initialised_from"]["data"] == json.loads((first / "eagle.json").read_text())["data"]
     capsys.readouterr()
 
-    for extra, message in [(["--heads", "medusa"], "is a eagle head, and --heads does not train eagle"),
+    for extra, message in [(["--heads", "medusa"], "holds a head of kind eagle, which --heads does not train"),
                            (["--init", str(start)], "names two eagle heads"),
                            (["--out", str(env / "x"), "--init", str(env / "none.safetensors")], "none.safetensors does not exist")]:
         argv = [*common, "--prompts-file", str(env / "p.jsonl"), "--prompts", "4", "--init", str(start),

@@ -320,7 +320,7 @@ def _init_heads(files: list[Path], kinds: list[str], llm, heads, model_file: Pat
         head, card = heads.load_head(weights, llm.engine.model, model_file)
         kind = head.kind
         if kind not in kinds:
-            raise FastDecodeError(f"--init {weights} is a {kind} head, and --heads does not train {kind}")
+            raise FastDecodeError(f"--init {weights} holds a head of kind {kind}, which --heads does not train")
         if kind in starts:
             raise FastDecodeError(f"--init names two {kind} heads; give one per kind")
         origin = {"file": str(weights.resolve()), "sha256": heads.fingerprint(weights),
