@@ -107,6 +107,17 @@ class GenerationResult:
         }
 
 
+def _with_placeholders(tree_mask: torch.Tensor, m: int) -> torch.Tensor:
+    """The verify rows' mask with m placeholder rows after them: placeholder j sees the root and
+    placeholders 0..j; no tree row sees a placeholder."""
+    n = len(tree_mask)
+    mask = torch.zeros(n + m, n + m, dtype=torch.bool)
+    mask[:n, :n] = tree_mask
+    mask[n:, 0] = True
+    mask[n:, n:] = torch.ones(m, m, dtype=torch.bool).tril()
+    return mask
+
+
 class Sequence:
     def __init__(self, served: ServedModel, prompt: list[int], params: SamplingParams, drafter: Drafter, pool: KVPool | None = None,
                  prefix_cache: bool = False):
@@ -207,15 +218,21 @@ class Sequence:
                                     last_only=True, capture=self.capture,
                                     prompt_rows=max(0, min(len(chunk), len(self.prompt) - begin)))
             return self._segment
-        room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free) - 1
-        tree = self._drafted_tree(room, other_rows, other_tokens)
-        self.cache.reserve(self.cache.length + 1 + len(tree))
+        holders = getattr(self.drafter, "placeholders", None)
+        if holders is not None and free < 1 + len(holders):
+            holders = None  # no room for them this step: the drafter gets no guesses from it
+        m = 0 if holders is None else len(holders)
+        room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free - m) - 1
+        tree = self._drafted_tree(room, other_rows + m, other_tokens)
+        self.cache.reserve(self.cache.length + 1 + len(tree) + m)
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
-        positions = self.cache.length + torch.tensor([0] + tree.depths())
-        mask = tree.attention_mask() if len(tree) else None
-        self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens), positions, self.cache, mask,
-                                capture=self.capture)
+        positions = self.cache.length + torch.tensor([0] + tree.depths() + list(range(1, m + 1)))
+        mask = tree.attention_mask() if len(tree) or m else None
+        if m:
+            mask = _with_placeholders(mask, m)
+        self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens + [0] * m), positions, self.cache,
+                                mask, capture=self.capture, placeholders=holders)
         return self._segment
 
     def _drafted_tree(self, room: int, other_rows: int, other_tokens: float) -> DraftTree:
@@ -254,6 +271,10 @@ class Sequence:
             return self._complete_prefill(logits)
         tree, cache, params = self._planned, self.cache, self.params
         adjust = self._adjust if self.penalties or self.grammar else None
+        placeholder_logits = None
+        if self._segment.placeholders is not None:
+            placeholder_logits = logits[len(tree) + 1 :]
+            logits = logits[: len(tree) + 1]
         if params.greedy:
             path, bonus = verify_greedy(tree, logits, self.eos_ids, adjust)
         else:
@@ -273,7 +294,7 @@ class Sequence:
         hidden = self._segment.hidden
         if hidden is not None:
             hidden = hidden[[0] + [node + 1 for node in path]]
-        self.drafter.observe(StepResult(self._proposal, rows, accepted, new, logits, hidden))
+        self.drafter.observe(StepResult(self._proposal, rows, accepted, new, logits, hidden, placeholder_logits))
         predicted_by = [0] + [node + 1 for node in path]  # the verify row of each new token
         sources = [self._source(tree, node) for node in path] + ["target"]
         kept = []

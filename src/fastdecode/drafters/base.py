@@ -54,6 +54,9 @@ class StepResult:
     # States at the drafter's hidden_layers of the rows this step committed: the root, then each
     # accepted row in order ([len(accepted) + 1, k, hidden]); whoever proposed those nodes.
     hidden: torch.Tensor | None = None
+    # [m, vocab] the target's logits at the drafter's placeholder rows (Drafter.placeholders), or
+    # None when the step ran without them.
+    placeholder_logits: torch.Tensor | None = None
 
     @classmethod
     def whole(cls, tree: DraftTree, accepted: list[int], new_tokens: list[int], logits: torch.Tensor,
@@ -84,6 +87,11 @@ class Drafter(Protocol):
     # captures them for its rows (StepResult.hidden) and every prefill chunk for the prompt's
     # rows (prefilled). Empty for drafters that read tokens only.
     hidden_layers: tuple[int, ...] = ()
+    # Placeholder rows for the verify forward, or None (every method but lud): [m, layers, hidden]
+    # float32, as models/segment.py reads them. They hang after the root: row j sits at the root's
+    # position + j + 1 and sees the cache, the root and placeholders 0..j, and no draft node sees
+    # them, so verification is untouched. Their logits come back in StepResult.placeholder_logits.
+    placeholders: torch.Tensor | None = None
     # False only for `ar`, the baseline: under a grammar, the engine drafts the tokens it forces
     # (runtime/grammar.py) for every method that speculates.
     speculates: bool = True

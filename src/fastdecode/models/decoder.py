@@ -257,8 +257,14 @@ class DecoderModel:
         rows = _Rows(segments)
         run_layer = _NativeLayers(self, rows) if self.native is not None else self._torch_layers(rows)
         x = self.embed_tokens(rows.tokens)  # float32 [rows, hidden]: the residual stream
+        shifted = [(row + len(seg.tokens) - len(seg.placeholders), seg.placeholders)
+                   for seg, row, _ in rows.spans if seg.placeholders is not None]
+        for first, shifts in shifted:
+            x[first : first + len(shifts)] = 0.0
         captured = {i: None for seg in segments for i in seg.capture}
         for i in range(c.num_layers) if layers is None else layers:
+            for first, shifts in shifted:
+                x[first : first + len(shifts)] += shifts[:, i]
             run_layer(i, x)  # x updated in place
             if i in captured:
                 captured[i] = x.clone()

@@ -53,6 +53,12 @@ class Linear:
             self.weight = torch.cat([p.dequantize() for p in self.parts]).to(dtype)
             self.parts = None  # the dequantized copy replaces the packed one
 
+    def dense(self) -> torch.Tensor:
+        """W dequantized, float32 [out_features, in_features] (a copy, for PyTorch's autograd)."""
+        if self.parts is None:
+            return self.weight.float()
+        return torch.cat([p.dequantize() for p in self.parts]).float()
+
     def product(self) -> Product:
         """The kernel's view of this product, for layer.c."""
         p = Product()

@@ -23,3 +23,8 @@ class Segment:
     # with FASTDECODE_AMX=prompts, kernels/matmul.c), chosen by what a row is, never by how many
     # rows share the call.
     prompt_rows: int = 0
+    # [m, layers, hidden] float32, or None: its last m rows are placeholders (Lexical Unit
+    # Decoding, drafters/lud.py). Their token ids are ignored: the residual stream of placeholder j
+    # starts at zero and gets placeholders[j, l] added before decoder layer l. Every other row, and
+    # every kernel, is as without them.
+    placeholders: torch.Tensor | None = None

@@ -30,6 +30,9 @@ class DraftTree:
     # Optional: who proposed each node, for drafters that merge others' trees (auto); else every
     # node is the drafter's own. Shown per accepted token (the server's token provenance).
     sources: list[str] | None = None
+    # A lossy drafter's first `trusted` nodes, a chain from the root, accepted without verification
+    # (LUD's confidence rule, drafters/lud.py). 0 for every lossless method.
+    trusted: int = 0
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents):
@@ -39,6 +42,8 @@ class DraftTree:
                 raise ValueError(f"{name} must have one entry per node")
         if any(not -1 <= p < i for i, p in enumerate(self.parents)):
             raise ValueError("every parent must be -1 or an earlier node")
+        if self.trusted and self.parents[: self.trusted] != list(range(-1, self.trusted - 1)):
+            raise ValueError("trusted nodes must be a chain from the root, first in the tree")
 
     @classmethod
     def chain(cls, tokens: list[int], **fields) -> "DraftTree":
@@ -78,6 +83,7 @@ class DraftTree:
             None if self.scores is None else [self.scores[i] for i in nodes],
             None if self.keep is None else [self.keep[i] for i in nodes],
             None if self.sources is None else [self.sources[i] for i in nodes],
+            next((i for i in range(self.trusted) if i >= len(nodes) or nodes[i] != i), self.trusted),
         )
 
     def paths(self) -> list[list[int]]:

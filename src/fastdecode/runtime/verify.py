@@ -27,14 +27,26 @@ def row_logits(logits: torch.Tensor, row: int, tree: DraftTree, path: list[int],
     return adjust(logits[row], [tree.tokens[node] for node in path])
 
 
+def trusted_path(tree: DraftTree, eos_ids: frozenset[int]) -> list[int]:
+    """The nodes a lossy drafter has accepted itself (tree.trusted), up to an end-of-sequence token.
+    Empty for every lossless drafter: then verification alone decides."""
+    path: list[int] = []
+    for node in range(tree.trusted):
+        path.append(node)
+        if tree.tokens[node] in eos_ids:
+            break
+    return path
+
+
 def verify_greedy(tree: DraftTree, logits: torch.Tensor, eos_ids: frozenset[int] = frozenset(),
                   adjust: Adjust | None = None) -> tuple[list[int], int]:
     """Longest root-to-leaf path whose every token is the target's argmax; returns (nodes, bonus).
 
-    logits: [len(tree) + 1, vocab]. Nothing after an end-of-sequence token is accepted.
+    logits: [len(tree) + 1, vocab]. Nothing after an end-of-sequence token is accepted. A lossy
+    drafter's trusted nodes are on the path whatever the argmax (trusted_path).
     """
-    path: list[int] = []
-    row = 0
+    path = trusted_path(tree, eos_ids)
+    row = path[-1] + 1 if path else 0
     best = int(row_logits(logits, row, tree, path, adjust).argmax())
     while not path or tree.tokens[path[-1]] not in eos_ids:
         parent = path[-1] if path else -1
@@ -68,9 +80,13 @@ def verify_sampling(
     as long as it never looks at the verifier's random draws and a child's q is the distribution
     its token was drawn from given what the drafter knew (its earlier siblings included: children
     drawn without replacement carry q with the earlier ones removed). A row of zeros is a point mass.
+    A lossy drafter's trusted nodes are taken first, unverified (trusted_path): that breaks exactness.
     """
-    path: list[int] = []
-    node, row = -1, 0
+    path = trusted_path(tree, eos_ids)
+    if path and tree.tokens[path[-1]] in eos_ids:
+        return path, tree.tokens[path[-1]]
+    node = path[-1] if path else -1
+    row = node + 1
     while True:
         p = target_probabilities(row_logits(logits, row, tree, path, adjust)[None], params)[0]
         accepted = None
