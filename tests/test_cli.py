@@ -192,7 +192,9 @@ def test_methods_lists_every_method_with_its_label(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0
     for name in METHODS:
-        assert any(line.startswith(name + " ") and "lossless" in line for line in out.splitlines())
+        label = "lossless" if METHODS[name].lossless else "LOSSY: output may differ from plain decoding"
+        assert any(line.startswith(name + " ") and label in line for line in out.splitlines())
+    assert not METHODS["lud-confidence"].lossless
     assert "draft_model" in out
 
 

@@ -41,7 +41,7 @@ def test_chat_completion_equals_plain_decoding(client, server):
     assert reply.choices[0].finish_reason == expected.finish_reason
     assert reply.usage.completion_tokens == expected.num_generated_tokens
     assert reply.usage.prompt_tokens == expected.num_prompt_tokens
-    assert reply.model_extra["fastdecode"]["method"] == "auto"
+    assert reply.model_extra["fastdecode"]["method"] == "auto" and reply.model_extra["fastdecode"]["lossless"] is True
 
 
 def test_streamed_chat_gives_the_same_text_and_usage(client):

@@ -38,6 +38,8 @@ def fails(capsys, argv: list[str], message: str) -> None:
     (["--max-new-tokens", "-1"], "--max-new-tokens takes 1 or more"),
     (["--sampled-share", "1.5"], "--sampled-share takes a share from 0 to 1"),
     (["--lr", "0"], "--lr takes a value above 0"),
+    (["--heads", "lud", "--placeholders", "0"], "--placeholders takes 1 to 16"),
+    (["--heads", "lud", "--unit-threshold", "1.5"], "--unit-threshold takes a probability between 0 and 1"),
     (["--draft-vocab", "0"], "--draft-vocab takes 1 or more"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),

@@ -280,10 +280,10 @@ def _methods(args) -> int:
 
     for name, cls in METHODS.items():
         label = "lossless" if cls.lossless else "LOSSY: output may differ from plain decoding"
-        print(f"{name:<11}{label:<10}{cls.summary}")
+        print(f"{name:<16}{label:<10}{cls.summary}")
         options = method_options(name)
         if options:
-            print(f"{'':<21}options: {', '.join(options)}")
+            print(f"{'':<26}options: {', '.join(options)}")
     return 0
 
 

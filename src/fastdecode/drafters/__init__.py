@@ -12,12 +12,14 @@ from .eagle import Eagle
 from .hydra import Hydra
 from .layerskip import LayerSkip
 from .lookahead import Lookahead
+from .lud import LUD, LUDConfidence
 from .medusa import Medusa
 from .ngram import NGram
 from .recycling import TokenRecycling
 from .suffix import SuffixDecoding
 
-# Every method is lossless (class attribute `lossless`); `auto` is the default of the CLI and API.
+# Every method is lossless (class attribute `lossless`) but lud-confidence, LUD's published rule;
+# `auto` is the default of the CLI and API.
 METHODS = {
     "ar": Autoregressive,
     "ngram": NGram,
@@ -29,6 +31,8 @@ METHODS = {
     "eagle": Eagle,
     "medusa": Medusa,
     "hydra": Hydra,
+    "lud": LUD,
+    "lud-confidence": LUDConfidence,
     "auto": Auto,
 }
 

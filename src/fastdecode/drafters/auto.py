@@ -62,9 +62,10 @@ class Auto:
     lossless = True
     needs_target = True
 
-    def __init__(self, target: Target | None = None, members: str | list[str] | None = None, head: str | None = None):
+    def __init__(self, target: Target | None = None, members: str | list[str] | None = None, head: str | None = None,
+                 lud_head: str | None = None):
         """members: comma list of drafting methods (default: ngram, suffix; with `head`, eagle too);
-        head: the eagle member's head file, when not the shipped one."""
+        head: the eagle member's head file, when not the shipped one; lud_head: the lud member's file."""
         from . import METHODS, make_drafter  # the registry imports this module
 
         if members is None:
@@ -75,7 +76,13 @@ class Auto:
             drafting = [m for m in METHODS if m not in ("auto", "ar")]
             raise FastDecodeError(f"auto: members must be drafting methods among {', '.join(drafting)}, "
                                   f"not {', '.join(unknown) or 'nothing'}")
-        self.members = [make_drafter(m, target, **({"head": head} if m == "eagle" and head else {})) for m in names]
+        lossy = [m for m in names if not METHODS[m].lossless]
+        if lossy:
+            raise FastDecodeError(f"auto: members must be lossless, and {', '.join(lossy)} is not")
+        files = {"eagle": head, "lud": lud_head}
+        self.members = [make_drafter(m, target, **({"head": files[m]} if files.get(m) else {})) for m in names]
+        # A member's placeholder rows (lud) ride in every verify forward; their logits go back to it.
+        self.placeholders = next((m.placeholders for m in self.members if getattr(m, "placeholders", None) is not None), None)
         # The union of the members' layers is captured; each member reads its own columns.
         self.hidden_layers = tuple(sorted({i for m in self.members for i in getattr(m, "hidden_layers", ())}))
         self._columns = [[self.hidden_layers.index(i) for i in getattr(m, "hidden_layers", ())] for m in self.members]
@@ -232,4 +239,4 @@ def member_result(result: StepResult, tree: DraftTree, mapped: list[int], column
             break
         accepted.append(own[m])
     hidden = result.hidden[:, columns] if columns and result.hidden is not None else None
-    return StepResult(tree, rows, accepted, result.new_tokens, result.logits, hidden)
+    return StepResult(tree, rows, accepted, result.new_tokens, result.logits, hidden, result.placeholder_logits)

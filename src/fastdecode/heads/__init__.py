@@ -1,4 +1,4 @@
-"""Trained draft heads: their modules, their files, and which ones ship for which model.
+"""Trained draft heads (and LUD's placeholders): their modules, their files, and which ones ship for which model.
 
 A head file is `<name>.safetensors` (the head's weights, bfloat16, and its draft vocabulary) beside
 `<name>.json`, its card: the target model and the sha256 of its weights file, the head's config,
@@ -20,10 +20,12 @@ from safetensors.torch import load_file, save_file
 from ..errors import FastDecodeError
 from ..files import atomic_write
 from .eagle import EagleHead
+from .lud import Placeholders
 from .medusa import HydraHeads, MedusaHeads
 
-HEAD_CLASSES = {cls.kind: cls for cls in (EagleHead, MedusaHeads, HydraHeads)}
-HEAD_KINDS = tuple(HEAD_CLASSES)
+HEAD_CLASSES = {cls.kind: cls for cls in (EagleHead, MedusaHeads, HydraHeads, Placeholders)}
+HEAD_KINDS = ("eagle", "medusa", "hydra")  # trained on stored features (train/features.py)
+KINDS = tuple(HEAD_CLASSES)  # what `fastdecode train --heads` takes: those and LUD's placeholders
 SHIPPED = Path(__file__).with_name("shipped")
 
 

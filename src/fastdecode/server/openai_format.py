@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..drafters import METHODS
+
 
 class TokenFormat:
     """Tokens as OpenAI shows them: each decoded alone, with its own bytes (a piece of a UTF-8
@@ -49,6 +51,7 @@ def usage(results: list) -> dict:
 def statistics(results: list, method: str) -> dict:
     drafts = sum(r.stats.drafts for r in results)
     accepted = sum(r.stats.accepted_tokens for r in results)
-    return {"method": method, "drafts": drafts, "draft_tokens": sum(r.stats.draft_tokens for r in results),
+    # "lossless": false marks a method whose output may differ from plain decoding (lud-confidence)
+    return {"method": method, "lossless": METHODS[method].lossless, "drafts": drafts, "draft_tokens": sum(r.stats.draft_tokens for r in results),
             "accepted_tokens": accepted, "mean_acceptance_length": round(1.0 + accepted / drafts if drafts else 1.0, 4),
             "forward_passes": sum(r.stats.forward_passes for r in results)}

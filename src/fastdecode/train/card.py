@@ -39,7 +39,7 @@ def make_card(kind: str, head, model_name: str, model_config, run: dict, train_a
         "target": {"model": model_name, "sha256": fixed["model_sha256"], "dtype": fixed["dtype"],
                    "num_layers": model_config.num_layers, "hidden_size": model_config.hidden_size,
                    "vocab_size": model_config.vocab_size},
-        "draft_vocab_size": len(head.draft_ids),
+        "draft_vocab_size": len(head.draft_ids) if hasattr(head, "draft_ids") else model_config.vocab_size,
         "data": {
             "source": data["source"], "records": data["records"], "train_prompts": data["train_prompts"],
             "held_out_prompts": data["held_out_prompts"], "train_answer_tokens": train_answer_tokens,

@@ -33,11 +33,13 @@ from ..errors import FastDecodeError
 from ..models.cache_dir import cache_root
 from ..models.loader import DEFAULT_DTYPE, DTYPES, model_source
 from ..models.registry import DEFAULT_MODEL, MODELS
+from ..heads.lud import PLACEHOLDERS
 from . import prompts as pr
 from ..files import atomic_write
 from .card import make_card
 from .distill import dataset_answers, distill
 from .features import INDEX, FeatureSet, draft_vocabulary, write_features, write_index
+from .lud_data import LudData
 from .loop import TrainSettings, train
 
 # Defaults sized so that the whole default run (data, features, three heads) takes one to two hours
@@ -54,6 +56,7 @@ EPOCHS = 2
 HOLD_OUT = 0.04  # share of the prompts held out to measure acceptance (at least one)
 MAX_PROMPT_TOKENS = 1024
 TOP_K = 16  # entries of the target's next-token distribution kept per row
+UNIT_THRESHOLD = 0.5  # LUD's lexical units: tokens the target predicts at least this likely
 BATCH_TOKENS = 4096  # an eagle step of 4,096 rows takes 2.5 GB more memory (8,192: 5.5 GB) and 30% less time a row
 STAGE_FILES = ("run.json", "prompts.jsonl", "answers.jsonl", "features", "checkpoints")
 
@@ -91,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start the head of this file's kind from it instead of from scratch: fine-tuning, for example "
                         "a shipped head on your own prompts (repeatable, one per kind; the run's draft vocabulary "
                         "becomes the file's)")
+    p.add_argument("--placeholders", type=int, default=PLACEHOLDERS,
+                   help=f"lud: placeholder rows to train, the most the method can use (default {PLACEHOLDERS})")
+    p.add_argument("--unit-threshold", type=float, default=UNIT_THRESHOLD,
+                   help="lud: a lexical unit is consecutive tokens the target predicts with at least this "
+                        f"probability; guesses count in the loss only inside units (default {UNIT_THRESHOLD})")
     p.add_argument("--out", type=Path, help="the run folder (default: <cache>/train/<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping the stages it finished")
     p.add_argument("--overwrite", action="store_true", help="start over in --out, deleting its earlier run")
@@ -101,7 +109,10 @@ def run(args) -> int:
     check_arguments(args)
     from .. import heads
 
-    return execute(args, head_kinds(args.heads, heads.HEAD_KINDS), heads)
+    kinds = head_kinds(args.heads, heads.KINDS)
+    if "lud" in kinds and args.device != "cpu":
+        raise FastDecodeError("--heads lud trains on the CPU only (--device cpu): the target's forward runs on the engine's kernels")
+    return execute(args, kinds, heads)
 
 
 def check_arguments(args) -> None:
@@ -117,6 +128,8 @@ def check_arguments(args) -> None:
         (args.lr > 0, "--lr takes a value above 0"),
         (args.batch_tokens >= 1, "--batch-tokens takes 1 or more"),
         (args.checkpoint_minutes > 0, "--checkpoint-minutes takes a value above 0"),
+        (1 <= args.placeholders <= 16, "--placeholders takes 1 to 16"),
+        (0 < args.unit_threshold < 1, "--unit-threshold takes a probability between 0 and 1"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
     ]:
         if not ok:
@@ -153,6 +166,7 @@ def execute(args, kinds: list[str], heads) -> int:
         "draft_vocab": args.draft_vocab, "top_k": TOP_K, "epochs": args.epochs, "lr": args.lr,
         "batch_tokens": args.batch_tokens, "seed": args.seed,
         **({"init": {str(f.resolve()): heads.fingerprint(f) for f in init_files}} if init_files else {}),
+        **({"lud": {"placeholders": args.placeholders, "unit_threshold": args.unit_threshold}} if "lud" in kinds else {}),
     }
     run_info = _check_folder(out, settings, args.resume, args.overwrite)
     source_prompts = None
@@ -170,9 +184,10 @@ def execute(args, kinds: list[str], heads) -> int:
         train_prompts, held_prompts = _prompts(llm, args, source_prompts, out, run_info)
     with stage("answers"):
         answers = _answers(llm, args, train_prompts + held_prompts, out, run_info)
-    with stage("features"):
-        draft_vocab = _features(llm, args, answers, len(train_prompts), out, heads, init_vocab)
-    data, held_out = FeatureSet(out / "features", "train"), FeatureSet(out / "features", "held_out")
+    if any(kind in heads.HEAD_KINDS for kind in kinds):
+        with stage("features"):
+            draft_vocab = _features(llm, args, answers, len(train_prompts), out, heads, init_vocab)
+        features = FeatureSet(out / "features", "train"), FeatureSet(out / "features", "held_out")
     settings_train = TrainSettings(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed,
                                    device=args.device, precision=args.precision,
                                    checkpoint_minutes=args.checkpoint_minutes)
@@ -180,7 +195,13 @@ def execute(args, kinds: list[str], heads) -> int:
     written = []
     for kind in kinds:
         torch.manual_seed(args.seed)  # each head starts the same whichever heads were trained before it
-        head = starts[kind][0] if kind in starts else heads.make_head(kind, llm.engine.model, draft_vocab)
+        if kind == "lud":
+            head = starts[kind][0] if kind in starts else heads.make_head(
+                kind, llm.engine.model, None, placeholders=args.placeholders, threshold=args.unit_threshold)
+            data, held_out = _lud_data(llm, answers, len(train_prompts), head, args.seed)
+        else:
+            head = starts[kind][0] if kind in starts else heads.make_head(kind, llm.engine.model, draft_vocab)
+            data, held_out = features
         missing = sorted(set(head.train_layers) - set(data.layers))
         if missing:
             raise FastDecodeError(f"head {kind!r} reads layers {missing}, which {out / 'features'} does not hold "
@@ -332,7 +353,7 @@ def _init_heads(files: list[Path], kinds: list[str], llm, heads, model_file: Pat
 
 def _init_vocab(starts: dict[str, tuple]) -> list[int] | None:
     """The draft vocabulary the --init heads share (None without any): the run must use theirs."""
-    vocabs = {tuple(head.draft_ids.tolist()) for head, _ in starts.values()}
+    vocabs = {tuple(head.draft_ids.tolist()) for head, _ in starts.values() if hasattr(head, "draft_ids")}
     if len(vocabs) > 1:
         raise FastDecodeError("the --init heads have different draft vocabularies; fine-tune them in separate runs")
     return list(vocabs.pop()) if vocabs else None
@@ -355,6 +376,14 @@ def _features(llm, args, answers, n_train: int, out: Path, heads, vocab: list[in
     splits = ["train" if i < n_train else "held_out" for i in range(len(answers))]
     write_index(folder, layers, TOP_K, sequences, splits, [a.index for a in answers], vocab)
     return vocab
+
+
+def _lud_data(llm, answers, n_train: int, head, seed: int) -> tuple[LudData, LudData]:
+    """LUD's training and held-out sequences, its lexical units marked by the threshold it was made with."""
+    sequences = [(a.prompt_ids + a.answer_ids, len(a.prompt_ids)) for a in answers]
+    model, k, threshold = llm.engine.model, head.count, head.cfg["threshold"]
+    return (LudData(model, sequences[:n_train], k, threshold, seed, units_only=True),
+            LudData(model, sequences[n_train:], k, threshold, seed, units_only=False))
 
 
 def _summary(out: Path, written) -> None:

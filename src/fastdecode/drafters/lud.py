@@ -1,0 +1,129 @@
+"""`lud`: Lexical Unit Decoding, the target itself guessing the next tokens in the verify forward.
+
+Sun et al. 2024, "Decoding at the Speed of Thought: Harnessing Parallel Decoding of Lexical Units
+for LLMs"; trained here as Parallel Prompt Decoding trains (Chen et al. 2024): the target frozen,
+only the placeholders' inputs learned (heads/lud.py, `fastdecode train --heads lud`).
+
+Each verify forward holds the root, the draft chain, and k placeholder rows hanging after the root
+(Drafter.placeholders): placeholder j (1..k) sits at the root's position n + j, sees the committed
+text, the root and placeholders 1..j, and its logits guess token n + j + 1. No draft row sees a
+placeholder, and every kernel treats rows independently, so verification is plain decoding's.
+
+Which guesses become the next draft. The step keeps a drafted tokens and adds the bonus, so the
+next root is token n + a + 1 and the next draft starts at n + a + 2: placeholder a + 1's guess,
+then a + 2's, up to k's. Why hang the placeholders after the root and not after the draft: the
+root is the only row certain to be committed, so its chain is always usable, at the price of
+guessing from a context that lacks the a + 1 tokens this step adds; hanging a chain after every
+draft node would condition on them but multiply the placeholder rows by the draft's length, and
+on a CPU each row costs (runtime/cost_curve.py). When all k guesses are used up (a = k) the next
+step drafts nothing and only refills its guesses.
+
+Greedy drafts are the guesses' argmax; sampled drafts are drawn from the guesses' distributions
+after the request's temperature / top-k / top-p, which go along as draft probabilities, so
+rejection sampling keeps the output exact (runtime/verify.py). A node's score is its calibrated
+probability (acceptance.Calibration, per placeholder) times its parent's; the engine cuts the chain
+where it stops paying, counting the placeholder rows as a fixed cost of the step.
+
+`lud-confidence` is the paper's own rule and is LOSSY: guesses whose probability is at least
+`threshold` are accepted without verification (DraftTree.trusted), the rest verified as above.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import FastDecodeError
+from ..heads import load_head, shipped_head
+from ..runtime.sampling import is_int, is_number, target_probabilities
+from ..runtime.tree import DraftTree
+from .acceptance import Calibration
+from .base import DecodeState, StepResult, Target, check_options
+from .trained import _weights_file
+
+
+class LUD:
+    name = "lud"
+    summary = "Lexical Unit Decoding: trained placeholder rows in the verify forward guess the next tokens (needs a trained file)"
+    lossless = True
+    needs_target = True
+
+    def __init__(self, target: Target, head: str | None = None, placeholders: int | None = None):
+        path = head or shipped_head("lud", target.name)
+        if path is None:
+            raise FastDecodeError(
+                f"no lud file ships for model {target.name!r}; train one with `fastdecode train --model "
+                f"{target.name} --heads lud` and pass it with --option {self.name}.head=PATH")
+        trained_file, self.card = load_head(path, target.model, _weights_file(target.name))
+        if trained_file.kind != "lud":
+            raise FastDecodeError(f"{path} holds a {trained_file.kind} head, not LUD placeholders")
+        trained = trained_file.count
+        placeholders = trained if placeholders is None else placeholders
+        check_options(self.name, [(lambda: is_int(placeholders) and 1 <= placeholders <= trained,
+                                   f"placeholders must be an integer from 1 to {trained}, the count {path} was trained with")])
+        self.placeholders = trained_file.shifts.detach()[:placeholders].float().contiguous()
+        self.eos_ids = target.tokenizer.eos_ids
+        self.calibration = Calibration()  # kept across requests
+        self.begin([])
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self._guesses: torch.Tensor | None = None  # [m, vocab]: logits for the tokens after the next root
+        self._first = 0  # the placeholder that made _guesses[0]
+        self._proposed: list[tuple] = []  # (calibration context, probability) per proposed node
+        self.generator = None
+
+    def propose(self, state: DecodeState, budget: int) -> DraftTree:
+        if budget <= 0 or self._guesses is None or not len(self._guesses):
+            self._proposed = []
+            return DraftTree()
+        params = state.params
+        if not params.greedy and self.generator is None:  # the drafter's own stream, never the verifier's
+            self.generator = torch.Generator().manual_seed(((params.seed or 0) * 7919 + 31) % 2**63)
+        tokens, probs, scores, rows, self._proposed = [], [], [], [], []
+        for j, logits in enumerate(self._guesses[:budget]):
+            if params.greedy:
+                p = torch.softmax(logits.float(), -1)
+                token = int(p.argmax())
+            else:
+                p = target_probabilities(logits.float()[None], params)[0]
+                token = int(torch.multinomial(p, 1, generator=self.generator))
+                rows.append(p)
+            context = (params.greedy, self._first + j)
+            scores.append((scores[-1] if scores else 1.0) * self.calibration.rate(context, float(p[token])))
+            tokens.append(token)
+            probs.append(float(p[token]))
+            self._proposed.append((context, float(p[token])))
+            if token in self.eos_ids:
+                break
+        tree = DraftTree.chain(tokens, scores=scores, draft_probs=torch.stack(rows) if rows else None)
+        return self._trust(tree, probs)
+
+    def _trust(self, tree: DraftTree, probs: list[float]) -> DraftTree:
+        """The lossless method trusts nothing: every node is verified."""
+        return tree
+
+    def observe(self, result: StepResult) -> None:
+        if len(result.tree) == len(self._proposed):
+            taken = set(result.accepted)
+            for node in result.tried():
+                self.calibration.record(*self._proposed[node], node in taken)
+        self._guesses = None
+        if result.placeholder_logits is not None:  # the next draft starts one past the next root
+            self._first = len(result.new_tokens) - 1
+            self._guesses = result.placeholder_logits[self._first :]
+
+
+class LUDConfidence(LUD):
+    name = "lud-confidence"
+    summary = "LUD as published: guesses at least `threshold` likely are accepted unverified (needs a trained file)"
+    lossless = False
+
+    def __init__(self, target: Target, head: str | None = None, placeholders: int | None = None, threshold: float = 0.8):
+        check_options(self.name, [(lambda: is_number(threshold) and 0 < threshold <= 1, "threshold must be in (0, 1]")])
+        super().__init__(target, head, placeholders)
+        self.threshold = threshold
+
+    def _trust(self, tree: DraftTree, probs: list[float]) -> DraftTree:
+        """The chain's first nodes, while each is at least `threshold` likely, are taken as they are."""
+        trusted = next((i for i, p in enumerate(probs) if p < self.threshold), len(probs))
+        tree.trusted = trusted
+        tree.keep = [i < trusted for i in range(len(tree))]
+        return tree
