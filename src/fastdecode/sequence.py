@@ -207,18 +207,21 @@ class Sequence:
         rows are reserved in the pool at once (KVPoolFull when it cannot give even one)."""
         self.reuse_prefix()
         free = self.cache.room()
+        holders = getattr(self.drafter, "placeholders", None)
         if self.prefilling:
             begin = self.cache.length
             chunk = self._prefix[begin : begin + min(prefill_tokens, free)]
             if not chunk:
                 raise KVPoolFull("no room in the KV pool for a prompt chunk")
-            self.cache.reserve(begin + len(chunk))
+            if holders is not None and (begin + len(chunk) < len(self._prefix) or free < len(chunk) + len(holders)):
+                holders = None  # only after the last chunk: its guesses are the first step's draft
+            n = len(chunk) + (0 if holders is None else len(holders))  # causal: placeholders see the whole chunk
+            self.cache.reserve(begin + n)
             self._planned, self.expected_tokens = len(chunk), 0.0
-            self._segment = Segment(torch.tensor(chunk), torch.arange(begin, begin + len(chunk)), self.cache,
+            self._segment = Segment(torch.tensor(chunk + [0] * (n - len(chunk))), torch.arange(begin, begin + n), self.cache,
                                     last_only=True, capture=self.capture,
-                                    prompt_rows=max(0, min(len(chunk), len(self.prompt) - begin)))
+                                    prompt_rows=max(0, min(len(chunk), len(self.prompt) - begin)), placeholders=holders)
             return self._segment
-        holders = getattr(self.drafter, "placeholders", None)
         if holders is not None and free < 1 + len(holders):
             holders = None  # no room for them this step: the drafter gets no guesses from it
         m = 0 if holders is None else len(holders)
@@ -330,7 +333,9 @@ class Sequence:
 
     def _complete_prefill(self, logits: torch.Tensor) -> str | None:
         if self.capture:
-            self.drafter.prefilled(self.cache.length, self._segment.hidden)
+            self.drafter.prefilled(self.cache.length, self._segment.hidden[: self._planned])
+        if self._segment.placeholders is not None:
+            self.drafter.guessed(logits[1:])
         self.cache.commit(self._planned)
         if self.prefix_cache:
             self.cache.publish(self._shareable(self._prefix))

@@ -108,6 +108,11 @@ class Auto:
             if columns:
                 member.prefilled(start, hidden[:, columns])
 
+    def guessed(self, placeholder_logits: torch.Tensor) -> None:
+        for member in self.members:
+            if getattr(member, "placeholders", None) is not None:
+                member.guessed(placeholder_logits)
+
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         tokens: list[int] = []
         parents: list[int] = []

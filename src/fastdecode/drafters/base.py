@@ -90,7 +90,8 @@ class Drafter(Protocol):
     # Placeholder rows for the verify forward, or None (every method but lud): [m, layers, hidden]
     # float32, as models/segment.py reads them. They hang after the root: row j sits at the root's
     # position + j + 1 and sees the cache, the root and placeholders 0..j, and no draft node sees
-    # them, so verification is untouched. Their logits come back in StepResult.placeholder_logits.
+    # them, so verification is untouched. Their logits come back in StepResult.placeholder_logits
+    # (and after the prompt's last prefill chunk, which carries them too, in guessed()).
     placeholders: torch.Tensor | None = None
     # False only for `ar`, the baseline: under a grammar, the engine drafts the tokens it forces
     # (runtime/grammar.py) for every method that speculates.
@@ -103,6 +104,11 @@ class Drafter(Protocol):
         """Prompt rows [start, start + n) went through the target; hidden [n, k, H] holds their
         states at hidden_layers. Called only for drafters that read states; a preempted request
         prefills again, so the same rows may come twice."""
+
+    def guessed(self, placeholder_logits: torch.Tensor) -> None:
+        """The prompt's last prefill chunk carried this drafter's placeholder rows (after its last
+        token, causal): their logits [m, vocab] guess the tokens after the first generated one.
+        Called only for drafters with placeholders."""
 
     def propose(self, state: DecodeState, budget: int) -> DraftTree:
         """At most `budget` nodes continuing state.tokens."""

@@ -249,7 +249,8 @@ class DecoderModel:
         layers: Sequence[int] | None = None,
         head: Linear | None = None,
     ):
-        """Logits [rows, vocab] of every segment's rows in order (only its last row when last_only),
+        """Logits [rows, vocab] of every segment's rows in order (only its last row, and its placeholder
+        rows, when last_only),
         and each capturing segment's `hidden`. Every kernel treats rows independently and each
         segment attends only to its own cache, so a segment's results are bitwise those of
         forward() on it alone."""
@@ -273,7 +274,7 @@ class DecoderModel:
                 seg.hidden = torch.stack([captured[i][row : row + len(seg.tokens)] for i in seg.capture], dim=1)
         if any(seg.last_only for seg in segments):
             x = x[[r for seg, row, _ in rows.spans
-                   for r in (range(row + len(seg.tokens) - 1, row + len(seg.tokens)) if seg.last_only
+                   for r in (range(row + len(seg.tokens) - 1 - seg.placeholder_rows, row + len(seg.tokens)) if seg.last_only
                              else range(row, row + len(seg.tokens)))]]
         if self.native is not None:
             hidden = rms_norm(self.native, x.contiguous(), self.norm, c.rms_norm_eps, self.dtype)

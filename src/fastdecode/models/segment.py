@@ -16,7 +16,7 @@ class Segment:
     positions: torch.Tensor
     cache: KVCache
     mask: torch.Tensor | None = None
-    last_only: bool = False  # logits of its last row only (a prefill chunk)
+    last_only: bool = False  # logits of its last row only (a prefill chunk), and of its placeholder rows
     capture: tuple[int, ...] = ()  # decoder layers whose output states this segment wants
     hidden: torch.Tensor | None = None  # set by the forward: [n, len(capture), hidden_size] float32
     # Its first rows that are its request's prompt: their products may take another path (AMX tiles
@@ -28,3 +28,7 @@ class Segment:
     # starts at zero and gets placeholders[j, l] added before decoder layer l. Every other row, and
     # every kernel, is as without them.
     placeholders: torch.Tensor | None = None
+
+    @property
+    def placeholder_rows(self) -> int:
+        return 0 if self.placeholders is None else len(self.placeholders)
