@@ -5,6 +5,7 @@
     decode:  tree   = drafter.propose(state, budget)         (empty for plain decoding)
              tree   = tree.subtree(best_nodes(tree, cost curve))   (the size that pays on this machine)
              rows   = [root] + tree nodes, depth-based positions, tree mask
+                      (+ the drafter's placeholder rows, which no tree row sees: drafters/lud.py)
              ... the forward runs, alone or batched with other sequences (models/decoder.forward_batch) ...
              path, bonus = verify(tree, logits)              (greedy, or exact rejection sampling)
              cache.keep(root + accepted rows); emit accepted tokens + bonus; drafter.observe(...)
@@ -231,9 +232,7 @@ class Sequence:
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
         positions = self.cache.length + torch.tensor([0] + tree.depths() + list(range(1, m + 1)))
-        mask = tree.attention_mask() if len(tree) or m else None
-        if m:
-            mask = _with_placeholders(mask, m)
+        mask = _with_placeholders(tree.attention_mask(), m) if m else tree.attention_mask() if len(tree) else None
         self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens + [0] * m), positions, self.cache,
                                 mask, capture=self.capture, placeholders=holders)
         return self._segment

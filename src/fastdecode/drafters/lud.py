@@ -16,7 +16,9 @@ root is the only row certain to be committed, so its chain is always usable, at 
 guessing from a context that lacks the a + 1 tokens this step adds; hanging a chain after every
 draft node would condition on them but multiply the placeholder rows by the draft's length, and
 on a CPU each row costs (runtime/cost_curve.py). When all k guesses are used up (a = k) the next
-step drafts nothing and only refills its guesses.
+step drafts nothing and only refills its guesses: with one placeholder, the default on a CPU, that
+is every step after an accepted draft token. Hanging a placeholder after the draft's first node
+as well would cover that case, for one more row a step.
 
 Greedy drafts are the guesses' argmax; sampled drafts are drawn from the guesses' distributions
 after the request's temperature / top-k / top-p, which go along as draft probabilities, so
@@ -37,7 +39,7 @@ from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
 from .acceptance import Calibration
 from .base import DecodeState, StepResult, Target, check_options
-from .trained import _weights_file
+from .trained import target_weights_file
 
 # Placeholder rows per step. Each is a verify row every step, paid whether its guess is used or not:
 # on a 2-core Xeon (AMX path; 1 row 9.5 ms, 2 rows 1.08x) one paid best on 18 Spec-Bench questions,
@@ -58,7 +60,7 @@ class LUD:
             raise FastDecodeError(
                 f"no lud file ships for model {target.name!r}; train one with `fastdecode train --model "
                 f"{target.name} --heads lud` and pass it with --option {self.name}.head=PATH")
-        trained_file, self.card = load_head(path, target.model, _weights_file(target.name))
+        trained_file, self.card = load_head(path, target.model, target_weights_file(target.name))
         if trained_file.kind != "lud":
             raise FastDecodeError(f"{path} holds a {trained_file.kind} head, not LUD placeholders")
         trained = trained_file.count

@@ -42,7 +42,7 @@ PROBE_EVERY = 8  # a resting drafter still drafts on one step in this many, to k
 DRAFT_DTYPE = torch.bfloat16
 
 
-def _weights_file(model_name: str):
+def target_weights_file(model_name: str):
     """The file (or folder) the target was loaded from, whose hash a head's card names; None for a
     model built in memory (tests), which is then checked by its shape only."""
     try:
@@ -81,7 +81,7 @@ class TrainedDrafter:
                 f"no {self.kind} head ships for model {target.name!r}; train one with "
                 f"`fastdecode train --model {target.name} --heads {self.kind}` and pass it with "
                 f"--option {self.kind}.head=PATH")
-        self.head, self.card = load_head(path, target.model, _weights_file(target.name))
+        self.head, self.card = load_head(path, target.model, target_weights_file(target.name))
         if self.head.kind != self.kind:
             raise FastDecodeError(f"{path} holds a {self.head.kind} head, not a {self.kind} head")
         pack_for_drafting(self.head, DRAFT_DTYPE)

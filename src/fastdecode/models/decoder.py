@@ -258,7 +258,7 @@ class DecoderModel:
         rows = _Rows(segments)
         run_layer = _NativeLayers(self, rows) if self.native is not None else self._torch_layers(rows)
         x = self.embed_tokens(rows.tokens)  # float32 [rows, hidden]: the residual stream
-        shifted = [(row + len(seg.tokens) - len(seg.placeholders), seg.placeholders)
+        shifted = [(row + len(seg.tokens) - seg.placeholder_rows, seg.placeholders)  # LUD's rows (segment.py)
                    for seg, row, _ in rows.spans if seg.placeholders is not None]
         for first, shifts in shifted:
             x[first : first + len(shifts)] = 0.0
