@@ -63,8 +63,8 @@ def test_placeholder_rows_leave_the_verify_rows_bitwise_unchanged(tiny_model):
     values = torch.stack([full.values(i, T).permute(1, 0, 2) for i in layers])
     k = len(shifts)
     sees = torch.cat([torch.ones(k, T, dtype=torch.bool), torch.ones(k, k, dtype=torch.bool).tril()], 1)
-    replica = head.target.logits(torch.zeros(k, shifts.shape[-1]), shifts, T - 1 + torch.arange(1, k + 1), keys, values,
-                                 torch.arange(T), sees, torch.tensor([[0, k, 0, T]]))
+    replica = head.target.logits(shifts, T - 1 + torch.arange(1, k + 1), keys, values, torch.arange(T), sees,
+                                 torch.tensor([[0, k, 0, T]]))
     assert torch.allclose(replica, mixed[len(draft) + 1 :], atol=0.05, rtol=0.05)  # bfloat16 weights in the replica
 
 

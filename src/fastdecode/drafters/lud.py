@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import FastDecodeError
-from ..heads import load_head, shipped_head
 from ..runtime.sampling import is_int, is_number, target_probabilities
 from ..runtime.tree import DraftTree
 from .acceptance import Calibration
 from .base import DecodeState, StepResult, Target, check_options
-from .trained import target_weights_file
+from .trained import load_trained
 
 # Placeholder rows per step. Each is a verify row every step, paid whether its guess is used or not:
 # on a 2-core Xeon (AMX path; 1 row 9.5 ms, 2 rows 1.08x) one paid best on 18 Spec-Bench questions,
@@ -55,14 +53,7 @@ class LUD:
     needs_target = True
 
     def __init__(self, target: Target, head: str | None = None, placeholders: int = PLACEHOLDERS, top_k: int = 3):
-        path = head or shipped_head("lud", target.name)
-        if path is None:
-            raise FastDecodeError(
-                f"no lud file ships for model {target.name!r}; train one with `fastdecode train --model "
-                f"{target.name} --heads lud` and pass it with --option {self.name}.head=PATH")
-        trained_file, self.card = load_head(path, target.model, target_weights_file(target.name))
-        if trained_file.kind != "lud":
-            raise FastDecodeError(f"{path} holds a {trained_file.kind} head, not LUD placeholders")
+        trained_file, self.card, path = load_trained("lud", target, head, noun="file", method=self.name)
         trained = trained_file.count
         check_options(self.name, [(lambda: is_int(placeholders) and 1 <= placeholders <= trained,
                                    f"placeholders must be an integer from 1 to {trained}, the count {path} was trained with"),

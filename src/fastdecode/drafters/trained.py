@@ -42,13 +42,29 @@ PROBE_EVERY = 8  # a resting drafter still drafts on one step in this many, to k
 DRAFT_DTYPE = torch.bfloat16
 
 
-def target_weights_file(model_name: str):
+def _weights_file(model_name: str):
     """The file (or folder) the target was loaded from, whose hash a head's card names; None for a
     model built in memory (tests), which is then checked by its shape only."""
     try:
         return model_source(model_name)
     except FastDecodeError:
         return None
+
+
+def load_trained(kind: str, target: Target, head: str | None, noun: str = "head", method: str | None = None):
+    """(the trained module, its card, its path) of this kind for the target: the file `head`, else
+    the one shipped for the target. One clear error where none ships, or the file holds another kind;
+    load_head checks that it was trained for this target. `method` names the option in the error."""
+    path = head or shipped_head(kind, target.name)
+    if path is None:
+        raise FastDecodeError(
+            f"no {kind} {noun} ships for model {target.name!r}; train one with "
+            f"`fastdecode train --model {target.name} --heads {kind}` and pass it with "
+            f"--option {method or kind}.head=PATH")
+    loaded, card = load_head(path, target.model, _weights_file(target.name))
+    if loaded.kind != kind:
+        raise FastDecodeError(f"{path} holds a {loaded.kind} head, not a {kind} {noun}")
+    return loaded, card, path
 
 
 # A node is expanded only while its estimated acceptance is at least this, and only where its
@@ -75,15 +91,7 @@ class TrainedDrafter:
             (lambda: is_number(min_score) and 0 <= min_score < 1, "min_score must be in [0, 1)"),
             (lambda: isinstance(rest, bool), "rest must be true or false"),
         ])
-        path = head or shipped_head(self.kind, target.name)
-        if path is None:
-            raise FastDecodeError(
-                f"no {self.kind} head ships for model {target.name!r}; train one with "
-                f"`fastdecode train --model {target.name} --heads {self.kind}` and pass it with "
-                f"--option {self.kind}.head=PATH")
-        self.head, self.card = load_head(path, target.model, target_weights_file(target.name))
-        if self.head.kind != self.kind:
-            raise FastDecodeError(f"{path} holds a {self.head.kind} head, not a {self.kind} head")
+        self.head, self.card, _ = load_trained(self.kind, target, head)
         pack_for_drafting(self.head, DRAFT_DTYPE)
         self.model = target.model
         self.vocab_size = target.model.config.vocab_size

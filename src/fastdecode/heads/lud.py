@@ -61,23 +61,23 @@ class FrozenTarget:
                                              scale=c.attention_scale)
         return att[0].transpose(0, 1).reshape(r, self.q_size).float()
 
-    def logits(self, x0: torch.Tensor, shifts: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+    def logits(self, shifts: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                values: torch.Tensor, key_positions: torch.Tensor, sees: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
         """Logits [R, vocab] of R placeholder rows, from several sequences.
 
-        x0 [R, H] their starting stream, shifts [R, layers, H] added before each layer, positions [R];
+        shifts [R, layers, H] added to their stream (zero at first) before each layer, positions [R];
         keys / values [layers, K, kv_heads, d]: the contexts' (keys after the rotary embedding), in the
         cache's dtype; key_positions [K]; spans [S, 4]: each sequence's placeholder rows r0:r1 and
         context rows c0:c1; sees [R, K + R]: which context rows, then which placeholder rows, each
         row sees, where only its own sequence's columns matter."""
         c, d = self.config, self.config.head_dim
-        R, K = len(x0), keys.shape[1]
+        R, K = len(shifts), keys.shape[1]
         if not R:
-            return x0.new_zeros(0, self.head.shape[0]) + shifts.sum() * 0  # a batch without units: no loss, no step
+            return shifts.new_zeros(0, self.head.shape[0]) + shifts.sum() * 0  # a batch without units: no loss, no step
 
         parts = [(r0, r1, c0, c1, torch.cat([sees[r0:r1, c0:c1], sees[r0:r1, K + r0 : K + r1]], 1))
                  for r0, r1, c0, c1 in spans.tolist() if r1 > r0]
-        x = x0
+        x = torch.zeros_like(shifts[:, 0])
         for i, (layer, w) in enumerate(self.layers):
             x = x + shifts[:, i]
             qkv = self._norm(x, layer.attn_norm).to(torch.bfloat16) @ w["qkv"].T
@@ -150,8 +150,8 @@ class Placeholders(nn.Module):
         n, k = batch["anchors"].shape[0], self.count
         shifts = self.shifts.float()[None].expand(n, -1, -1, -1).reshape(n * k, *self.shifts.shape[1:])
         positions = (batch["anchors"][:, None] + torch.arange(1, k + 1)).flatten()
-        logits = self.target.logits(torch.zeros_like(shifts[:, 0]), shifts, positions, batch["keys"], batch["values"],
-                                    batch["key_positions"], batch["sees"], batch["spans"])
+        logits = self.target.logits(shifts, positions, batch["keys"], batch["values"], batch["key_positions"],
+                                    batch["sees"], batch["spans"])
         return logits.view(n, k, self.cfg["vocab_size"])
 
     def loss(self, batch: dict):
