@@ -26,18 +26,22 @@ from conftest import TEST_COST_CURVE, tiny_weights
 from test_train_pipeline import prompts_file, tiny_model_folder
 
 
-def _verify_forward(model, context: list[int], draft: list[int], placeholders: torch.Tensor | None):
-    """The logits of one verify forward (root = context[-1], a draft chain, placeholder rows) after
-    the rest of the context went through the cache."""
+def _verify_forward(model, context: list[int], draft: list[int], placeholders: torch.Tensor | None,
+                    hangs: tuple[int, ...] = (-1,)):
+    """The logits of one verify forward (root = context[-1], a draft chain, a chain of placeholder
+    rows after each hang node) after the rest of the context went through the cache."""
     cache = model.new_cache(64)
     n = len(context) - 1
     model.forward(torch.tensor(context[:-1]), torch.arange(n), cache)
     cache.commit(n)
     tree = DraftTree.chain(draft)
     m = 0 if placeholders is None else len(placeholders)
-    mask = _with_placeholders(tree.attention_mask(), m) if m else tree.attention_mask()
-    positions = n + torch.tensor([0] + tree.depths() + list(range(1, m + 1)))
-    segment = Segment(torch.tensor([context[-1]] + draft + [0] * m), positions, cache, mask, placeholders=placeholders)
+    mask = _with_placeholders(tree, list(hangs), m) if m else tree.attention_mask()
+    depths = [0] + tree.depths()
+    positions = n + torch.tensor(depths + [depths[h + 1] + j for h in (hangs if m else ()) for j in range(1, m + 1)])
+    rows = m * len(hangs)
+    segment = Segment(torch.tensor([context[-1]] + draft + [0] * rows), positions, cache, mask,
+                      placeholders=None if placeholders is None else placeholders.repeat(len(hangs), 1, 1))
     return model.forward_batch([segment]), cache
 
 
@@ -66,6 +70,22 @@ def test_placeholder_rows_leave_the_verify_rows_bitwise_unchanged(tiny_model):
     replica = head.target.logits(shifts, T - 1 + torch.arange(1, k + 1), keys, values, torch.arange(T), sees,
                                  torch.tensor([[0, k, 0, T]]))
     assert torch.allclose(replica, mixed[len(draft) + 1 :], atol=0.05, rtol=0.05)  # bfloat16 weights in the replica
+
+
+def test_a_chain_hung_after_a_draft_node_guesses_as_if_that_node_were_the_root(tiny_model):
+    """Placeholders hung after draft node 0 see the context, the root and that node: their logits
+    are bitwise those of the root's chain one token later, and the tree's rows stay unchanged."""
+    head = make_head("lud", tiny_model, None, placeholders=2)
+    with torch.no_grad():
+        head.shifts.add_(torch.randn(head.shifts.shape, generator=torch.Generator().manual_seed(1)))
+    shifts = head.shifts.detach().float()
+    context, draft = [5, 17, 42, 8, 91, 3, 60], [11, 12, 13]
+    both, _ = _verify_forward(tiny_model, context, draft, shifts, hangs=(-1, 0))
+    root_only, _ = _verify_forward(tiny_model, context, draft, shifts)
+    later, _ = _verify_forward(tiny_model, context + draft[:1], draft[1:], shifts)
+    rows = len(draft) + 1
+    assert torch.equal(both[: rows + 2], root_only)
+    assert torch.equal(both[rows + 2 :], later[rows - 1 :])
 
 
 def test_trusted_nodes_are_accepted_without_verification():
@@ -123,11 +143,15 @@ def test_training_lowers_the_loss_and_the_file_drafts_losslessly(trained):
     prompt = llm.prompt_ids([{"role": "user", "content": "Tell me about foxes."}])
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     plain = llm.engine.generate(prompt, params, llm.drafter("ar"))
-    for placeholders in (1, 3):
-        drafter = llm.drafter("lud", head=str(out / "lud.safetensors"), placeholders=placeholders)
+    for placeholders, hang_above in ((1, 1.0), (3, 1.0), (1, 0.0), (2, 0.0)):
+        drafter = llm.drafter("lud", head=str(out / "lud.safetensors"), placeholders=placeholders, hang_above=hang_above)
+        chains = []  # the nodes each step's placeholder chains hung after
+        observe = drafter.observe
+        drafter.observe = lambda result: (chains.append(sorted(result.placeholder_logits or ())), observe(result))
         result = llm.engine.generate(prompt, params, drafter)
         assert result.token_ids == plain.token_ids, placeholders
         assert result.stats.draft_tokens > 0
+        assert any(hung == [-1, 0] for hung in chains) == (hang_above == 0.0)  # a second chain after node 0
     merged = llm.engine.generate(prompt, params, llm.drafter("auto", members="lud,ngram", lud_head=str(out / "lud.safetensors")))
     assert merged.token_ids == plain.token_ids and any(t.source.startswith("lud") for t in merged.tokens)
     with pytest.raises(FastDecodeError, match="auto: members must be lossless, and lud-confidence is not"):

@@ -105,8 +105,9 @@ def test_sampled_tokens_follow_the_target_distribution(llm_default, exact_triple
     ids, triples = exact_triples
     engine = llm_default.engine
     # The trained heads draft on every step here (they would rest on a CPU where they do not pay),
-    # so that their draft distributions q meet verification on every step.
-    trained = {"rest": False} if method in HEAD_KINDS else {}
+    # so that their draft distributions q meet verification on every step; lud hangs its second
+    # placeholder chain (after the draft's first node) whenever it drafts, so that it drafts too.
+    trained = {"rest": False} if method in HEAD_KINDS else {"hang_above": 0.0} if method == "lud" else {}
     drafter = llm_default.drafter(method, **_options(method, draft_folder), **trained)
     counts, drafted = Counter(), 0
     for seed in range(RUNS):

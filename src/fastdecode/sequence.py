@@ -108,14 +108,18 @@ class GenerationResult:
         }
 
 
-def _with_placeholders(tree_mask: torch.Tensor, m: int) -> torch.Tensor:
-    """The verify rows' mask with m placeholder rows after them: placeholder j sees the root and
-    placeholders 0..j; no tree row sees a placeholder."""
-    n = len(tree_mask)
-    mask = torch.zeros(n + m, n + m, dtype=torch.bool)
+def _with_placeholders(tree: DraftTree, hangs: list[int], m: int) -> torch.Tensor:
+    """The verify rows' mask with a chain of m placeholder rows after each hang node (-1: the root):
+    placeholder j of a chain sees what its hang node sees, the node itself and placeholders 0..j of
+    its chain; no tree row sees a placeholder."""
+    tree_mask = tree.attention_mask()
+    n, total = len(tree_mask), len(tree_mask) + m * len(hangs)
+    mask = torch.zeros(total, total, dtype=torch.bool)
     mask[:n, :n] = tree_mask
-    mask[n:, 0] = True
-    mask[n:, n:] = torch.ones(m, m, dtype=torch.bool).tril()
+    for c, node in enumerate(hangs):
+        rows = slice(n + c * m, n + (c + 1) * m)
+        mask[rows, :n] = tree_mask[node + 1]
+        mask[rows, rows] = torch.ones(m, m, dtype=torch.bool).tril()
     return mask
 
 
@@ -152,6 +156,7 @@ class Sequence:
         self._planned: DraftTree | int | None = None  # the tree of the planned step, or its prefill chunk length
         self._proposal: DraftTree | None = None  # the drafter's tree, of which _planned holds nodes _kept
         self._kept: list[int] = []
+        self._hangs: list[int] = []  # the planned tree's nodes after which placeholder rows hang (-1: the root)
         self._segment: Segment | None = None  # the planned rows; the forward leaves captured states in it
         self.capture = tuple(getattr(drafter, "hidden_layers", ()))
         self.expected_tokens = 0.0  # new tokens the planned step should yield, on its drafter's scores
@@ -227,20 +232,24 @@ class Sequence:
             holders = None  # no room for them this step: the drafter gets no guesses from it
         m = 0 if holders is None else len(holders)
         room = min(self.max_new - len(self.generated), MAX_DRAFT + 1, free - m) - 1
-        tree = self._drafted_tree(room, other_rows + m, other_tokens)
-        self.cache.reserve(self.cache.length + 1 + len(tree) + m)
+        tree = self._drafted_tree(room, other_rows, other_tokens, m)
+        self._hangs = [] if holders is None else (tree.hangs or [-1])[: max(1, (free - 1 - len(tree)) // m)]
+        m_all = m * len(self._hangs)
+        self.cache.reserve(self.cache.length + 1 + len(tree) + m_all)
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
-        positions = self.cache.length + torch.tensor([0] + tree.depths() + list(range(1, m + 1)))
-        mask = _with_placeholders(tree.attention_mask(), m) if m else tree.attention_mask() if len(tree) else None
-        self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens + [0] * m), positions, self.cache,
-                                mask, capture=self.capture, placeholders=holders)
+        depths = [0] + tree.depths()
+        positions = self.cache.length + torch.tensor(depths + [depths[h + 1] + j for h in self._hangs for j in range(1, m + 1)])
+        mask = _with_placeholders(tree, self._hangs, m) if m else tree.attention_mask() if len(tree) else None
+        self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens + [0] * m_all), positions, self.cache,
+                                mask, capture=self.capture, placeholders=holders if holders is None or len(self._hangs) == 1 else holders.repeat(len(self._hangs), 1, 1))
         return self._segment
 
-    def _drafted_tree(self, room: int, other_rows: int, other_tokens: float) -> DraftTree:
+    def _drafted_tree(self, room: int, other_rows: int, other_tokens: float, placeholders: int) -> DraftTree:
         """The drafter's proposal, less what a grammar forbids and with the tokens it forces, cut to
-        the size that pays. Sets _proposal (the drafter's tree) and _kept (for each planned node, the
-        proposal's node it is, or -1 for a token only the grammar drafted)."""
+        the size that pays, counting the placeholder rows it hangs as a fixed cost. Sets _proposal
+        (the drafter's tree) and _kept (for each planned node, the proposal's node it is, or -1 for
+        a token only the grammar drafted)."""
         proposal = self.drafter.propose(self.state, room) if room > 0 else DraftTree()
         if len(proposal) > room:
             raise FastDecodeError(f"method {self.drafter.name!r} proposed {len(proposal)} nodes, over its budget of {room}")
@@ -253,6 +262,7 @@ class Sequence:
             if room > 0 and getattr(self.drafter, "speculates", True):  # not for ar, the baseline
                 candidates, merged = self.grammar.with_forced(candidates, room, self.drafter.name)
                 origin = [origin[i] if i >= 0 else -1 for i in merged]
+        other_rows += placeholders * len(proposal.hangs or [-1])
         kept = best_nodes(candidates, self.served.cost_curve, other_rows, other_tokens)
         self._kept = [origin[i] for i in kept]
         return candidates if len(kept) == len(candidates) else candidates.subtree(kept)
@@ -274,8 +284,9 @@ class Sequence:
         tree, cache, params = self._planned, self.cache, self.params
         adjust = self._adjust if self.penalties or self.grammar else None
         placeholder_logits = None
-        if self._segment.placeholders is not None:
-            placeholder_logits = logits[len(tree) + 1 :]
+        if self._segment.placeholders is not None:  # per hang, by the proposal's node numbers
+            chains = logits[len(tree) + 1 :].unflatten(0, (len(self._hangs), -1))
+            placeholder_logits = {-1 if h < 0 else self._kept[h]: chain for h, chain in zip(self._hangs, chains)}
             logits = logits[: len(tree) + 1]
         if params.greedy:
             path, bonus = verify_greedy(tree, logits, self.eos_ids, adjust)

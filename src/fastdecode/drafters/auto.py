@@ -244,4 +244,7 @@ def member_result(result: StepResult, tree: DraftTree, mapped: list[int], column
             break
         accepted.append(own[m])
     hidden = result.hidden[:, columns] if columns and result.hidden is not None else None
-    return StepResult(tree, rows, accepted, result.new_tokens, result.logits, hidden, result.placeholder_logits)
+    chains = result.placeholder_logits
+    if chains is not None:
+        chains = {-1 if m < 0 else own[m]: chain for m, chain in chains.items() if m < 0 or m in own}
+    return StepResult(tree, rows, accepted, result.new_tokens, result.logits, hidden, chains)

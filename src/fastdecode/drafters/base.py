@@ -54,9 +54,10 @@ class StepResult:
     # States at the drafter's hidden_layers of the rows this step committed: the root, then each
     # accepted row in order ([len(accepted) + 1, k, hidden]); whoever proposed those nodes.
     hidden: torch.Tensor | None = None
-    # [m, vocab] the target's logits at the drafter's placeholder rows (Drafter.placeholders), or
-    # None when the step ran without them.
-    placeholder_logits: torch.Tensor | None = None
+    # The target's logits [m, vocab] at each chain of the drafter's placeholder rows
+    # (Drafter.placeholders), by the proposed node it hung after (-1: the root; DraftTree.hangs),
+    # or None when the step ran without them. A chain whose node was cut is missing.
+    placeholder_logits: dict[int, torch.Tensor] | None = None
 
     @classmethod
     def whole(cls, tree: DraftTree, accepted: list[int], new_tokens: list[int], logits: torch.Tensor,
@@ -88,8 +89,9 @@ class Drafter(Protocol):
     # rows (prefilled). Empty for drafters that read tokens only.
     hidden_layers: tuple[int, ...] = ()
     # Placeholder rows for the verify forward, or None (every method but lud): [m, layers, hidden]
-    # float32, as models/segment.py reads them. They hang after the root: row j sits at the root's
-    # position + j + 1 and sees the cache, the root and placeholders 0..j, and no draft node sees
+    # float32, as models/segment.py reads them. A chain of them hangs after the root, and after each
+    # node the proposal names in DraftTree.hangs: row j of a chain sits at its node's position +
+    # j + 1 and sees what the node sees, the node and rows 0..j of its chain; no draft node sees
     # them, so verification is untouched. Their logits come back in StepResult.placeholder_logits
     # (and after the prompt's last prefill chunk, which carries them too, in guessed()).
     placeholders: torch.Tensor | None = None

@@ -258,14 +258,16 @@ class DecoderModel:
         rows = _Rows(segments)
         run_layer = _NativeLayers(self, rows) if self.native is not None else self._torch_layers(rows)
         x = self.embed_tokens(rows.tokens)  # float32 [rows, hidden]: the residual stream
-        shifted = [(row + len(seg.tokens) - seg.placeholder_rows, seg.placeholders)  # LUD's rows (segment.py)
-                   for seg, row, _ in rows.spans if seg.placeholders is not None]
-        for first, shifts in shifted:
-            x[first : first + len(shifts)] = 0.0
+        shifted = []  # LUD's rows (segment.py): their part of x, and what each layer adds to it
+        for seg, row, _ in rows.spans:
+            if seg.placeholders is not None:
+                first = row + len(seg.tokens) - seg.placeholder_rows
+                shifted.append((x[first : first + seg.placeholder_rows], seg.placeholders.unbind(1)))
+                shifted[-1][0].zero_()
         captured = {i: None for seg in segments for i in seg.capture}
         for i in range(c.num_layers) if layers is None else layers:
-            for first, shifts in shifted:
-                x[first : first + len(shifts)] += shifts[:, i]
+            for placeholder_rows, shifts in shifted:
+                placeholder_rows += shifts[i]
             run_layer(i, x)  # x updated in place
             if i in captured:
                 captured[i] = x.clone()

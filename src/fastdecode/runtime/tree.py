@@ -33,6 +33,9 @@ class DraftTree:
     # A lossy drafter's first `trusted` nodes, a chain from the root, accepted without verification
     # (LUD's confidence rule, drafters/lud.py). 0 for every lossless method.
     trusted: int = 0
+    # Optional, for drafters with placeholder rows (Drafter.placeholders): the nodes after which a
+    # chain of them hangs, -1 for the root; None hangs them after the root alone. The root comes first.
+    hangs: list[int] | None = None
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents):
@@ -44,6 +47,8 @@ class DraftTree:
             raise ValueError("every parent must be -1 or an earlier node")
         if self.trusted and self.parents[: self.trusted] != list(range(-1, self.trusted - 1)):
             raise ValueError("trusted nodes must be a chain from the root, first in the tree")
+        if self.hangs is not None and (self.hangs[:1] != [-1] or any(not 0 <= h < len(self.tokens) for h in self.hangs[1:])):
+            raise ValueError("hangs must be the root (-1) first, then nodes of the tree")
 
     @classmethod
     def chain(cls, tokens: list[int], **fields) -> "DraftTree":
@@ -84,6 +89,7 @@ class DraftTree:
             None if self.keep is None else [self.keep[i] for i in nodes],
             None if self.sources is None else [self.sources[i] for i in nodes],
             next((i for i in range(self.trusted) if i >= len(nodes) or nodes[i] != i), self.trusted),
+            None if self.hangs is None else [-1] + [index[h] for h in self.hangs[1:] if h in index],
         )
 
     def paths(self) -> list[list[int]]:
