@@ -241,8 +241,10 @@ class Sequence:
         depths = [0] + tree.depths()
         positions = self.cache.length + torch.tensor(depths + [depths[h + 1] + j for h in self._hangs for j in range(1, m + 1)])
         mask = _with_placeholders(tree, self._hangs, m) if m else tree.attention_mask() if len(tree) else None
+        if holders is not None and len(self._hangs) > 1:
+            holders = holders.repeat(len(self._hangs), 1, 1)
         self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens + [0] * m_all), positions, self.cache,
-                                mask, capture=self.capture, placeholders=holders if holders is None or len(self._hangs) == 1 else holders.repeat(len(self._hangs), 1, 1))
+                                mask, capture=self.capture, placeholders=holders)
         return self._segment
 
     def _drafted_tree(self, room: int, other_rows: int, other_tokens: float, placeholders: int) -> DraftTree:

@@ -21,9 +21,9 @@ is every step after an accepted draft token. `hang_above` covers that case: when
 node scores above it, a second chain hangs after that node (DraftTree.hangs), and if the node is
 accepted the next draft comes from that chain, which saw it. On a 2-core Xeon (AMX path, 24
 Spec-Bench questions, 128 tokens) hanging it always drafted on 88% of the steps instead of 69% and
-raised the tokens per forward from 1.29 to 1.34, but the sixth row cost more than that gained
-(1.00-1.01x of ar against 1.03-1.04x never hanging); at 0.3-0.5 it was 1.03-1.04x as well. So by default it never hangs
-there (1.0); where rows are nearly free, as on a GPU, 0 should pay.
+raised the tokens per forward from 1.29 to 1.34, but the sixth row cost more than that gained:
+1.00-1.01x of ar, against 1.03-1.04x never hanging and 1.03-1.04x hanging above 0.3-0.5. So by
+default it never hangs (1.0); where rows are nearly free, as on a GPU, 0 should pay.
 
 Greedy drafts are the guesses' argmax; sampled drafts are drawn from the guesses' distributions
 after the request's temperature / top-k / top-p, which go along as draft probabilities, so
@@ -101,7 +101,8 @@ class LUD:
         self._proposed = [(context, q) for _, q, _, context in nodes]
         rows = [row for _, _, row, _ in nodes]
         tree = DraftTree([t for t, *_ in nodes], list(range(-1, len(chain) - 1)) + [-1] * len(siblings), scores=scores,
-                         draft_probs=None if params.greedy else torch.stack(rows), hangs=[-1, 0] if chain and scores[0] > self.hang_above else None)
+                         draft_probs=None if params.greedy else torch.stack(rows),
+                         hangs=[-1, 0] if scores[0] > self.hang_above else None)  # a chain after the first node too
         return self._trust(tree, [q for _, q, _, _ in chain])
 
     def _candidates(self, logits: torch.Tensor, params, k: int) -> list[tuple[int, float, torch.Tensor | None]]:
