@@ -19,7 +19,7 @@ from fastdecode.models.segment import Segment
 from fastdecode.runtime.sampling import SamplingParams
 from fastdecode.runtime.tree import DraftTree
 from fastdecode.runtime.verify import verify_greedy
-from fastdecode.sequence import _with_placeholders
+from fastdecode.sequence import _verify_layout
 from fastdecode.train.lud_data import LudData
 
 from conftest import TEST_COST_CURVE, tiny_weights
@@ -36,11 +36,8 @@ def _verify_forward(model, context: list[int], draft: list[int], placeholders: t
     cache.commit(n)
     tree = DraftTree.chain(draft)
     m = 0 if placeholders is None else len(placeholders)
-    mask = _with_placeholders(tree, list(hangs), m) if m else tree.attention_mask()
-    depths = [0] + tree.depths()
-    positions = n + torch.tensor(depths + [depths[h + 1] + j for h in (hangs if m else ()) for j in range(1, m + 1)])
-    rows = m * len(hangs)
-    segment = Segment(torch.tensor([context[-1]] + draft + [0] * rows), positions, cache, mask,
+    offsets, mask = _verify_layout(tree, list(hangs) if m else [], m)
+    segment = Segment(torch.tensor([context[-1]] + draft + [0] * (m * len(hangs))), n + offsets, cache, mask,
                       placeholders=None if placeholders is None else placeholders.repeat(len(hangs), 1, 1))
     return model.forward_batch([segment]), cache
 

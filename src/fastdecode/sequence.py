@@ -108,19 +108,24 @@ class GenerationResult:
         }
 
 
-def _with_placeholders(tree: DraftTree, hangs: list[int], m: int) -> torch.Tensor:
-    """The verify rows' mask with a chain of m placeholder rows after each hang node (-1: the root):
-    placeholder j of a chain sees what its hang node sees, the node itself and placeholders 0..j of
-    its chain; no tree row sees a placeholder."""
+def _verify_layout(tree: DraftTree, hangs: list[int], m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position offsets from the root's, and the attention mask (None: causal), of the verify rows:
+    the root, the tree, then a chain of m placeholder rows after each hang node (-1: the root).
+    Placeholder j of a chain sits j past its node and sees what the node sees, the node itself and
+    placeholders 0..j of its chain; no tree row sees a placeholder."""
+    depths = [0] + tree.depths()
+    offsets = torch.tensor(depths + [depths[node + 1] + j for node in hangs for j in range(1, m + 1)])
+    if not hangs:
+        return offsets, tree.attention_mask() if len(tree) else None
     tree_mask = tree.attention_mask()
-    n, total = len(tree_mask), len(tree_mask) + m * len(hangs)
+    n, total = len(tree_mask), len(offsets)
     mask = torch.zeros(total, total, dtype=torch.bool)
     mask[:n, :n] = tree_mask
     for c, node in enumerate(hangs):
         rows = slice(n + c * m, n + (c + 1) * m)
         mask[rows, :n] = tree_mask[node + 1]
         mask[rows, rows] = torch.ones(m, m, dtype=torch.bool).tril()
-    return mask
+    return offsets, mask
 
 
 class Sequence:
@@ -238,13 +243,11 @@ class Sequence:
         self.cache.reserve(self.cache.length + 1 + len(tree) + m_all)
         self.expected_tokens = 1.0 + sum(min(max(s, 0.0), 1.0) for s in tree.scores or [])
         self._planned = tree
-        depths = [0] + tree.depths()
-        positions = self.cache.length + torch.tensor(depths + [depths[h + 1] + j for h in self._hangs for j in range(1, m + 1)])
-        mask = _with_placeholders(tree, self._hangs, m) if m else tree.attention_mask() if len(tree) else None
+        offsets, mask = _verify_layout(tree, self._hangs, m)
         if holders is not None and len(self._hangs) > 1:
             holders = holders.repeat(len(self._hangs), 1, 1)
-        self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens + [0] * m_all), positions, self.cache,
-                                mask, capture=self.capture, placeholders=holders)
+        self._segment = Segment(torch.tensor([self.state.tokens[-1]] + tree.tokens + [0] * m_all), self.cache.length + offsets,
+                                self.cache, mask, capture=self.capture, placeholders=holders)
         return self._segment
 
     def _drafted_tree(self, room: int, other_rows: int, other_tokens: float, placeholders: int) -> DraftTree:
